@@ -1,0 +1,89 @@
+"""The project's own test helpers (after keras-hub's TestCase), not keras.src.testing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# float32 carries ~7 significant digits; a BN output or a dense/conv output
+# sums at most a few thousand products, so errors stay below ~1e-5 of the
+# largest magnitude involved. Tolerances below are relative to that magnitude.
+FP32_RTOL = 1e-5
+
+
+def assert_close(actual, expected, *, rtol: float = FP32_RTOL, what: str = "") -> None:
+    """Assert max|actual - expected| <= rtol * max(1, max|expected|)."""
+    actual = np.asarray(keras.ops.convert_to_numpy(actual), dtype=np.float64)
+    expected = np.asarray(keras.ops.convert_to_numpy(expected), dtype=np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
+    err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+    assert err <= rtol * scale, f"{what}: max abs err {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def run_layer_test(
+    layer_cls,
+    init_kwargs: dict,
+    input_data: np.ndarray,
+    *,
+    expected_output=None,
+    training: bool = False,
+    expected_num_trainable_weights: int | None = None,
+    expected_num_non_trainable_weights: int | None = None,
+) -> keras.layers.Layer:
+    """Build a layer from kwargs, call it eagerly and in a Functional model, and check
+    shapes, weight counts, the config round trip and (optionally) the output."""
+    layer = layer_cls(**init_kwargs)
+    output = layer(input_data, training=training)
+    assert tuple(output.shape) == tuple(input_data.shape)
+    assert tuple(layer.compute_output_shape(input_data.shape)) == tuple(input_data.shape)
+    if expected_num_trainable_weights is not None:
+        assert len(layer.trainable_weights) == expected_num_trainable_weights
+    if expected_num_non_trainable_weights is not None:
+        assert len(layer.non_trainable_weights) == expected_num_non_trainable_weights
+    if expected_output is not None:
+        assert_close(output, expected_output, what="layer output")
+
+    clone = layer_cls.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+    inputs = keras.Input(shape=input_data.shape[1:], batch_size=None)
+    model = keras.Model(inputs, layer_cls(**init_kwargs)(inputs))
+    assert tuple(model.output.shape[1:]) == tuple(input_data.shape[1:])
+    return layer
+
+
+def run_serialization_test(model: keras.Model, path: str, inputs) -> keras.Model:
+    """Save `model` as .keras, load it back in this process, compare outputs and configs."""
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert_close(loaded(inputs, training=False), model(inputs, training=False), rtol=0.0,
+                 what="reloaded model output")
+    # JSON turns tuples into lists: compare configs as they are stored.
+    assert json.loads(json.dumps(loaded.get_config())) == json.loads(json.dumps(model.get_config()))
+    return loaded
+
+
+def run_python(code: str, *, env: dict | None = None, timeout: int = 600) -> str:
+    """Run `code` in a fresh Python process (same interpreter and backend); return stdout."""
+    full_env = dict(os.environ)
+    full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    full_env.update(env or {})
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout

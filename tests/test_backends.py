@@ -1,0 +1,25 @@
+"""The layer's tests again under the JAX backend (the backend is chosen at import time,
+so they run in a child pytest)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="already on another backend")
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+def test_layer_tests_pass_under_jax():
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_batch_normalization.py", "tests/test_serialization.py"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
