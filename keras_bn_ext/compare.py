@@ -1,0 +1,205 @@
+"""Compare two models (or a model and any runtime) output by output on the same inputs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+
+from keras_bn_ext.errors import InputDataError
+
+__all__ = [
+    "OutputError",
+    "ComparisonReport",
+    "compare_models",
+    "compare_outputs",
+    "random_inputs",
+    "input_specs",
+    "output_names",
+]
+
+# Unknown non-batch dimensions of an input (e.g. (None, None, 3) images) are drawn at this size.
+DEFAULT_FREE_DIM = 32
+
+
+@dataclass
+class OutputError:
+    """Errors of one output: max|a-b|, max|a-b| / max|reference|, mean|a-b|."""
+
+    name: str
+    max_abs_err: float
+    max_rel_err: float
+    mean_abs_err: float
+    passed: bool
+
+
+@dataclass
+class ComparisonReport:
+    outputs: list[OutputError] = field(default_factory=list)
+    atol: float = 0.0
+    rtol: float = 0.0
+    batches: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def max_abs_err(self) -> float:
+        return max((o.max_abs_err for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel_err(self) -> float:
+        return max((o.max_rel_err for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "outputs": [asdict(o) for o in self.outputs],
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "batches": self.batches,
+            "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err,
+            "passed": self.passed,
+        }
+
+
+def input_specs(model: keras.Model) -> list[tuple[str, tuple, str]]:
+    """(name, shape with None for unknown dims, dtype) of each model input, in order."""
+    specs = []
+    for tensor in model.inputs:
+        layer = tensor._keras_history.operation
+        specs.append((layer.name, tuple(tensor.shape), keras.backend.standardize_dtype(tensor.dtype)))
+    return specs
+
+
+def output_names(model: keras.Model) -> list[str]:
+    """Names of the model's outputs in flattened order: dict keys (sorted, as keras.tree
+    flattens them) for dict outputs, else the producing layers' names."""
+    graph = getattr(model, "_functional", None) or model  # a Sequential's graph
+    struct = getattr(graph, "_outputs_struct", None)
+    if isinstance(struct, dict):
+        return sorted(struct)
+    return list(graph.output_names)
+
+
+def random_inputs(model: keras.Model, *, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Seeded random inputs shaped from the model: N(0, 1) floats, small non-negative ints."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for _, shape, dtype in input_specs(model):
+        full = (batch_size,) + tuple(DEFAULT_FREE_DIM if d is None else d for d in shape[1:])
+        if "int" in dtype:
+            arrays.append(rng.integers(0, 10, size=full).astype(dtype))
+        elif dtype == "bool":
+            arrays.append(rng.integers(0, 2, size=full).astype(bool))
+        else:
+            arrays.append(rng.standard_normal(full).astype(dtype))
+    return arrays
+
+
+def check_inputs(model: keras.Model, arrays: Sequence[np.ndarray]) -> None:
+    """Raise InputDataError when arrays do not fit the model's inputs (count, rank, sizes)."""
+    specs = input_specs(model)
+    if len(arrays) != len(specs):
+        raise InputDataError(f"model takes {len(specs)} inputs, got {len(arrays)} arrays")
+    for (name, shape, _), array in zip(specs, arrays):
+        ok = len(array.shape) == len(shape) and all(
+            d is None or d == a for d, a in zip(shape, array.shape)
+        )
+        if not ok:
+            raise InputDataError(
+                f"input '{name}' expects shape {shape}, got {tuple(array.shape)}"
+            )
+
+
+def keras_outputs(model: keras.Model, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Inference outputs of a Keras model as numpy arrays, flattened like output_names()."""
+    x = list(arrays) if len(arrays) > 1 else arrays[0]
+    out = model(x, training=False)
+    return [np.asarray(keras.ops.convert_to_numpy(o)) for o in keras.tree.flatten(out)]
+
+
+def _accumulate(stats: dict, name: str, ref: np.ndarray, got: np.ndarray) -> None:
+    ref = np.asarray(ref, np.float64)
+    got = np.asarray(got, np.float64)
+    if ref.shape != got.shape:
+        raise InputDataError(f"output '{name}' has shape {got.shape}, expected {ref.shape}")
+    diff = np.abs(ref - got)
+    s = stats.setdefault(name, {"max_abs": 0.0, "max_ref": 0.0, "sum": 0.0, "n": 0})
+    s["max_abs"] = max(s["max_abs"], float(diff.max()) if diff.size else 0.0)
+    s["max_ref"] = max(s["max_ref"], float(np.abs(ref).max()) if ref.size else 0.0)
+    s["sum"] += float(diff.sum())
+    s["n"] += diff.size
+
+
+def compare_outputs(
+    reference: Callable[[list[np.ndarray]], list[np.ndarray]],
+    candidate: Callable[[list[np.ndarray]], list[np.ndarray]],
+    batches: Sequence[list[np.ndarray]],
+    names: Sequence[str],
+    *,
+    atol: float,
+    rtol: float,
+) -> ComparisonReport:
+    """Run both callables on every batch and gather per-output errors.
+
+    An output passes when max|a-b| <= atol + rtol * max|reference| (its relative
+    error is max|a-b| / max|reference|).
+    """
+    stats: dict = {}
+    for arrays in batches:
+        for name, ref, got in zip(names, reference(arrays), candidate(arrays)):
+            _accumulate(stats, name, ref, got)
+    report = ComparisonReport(atol=atol, rtol=rtol, batches=len(batches))
+    for name in names:
+        s = stats[name]
+        rel = s["max_abs"] / s["max_ref"] if s["max_ref"] > 0 else s["max_abs"]
+        report.outputs.append(
+            OutputError(
+                name=name,
+                max_abs_err=s["max_abs"],
+                max_rel_err=rel,
+                mean_abs_err=s["sum"] / max(s["n"], 1),
+                passed=bool(s["max_abs"] <= atol + rtol * s["max_ref"]),
+            )
+        )
+    return report
+
+
+def compare_models(
+    reference: keras.Model,
+    candidate: keras.Model,
+    *,
+    inputs: Sequence[np.ndarray] | None = None,
+    samples: int = 3,
+    batch_size: int = 8,
+    seed: int = 0,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+) -> ComparisonReport:
+    """Compare two Keras models' inference outputs.
+
+    Args:
+        reference: The model taken as truth (e.g. the unfolded one).
+        candidate: The model under test.
+        inputs: One list of arrays (one per model input) to compare on; when
+            None, `samples` seeded random batches of `batch_size` are drawn.
+        samples, batch_size, seed: The random batches.
+        atol, rtol: An output passes when max|a-b| <= atol + rtol * max|reference|.
+    """
+    if inputs is not None:
+        check_inputs(reference, inputs)
+        batches = [list(inputs)]
+    else:
+        batches = [random_inputs(reference, batch_size=batch_size, seed=seed + i) for i in range(samples)]
+    return compare_outputs(
+        lambda a: keras_outputs(reference, a),
+        lambda a: keras_outputs(candidate, a),
+        batches,
+        output_names(reference),
+        atol=atol,
+        rtol=rtol,
+    )

@@ -1,0 +1,96 @@
+"""`fold_batchnorms`: fold trained BatchNormalization layers into conv/dense weights."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import keras
+
+from keras_bn_ext import _folding
+from keras_bn_ext._graph import analyze
+from keras_bn_ext._rebuild import RebuildPlan, rebuild
+
+__all__ = ["fold_batchnorms", "FoldReport", "FoldedBN", "KeptBN"]
+
+
+@dataclass
+class FoldedBN:
+    bn: str
+    into: str
+    direction: str  # "backward": layer -> BN folded into the layer's kernel and bias
+
+
+@dataclass
+class KeptBN:
+    bn: str
+    reason: str
+
+
+@dataclass
+class FoldReport:
+    """What `fold_batchnorms` did: which BN went into which layer, which were kept and why."""
+
+    folded: list[FoldedBN] = field(default_factory=list)
+    kept: list[KeptBN] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def bn_total(self) -> int:
+        return len(self.folded) + len(self.kept)
+
+    @property
+    def bn_folded(self) -> int:
+        return len(self.folded)
+
+    def to_dict(self) -> dict:
+        return {
+            "bn_total": self.bn_total,
+            "bn_folded": self.bn_folded,
+            **asdict(self),
+        }
+
+
+def fold_batchnorms(
+    model: keras.Model, *, exclude: tuple[str, ...] | list[str] = ()
+) -> tuple[keras.Model, FoldReport]:
+    """Fold every BatchNormalization that the maths allows into its producer layer.
+
+    A BN folds backward into the conv/dense layer that feeds it (Conv1D/2D/3D,
+    grouped or not, DepthwiseConv1D/2D, SeparableConv1D/2D, Conv*Transpose,
+    Dense) when that layer has a linear activation, is called once, feeds only
+    this BN, is not a model output, and has its channel axis where the BN
+    normalizes; the BN itself must be called once and not forced into training
+    mode. BN layers from `keras.layers` and from `keras_bn_ext` both fold.
+
+    Args:
+        model: A Functional or Sequential Keras model (models nested in it are
+            folded too). It is never changed.
+        exclude: Names of BN layers to keep as they are.
+
+    Returns:
+        `(folded_model, report)`. The folded model is a new model with the same
+        layer names and classes minus the folded BN layers, loadable without
+        keras_bn_ext when its only custom layers were keras_bn_ext BNs.
+
+    Raises:
+        UnsupportedModelError: a subclassed model, or a Sequential without input.
+        InvalidBatchNormError: a BN with negative or non-finite variance.
+    """
+    decisions = analyze(model, exclude=frozenset(exclude))
+    plan = RebuildPlan()
+    report = FoldReport(params_before=model.count_params())
+    for d in decisions:
+        scale, shift = _folding.bn_affine(d.bn)  # validates every BN, kept ones too
+        if not d.folded:
+            report.kept.append(KeptBN(bn=d.path, reason=d.reason))
+            continue
+        plan.drop.add(id(d.bn))
+        plan.new_weights[id(d.into)] = _folding.fold_backward(d.into, scale, shift)
+        if not d.into.use_bias:
+            plan.force_bias.add(id(d.into))
+        prefix = d.path[: len(d.path) - len(d.bn.name)]
+        report.folded.append(FoldedBN(bn=d.path, into=prefix + d.into.name, direction="backward"))
+    folded = rebuild(model, plan)
+    report.params_after = folded.count_params()
+    return folded, report

@@ -1,0 +1,145 @@
+"""Reading .keras files with clear, typed errors, and writing outputs atomically."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import keras
+
+from keras_bn_ext.errors import ModelLoadError, OutputPathError
+
+__all__ = [
+    "load_model",
+    "import_custom_modules",
+    "check_output_path",
+    "atomic_output",
+    "save_model_atomic",
+]
+
+
+def import_custom_modules(modules: Sequence[str]) -> None:
+    """Import user modules that register custom layers (a module name or a .py path)."""
+    for name in modules:
+        try:
+            if name.endswith(".py") or os.sep in name:
+                spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"not a Python file: {name}")
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except Exception as exc:  # any error in user code is a load error for us
+            raise ModelLoadError(
+                f"cannot import custom module '{name}': {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _check_archive(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"no such file: {path}")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, not a .keras file")
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path} is not a .keras file (not a zip archive)")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise ModelLoadError(f"{path} is damaged (bad CRC in {bad})")
+            names = set(zf.namelist())
+            if "config.json" not in names:
+                raise ModelLoadError(f"{path} is not a .keras file (no config.json inside)")
+            try:
+                json.loads(zf.read("config.json"))
+            except ValueError as exc:
+                raise ModelLoadError(f"{path} has a broken config.json: {exc}") from exc
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ModelLoadError(f"{path} is damaged or truncated: {exc}") from exc
+
+
+_UNKNOWN_CLASS = re.compile(r"Could not locate class '([^']+)'|Unknown layer: '?([\w.>]+)'?")
+
+
+def load_model(path: str | os.PathLike, *, safe_mode: bool = True) -> keras.Model:
+    """Load a .keras file, turning every way it can fail into one ModelLoadError line.
+
+    Args:
+        path: The .keras file.
+        safe_mode: Keras's safe mode: refuse Lambda layers and other code
+            stored in the file. Only turn it off for files you trust.
+    """
+    path = Path(path)
+    _check_archive(path)
+    try:
+        return keras.saving.load_model(path, safe_mode=safe_mode, compile=False)
+    except Exception as exc:  # keras raises TypeError/ValueError/KeyError/OSError here
+        message = str(exc)
+        match = _UNKNOWN_CLASS.search(message)
+        if match:
+            name = match.group(1) or match.group(2)
+            raise ModelLoadError(
+                f"{path} uses the custom layer '{name}', which is not registered; pass the "
+                "module that defines it with --custom-module MODULE"
+            ) from exc
+        if "safe_mode" in message or "Lambda" in message and "unsafe" in message.lower():
+            raise ModelLoadError(
+                f"{path} holds a Lambda layer (Python code); loading it runs that code. "
+                "If you trust the file, pass --unsafe"
+            ) from exc
+        first = message.strip().splitlines()[0] if message.strip() else ""
+        raise ModelLoadError(
+            f"cannot load {path}: {type(exc).__name__}: {first[:300]}"
+        ) from exc
+
+
+def check_output_path(
+    output: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (), force: bool = False
+) -> Path:
+    """Validate an output path before any work: never an input, never an existing file
+    without `force`, and its folder must exist."""
+    out = Path(output)
+    for item in inputs:
+        if Path(item).exists() and out.exists() and out.resolve() == Path(item).resolve():
+            raise OutputPathError(f"output {out} is the input file; choose another path")
+        if out.resolve() == Path(item).resolve():
+            raise OutputPathError(f"output {out} is the input file; choose another path")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise OutputPathError(f"output folder {out.parent} does not exist")
+    if out.is_dir():
+        raise OutputPathError(f"output {out} is a directory")
+    if out.exists() and not force:
+        raise OutputPathError(f"output {out} exists; pass --force to overwrite it")
+    return out
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix); rename it onto `path` only if
+    the block succeeds, else remove it. Readers never see a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.resolve().parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> Path:
+    """Save a model as .keras through a temporary file and a rename."""
+    with atomic_output(path) as tmp:
+        model.save(tmp)
+    return Path(path)
