@@ -87,3 +87,32 @@ def run_python(code: str, *, env: dict | None = None, timeout: int = 600) -> str
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
+
+
+def randomize_batchnorms(model, seed: int = 0) -> None:
+    """Give every BN of `model` (nested ones too) random gamma, beta, mean and positive
+    variance. Default statistics (0, 1) make a wrong fold look right."""
+    from keras_bn_ext._folding import is_batchnorm
+
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not is_batchnorm(layer) or not layer.built:
+            continue
+        c = layer.moving_mean.shape[0]
+        values = []
+        if layer.scale:
+            values.append(rng.uniform(0.5, 1.5, c))
+        if layer.center:
+            values.append(rng.normal(0, 0.2, c))
+        values += [rng.normal(0, 0.2, c), rng.uniform(0.5, 1.5, c)]
+        layer.set_weights([v.astype(w.dtype) for v, w in zip(values, layer.get_weights())])
+
+
+def all_layers(model):
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def count_batchnorms(model) -> int:
+    from keras_bn_ext._folding import is_batchnorm
+
+    return sum(is_batchnorm(layer) for layer in all_layers(model))

@@ -1,0 +1,304 @@
+"""fold_batchnorms on synthetic models: every pattern, every keep condition, the rebuild."""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from keras_bn_ext import BatchNormalization, compare_models, fold_batchnorms
+from keras_bn_ext.errors import InvalidBatchNormError, UnsupportedModelError
+from tests.helpers import count_batchnorms, randomize_batchnorms, run_python
+
+# Folding reorders float32 arithmetic: a few ulp per layer (~1e-7 relative).
+RTOL = 1e-5
+
+
+def _check_folded(model, folded, report, *, expect_folded, samples=2):
+    assert report.bn_folded == expect_folded, report
+    assert count_batchnorms(folded) == count_batchnorms(model) - expect_folded
+    cmp = compare_models(model, folded, samples=samples, atol=0.0, rtol=RTOL)
+    assert cmp.passed, cmp
+    return cmp
+
+
+def _one(producer, input_shape, bn=None, after=None):
+    inputs = keras.Input(input_shape)
+    h = producer(inputs)
+    h = (bn or BatchNormalization())(h)
+    outputs = (after or layers.Activation("relu"))(h)
+    model = keras.Model(inputs, outputs)
+    randomize_batchnorms(model)
+    return model
+
+
+PATTERNS = {
+    "conv1d": (lambda: layers.Conv1D(6, 3), (12, 4), -1),
+    "conv2d": (lambda: layers.Conv2D(6, 3, padding="same"), (8, 8, 4), -1),
+    "conv3d": (lambda: layers.Conv3D(4, 2), (5, 5, 5, 2), -1),
+    "conv2d_groups": (lambda: layers.Conv2D(8, 3, groups=2), (8, 8, 4), -1),
+    "conv2d_no_bias": (lambda: layers.Conv2D(6, 3, use_bias=False), (8, 8, 3), -1),
+    "conv2d_strided_dilated": (lambda: layers.Conv2D(5, 3, dilation_rate=2), (11, 11, 3), -1),
+    "depthwise1d": (lambda: layers.DepthwiseConv1D(3), (10, 4), -1),
+    "depthwise2d_m1": (lambda: layers.DepthwiseConv2D(3), (8, 8, 4), -1),
+    "depthwise2d_m3": (lambda: layers.DepthwiseConv2D(3, depth_multiplier=3, use_bias=False), (8, 8, 4), -1),
+    "separable1d": (lambda: layers.SeparableConv1D(6, 3, depth_multiplier=2), (10, 4), -1),
+    "separable2d": (lambda: layers.SeparableConv2D(6, 3, depth_multiplier=2), (8, 8, 3), -1),
+    "conv1d_transpose": (lambda: layers.Conv1DTranspose(5, 3, strides=2), (7, 3), -1),
+    "conv2d_transpose": (lambda: layers.Conv2DTranspose(5, 3, strides=2, use_bias=False), (5, 5, 3), -1),
+    "conv3d_transpose": (lambda: layers.Conv3DTranspose(3, 2), (4, 4, 4, 2), -1),
+    "dense": (lambda: layers.Dense(7), (5,), -1),
+    "dense_rank3": (lambda: layers.Dense(7, use_bias=False), (4, 5), -1),
+    "dense_rank4": (lambda: layers.Dense(3), (3, 4, 5), -1),
+}
+
+# Spatial sizes differ from the channel count on purpose: keras.ops.add on TensorFlow
+# (Keras 3.15) takes a (1, C, 1, 1) bias for NHWC when the last dim equals C, so a
+# channels_first conv whose output width equals its filter count adds its bias on the
+# wrong axis. That Keras bug is not ours to fold around; bn-fold's verification catches it.
+CHANNELS_FIRST = {
+    "conv2d_cf": (lambda: layers.Conv2D(6, 3, data_format="channels_first"), (4, 9, 9), 1),
+    "conv1d_cf": (lambda: layers.Conv1D(6, 3, data_format="channels_first"), (4, 9), 1),
+    "depthwise2d_cf": (lambda: layers.DepthwiseConv2D(3, depth_multiplier=2, data_format="channels_first"), (3, 9, 9), 1),
+    "conv2d_transpose_cf": (lambda: layers.Conv2DTranspose(4, 3, data_format="channels_first"), (3, 6, 6), 1),
+}
+
+
+@pytest.mark.parametrize("name", PATTERNS)
+@pytest.mark.parametrize("bn_class", ["keras_bn_ext", "keras"])
+def test_backward_patterns(name, bn_class):
+    make, shape, axis = PATTERNS[name]
+    bn = BatchNormalization(axis=axis) if bn_class == "keras_bn_ext" else layers.BatchNormalization(axis=axis)
+    model = _one(make(), shape, bn=bn)
+    before = [w.copy() for w in model.get_weights()]
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=1)
+    assert report.folded[0].direction == "backward"
+    assert report.folded[0].into == model.layers[1].name
+    target = folded.get_layer(model.layers[1].name)
+    assert target.use_bias and target.get_config()["use_bias"]
+    for a, b in zip(model.get_weights(), before):  # the input model is untouched
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", CHANNELS_FIRST)
+def test_channels_first(name):
+    make, shape, axis = CHANNELS_FIRST[name]
+    model = _one(make(), shape, bn=BatchNormalization(axis=axis))
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=1)
+
+
+@pytest.mark.parametrize(
+    "center,scale,epsilon", [(False, True, 1e-3), (True, False, 1e-5), (False, False, 0.1)]
+)
+def test_bn_options(center, scale, epsilon):
+    for bn in (
+        BatchNormalization(center=center, scale=scale, epsilon=epsilon),
+        layers.BatchNormalization(center=center, scale=scale, epsilon=epsilon),
+    ):
+        model = _one(layers.Conv2D(4, 3), (6, 6, 3), bn=bn)
+        folded, report = fold_batchnorms(model)
+        _check_folded(model, folded, report, expect_folded=1)
+
+
+def _kept_reason(model):
+    folded, report = fold_batchnorms(model)
+    assert report.bn_folded == 0, report
+    assert len(report.kept) >= 1
+    cmp = compare_models(model, folded, samples=1, atol=0.0, rtol=RTOL)
+    assert cmp.passed
+    return report.kept[0].reason
+
+
+def test_keep_when_producer_has_activation():
+    model = _one(layers.Conv2D(4, 3, activation="relu"), (6, 6, 3))
+    assert "activation 'relu'" in _kept_reason(model)
+
+
+def test_keep_when_producer_output_feeds_another_layer():
+    inputs = keras.Input((6, 6, 3))
+    h = layers.Conv2D(4, 3)(inputs)
+    a = layers.Activation("relu")(BatchNormalization()(h))
+    out = layers.Add()([a, layers.Activation("tanh")(h)])
+    assert "also feeds other layers" in _kept_reason(keras.Model(inputs, out))
+
+
+def test_keep_when_producer_output_is_model_output():
+    inputs = keras.Input((6, 6, 3))
+    h = layers.Conv2D(4, 3)(inputs)
+    out = layers.Activation("relu")(BatchNormalization()(h))
+    assert "is also a model output" in _kept_reason(keras.Model(inputs, [out, h]))
+
+
+def test_keep_when_producer_is_shared():
+    conv = layers.Conv2D(3, 3, padding="same")
+    inputs = keras.Input((6, 6, 3))
+    h = conv(conv(inputs))
+    out = layers.Activation("relu")(BatchNormalization()(h))
+    assert "is shared" in _kept_reason(keras.Model(inputs, out))
+
+
+def test_keep_when_bn_is_shared():
+    bn = BatchNormalization()
+    inputs = keras.Input((6, 6, 3))
+    a = bn(layers.Conv2D(3, 3)(inputs))
+    b = bn(layers.Conv2D(3, 3)(inputs))
+    out = layers.Add()([a, b])
+    assert "BN layer is shared" in _kept_reason(keras.Model(inputs, out))
+
+
+def test_keep_when_bn_axis_is_not_channel_axis():
+    model = _one(layers.Conv2D(4, 3), (6, 6, 3), bn=BatchNormalization(axis=1))
+    assert "not the channel axis" in _kept_reason(model)
+
+
+def test_keep_when_bn_forced_into_training():
+    inputs = keras.Input((5,))
+    h = BatchNormalization()(layers.Dense(4)(inputs), training=True)
+    model = keras.Model(inputs, layers.Activation("relu")(h))
+    folded, report = fold_batchnorms(model)
+    assert report.bn_folded == 0 and "training=True" in report.kept[0].reason
+
+
+def test_keep_when_input_is_not_conv_or_dense():
+    inputs = keras.Input((6, 6, 3))
+    h = layers.Add()([layers.Conv2D(3, 3)(inputs), layers.Conv2D(3, 3)(inputs)])
+    out = layers.Activation("relu")(BatchNormalization()(h))
+    assert "not a conv/dense layer" in _kept_reason(keras.Model(inputs, out))
+
+
+def test_keep_bn_that_is_a_list_output_but_fold_dict_output():
+    inputs = keras.Input((5,))
+    out = BatchNormalization(name="h")(layers.Dense(4)(inputs))
+    model = keras.Model(inputs, out)
+    randomize_batchnorms(model)
+    assert "rename" in _kept_reason(model)
+    dict_model = keras.Model(inputs, {"h": out})
+    folded, report = fold_batchnorms(dict_model)
+    _check_folded(dict_model, folded, report, expect_folded=1)
+    assert set(folded(np.zeros((1, 5)), training=False)) == {"h"}
+
+
+def test_exclude_keeps_named_bn():
+    model = _one(layers.Dense(4), (5,), bn=BatchNormalization(name="keep_me"))
+    folded, report = fold_batchnorms(model, exclude=["keep_me"])
+    assert report.bn_folded == 0 and report.kept[0].reason == "excluded by the caller"
+
+
+def test_sequential_stays_sequential_and_keeps_names():
+    model = keras.Sequential(
+        [keras.Input((8, 8, 1)), layers.Conv2D(4, 3, name="c1"), BatchNormalization(name="b1"),
+         layers.ReLU(name="r1"), layers.Flatten(name="f"), layers.Dense(3, name="d"),
+         layers.BatchNormalization(name="b2"), layers.Softmax(name="s")], name="seq")
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=2)
+    assert isinstance(folded, keras.Sequential) and folded.name == "seq"
+    assert [l.name for l in folded.layers] == ["c1", "r1", "f", "d", "s"]
+
+
+def test_functional_branches_multiple_inputs_and_dict_outputs():
+    a_in = keras.Input((8, 8, 3), name="image")
+    b_in = keras.Input((4,), name="meta")
+    x = layers.Conv2D(4, 3, name="conv_a")(a_in)
+    x = layers.Activation("relu")(BatchNormalization(name="bn_a")(x))
+    y = layers.SeparableConv2D(4, 3, padding="same", name="sep")(a_in)
+    y = layers.Activation("relu")(layers.BatchNormalization(name="bn_b")(y))
+    y = layers.Cropping2D(1)(y)
+    merged = layers.GlobalAveragePooling2D()(layers.Add()([x, y]))
+    m = layers.Dense(4, name="meta_dense")(b_in)
+    m = layers.Activation("tanh")(BatchNormalization(name="bn_m")(m))
+    both = layers.Concatenate()([merged, m])
+    logits = layers.Dense(3, name="head")(both)
+    bn_out = BatchNormalization(name="bn_out")(layers.Dense(2, name="aux")(both))
+    model = keras.Model([a_in, b_in], {"logits": logits, "aux": bn_out})
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=4)
+    assert [t.name for t in folded.inputs] == [t.name for t in model.inputs] or \
+        [t._keras_history.operation.name for t in folded.inputs] == ["image", "meta"]
+    out = folded([np.zeros((2, 8, 8, 3)), np.zeros((2, 4))], training=False)
+    assert set(out) == {"logits", "aux"}
+    names = {l.name for l in model.layers} - {"bn_a", "bn_b", "bn_m", "bn_out"}
+    assert {l.name for l in folded.layers} == names
+    # Every layer that was not a fold target keeps its weights bit for bit.
+    targets = {f.into for f in report.folded}
+    for layer in model.layers:
+        if layer.name in names and layer.name not in targets:
+            for a, b in zip(layer.get_weights(), folded.get_layer(layer.name).get_weights()):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_nested_models():
+    inner = keras.Sequential(
+        [keras.Input((6, 6, 4)), layers.Conv2D(4, 3, padding="same", name="inner_conv"),
+         BatchNormalization(name="inner_bn"), layers.ReLU()], name="inner")
+    block_in = keras.Input((6, 6, 4))
+    block = keras.Model(block_in, layers.ReLU()(layers.BatchNormalization(name="block_bn")(
+        layers.DepthwiseConv2D(3, padding="same", name="block_dw")(block_in))), name="block")
+    inputs = keras.Input((6, 6, 3))
+    h = layers.Conv2D(4, 1, name="stem")(inputs)
+    h = BatchNormalization(name="stem_bn")(h)
+    h = block(inner(h))
+    model = keras.Model(inputs, layers.GlobalAveragePooling2D()(h))
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=3)
+    assert {f.bn for f in report.folded} == {"stem_bn", "inner/inner_bn", "block/block_bn"}
+    assert isinstance(folded.get_layer("inner"), keras.Sequential)
+
+
+def test_shared_nested_model_stays_shared():
+    inner_in = keras.Input((5,))
+    inner = keras.Model(inner_in, layers.ReLU()(BatchNormalization()(layers.Dense(5)(inner_in))), name="inner")
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, inner(inner(inputs)))
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=1)
+    assert sum(1 for l in folded.layers if l.name == "inner") == 1
+
+
+def test_subclassed_model_is_refused():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = layers.Conv2D(3, 3)
+            self.bn = BatchNormalization()
+
+        def call(self, x):
+            return self.bn(self.conv(x))
+
+    net = Net()
+    net(np.zeros((1, 6, 6, 3)))
+    with pytest.raises(UnsupportedModelError, match="subclassed"):
+        fold_batchnorms(net)
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])
+def test_invalid_variance_is_refused(bad):
+    model = _one(layers.Dense(3), (4,))
+    bn = model.layers[2]
+    w = bn.get_weights()
+    w[3][1] = bad
+    bn.set_weights(w)
+    with pytest.raises(InvalidBatchNormError, match="negative or non-finite"):
+        fold_batchnorms(model)
+
+
+def test_folded_model_loads_without_keras_bn_ext(tmp_path):
+    model = _one(layers.Conv2D(4, 3), (6, 6, 3))
+    folded, _ = fold_batchnorms(model)
+    path = tmp_path / "folded.keras"
+    folded.save(path)
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "want.npy", keras.ops.convert_to_numpy(folded(x, training=False)))
+    out = run_python(f"""
+        import sys, numpy as np, keras
+        m = keras.saving.load_model({str(path)!r})
+        got = keras.ops.convert_to_numpy(m(np.load({str(tmp_path / 'x.npy')!r}), training=False))
+        np.testing.assert_array_equal(got, np.load({str(tmp_path / 'want.npy')!r}))
+        print("keras_bn_ext" in sys.modules)
+    """)
+    assert out.strip() == "False"
