@@ -85,5 +85,13 @@ class _Rebuilder:
 
 
 def rebuild(model: keras.Model, plan: RebuildPlan) -> keras.Model:
-    """A new model with the plan applied; `model` itself is never changed."""
-    return _Rebuilder(plan).model(model)
+    """A new model with the plan applied; `model` itself is never changed.
+
+    Layers are copied from objects already in memory, not from an untrusted file: the
+    choice of safe mode was made when `model` was loaded, so a Lambda layer that is
+    here may be copied (safe mode off for the copy only).
+    """
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    with SafeModeScope(False):
+        return _Rebuilder(plan).model(model)
