@@ -3,6 +3,7 @@
 - `BatchNormalization`: a from-scratch BN layer, interchangeable with Keras's.
 - `reference.batch_norm`: the numpy reference it is tested against.
 - `fold_batchnorms`: fold trained BN into conv/dense weights; `compare_models` proves it.
+- `export_onnx` / `verify_onnx`: ONNX through tf2onnx, checked on onnxruntime.
 """
 
 from keras_bn_ext._native_log import captured_native_stderr, running_as_cli
@@ -13,14 +14,20 @@ with captured_native_stderr(running_as_cli()):
     from keras_bn_ext.batch_normalization import BatchNormalization
     from keras_bn_ext.compare import ComparisonReport, compare_models
     from keras_bn_ext.fold import FoldReport, fold_batchnorms
+    from keras_bn_ext.onnx_export import ExportReport, export_onnx
+    from keras_bn_ext.onnx_verify import VerificationReport, verify_onnx
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNormalization",
     "ComparisonReport",
+    "ExportReport",
     "FoldReport",
+    "VerificationReport",
     "compare_models",
+    "export_onnx",
     "fold_batchnorms",
+    "verify_onnx",
     "__version__",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import keras
 import numpy as np
@@ -14,7 +14,7 @@ __all__ = [
     "OutputError",
     "ComparisonReport",
     "compare_models",
-    "compare_outputs",
+    "compare_output_lists",
     "random_inputs",
     "input_specs",
     "output_names",
@@ -135,25 +135,29 @@ def _accumulate(stats: dict, name: str, ref: np.ndarray, got: np.ndarray) -> Non
     s["n"] += diff.size
 
 
-def compare_outputs(
-    reference: Callable[[list[np.ndarray]], list[np.ndarray]],
-    candidate: Callable[[list[np.ndarray]], list[np.ndarray]],
-    batches: Sequence[list[np.ndarray]],
+def compare_output_lists(
+    reference: Sequence[Sequence[np.ndarray]],
+    candidate: Sequence[Sequence[np.ndarray]],
     names: Sequence[str],
     *,
     atol: float,
     rtol: float,
 ) -> ComparisonReport:
-    """Run both callables on every batch and gather per-output errors.
+    """Gather per-output errors over batches of outputs (one list per batch, outputs in
+    `names` order).
 
     An output passes when max|a-b| <= atol + rtol * max|reference| (its relative
     error is max|a-b| / max|reference|).
     """
     stats: dict = {}
-    for arrays in batches:
-        for name, ref, got in zip(names, reference(arrays), candidate(arrays)):
+    for ref_batch, got_batch in zip(reference, candidate, strict=True):
+        if len(got_batch) != len(names) or len(ref_batch) != len(names):
+            raise InputDataError(
+                f"expected {len(names)} outputs, got {len(ref_batch)} and {len(got_batch)}"
+            )
+        for name, ref, got in zip(names, ref_batch, got_batch):
             _accumulate(stats, name, ref, got)
-    report = ComparisonReport(atol=atol, rtol=rtol, batches=len(batches))
+    report = ComparisonReport(atol=atol, rtol=rtol, batches=len(reference))
     for name in names:
         s = stats[name]
         rel = s["max_abs"] / s["max_ref"] if s["max_ref"] > 0 else s["max_abs"]
@@ -195,10 +199,9 @@ def compare_models(
         batches = [list(inputs)]
     else:
         batches = [random_inputs(reference, batch_size=batch_size, seed=seed + i) for i in range(samples)]
-    return compare_outputs(
-        lambda a: keras_outputs(reference, a),
-        lambda a: keras_outputs(candidate, a),
-        batches,
+    return compare_output_lists(
+        [keras_outputs(reference, b) for b in batches],
+        [keras_outputs(candidate, b) for b in batches],
         output_names(reference),
         atol=atol,
         rtol=rtol,

@@ -1,0 +1,80 @@
+"""Run an ONNX model on onnxruntime in a process of its own.
+
+Started as a script (`python path/to/_ort_worker.py REQUEST RESPONSE`), so it imports
+neither this package nor TensorFlow: TensorFlow 2.21 loads CUDA 12 and
+onnxruntime-gpu >= 1.27 CUDA 13, and the two must not meet in one process.
+
+REQUEST is an .npz with a JSON string `__meta__` ({"model", "providers",
+"input_names", "batches", "repeats"}) and arrays `b{i}__{input name}`. RESPONSE is an
+.npz with `__meta__` ({"provider", "available", "log", "latency_ms"}) and arrays
+`b{i}__o{j}` in the session's output order.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main(request_path: str, response_path: str) -> int:
+    import numpy as np
+
+    with np.load(request_path, allow_pickle=False) as req:
+        meta = json.loads(str(req["__meta__"]))
+        batches = [
+            {name: req[f"b{i}__{name}"] for name in meta["input_names"]}
+            for i in range(meta["batches"])
+        ]
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = []
+    for name, options in meta["providers"]:
+        if name in available:
+            providers.append((name, options))
+    if not providers:
+        providers = [("CPUExecutionProvider", {})]
+    options = ort.SessionOptions()
+    if meta.get("threads"):
+        options.intra_op_num_threads = int(meta["threads"])
+    session = ort.InferenceSession(meta["model"], sess_options=options, providers=providers)
+    used = session.get_providers()[0]
+    output_names = [o.name for o in session.get_outputs()]
+
+    result = {}
+    for i, feed in enumerate(batches):
+        for j, out in enumerate(session.run(output_names, feed)):
+            result[f"b{i}__o{j}"] = out
+
+    latency = {}
+    for batch_size, feed in _by_batch_size(batches).items():
+        times = []
+        for _ in range(int(meta.get("repeats", 0))):
+            start = time.perf_counter()
+            session.run(output_names, feed)
+            times.append((time.perf_counter() - start) * 1e3)
+        if times:
+            latency[str(batch_size)] = sorted(times)[len(times) // 2]
+
+    out_meta = {
+        "provider": used,
+        "available": available,
+        "output_names": output_names,
+        "latency_ms": latency,
+        "version": ort.__version__,
+    }
+    np.savez(response_path, __meta__=np.array(json.dumps(out_meta)), **result)
+    return 0
+
+
+def _by_batch_size(batches):
+    seen = {}
+    for feed in batches:
+        first = next(iter(feed.values()))
+        seen.setdefault(int(first.shape[0]), feed)
+    return seen
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))

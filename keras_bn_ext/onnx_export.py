@@ -1,0 +1,150 @@
+"""`export_onnx`: a Keras model to an ONNX file through tf2onnx, folded first."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import keras
+
+from keras_bn_ext.compare import input_specs, output_names
+from keras_bn_ext.errors import ExportError
+from keras_bn_ext.fold import FoldReport, fold_batchnorms
+from keras_bn_ext.model_io import atomic_output
+
+__all__ = ["export_onnx", "ExportReport", "SUPPORTED_OPSETS", "DEFAULT_OPSET"]
+
+# tf2onnx 1.17 converts to opsets up to 18 (19+ "not supported yet"); 13 is the oldest
+# with the per-axis quantization and Split semantics its Keras 3 paths emit.
+SUPPORTED_OPSETS = range(13, 19)
+DEFAULT_OPSET = 17
+BATCH_DIM = "batch"
+
+
+@dataclass
+class ExportReport:
+    path: str
+    opset: int
+    inputs: list[dict] = field(default_factory=list)  # {"name", "shape"}
+    outputs: list[str] = field(default_factory=list)
+    op_counts: dict[str, int] = field(default_factory=dict)
+    fold: FoldReport | None = None
+
+    @property
+    def bn_folded(self) -> int:
+        return self.fold.bn_folded if self.fold else 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fold"] = self.fold.to_dict() if self.fold else None
+        d["bn_folded"] = self.bn_folded
+        return d
+
+
+def _dim_names(proto, batch_size: int | None) -> None:
+    """Name symbolic dims: the first 'batch', any other '<tensor>_dim<i>'."""
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and not (i == 0 and batch_size is None):
+                continue
+            if i == 0:
+                if batch_size is None:
+                    dim.ClearField("dim_value")
+                    dim.dim_param = BATCH_DIM
+            else:
+                dim.dim_param = f"{value.name}_dim{i}"
+
+
+def _order_outputs(proto, names: list[str]) -> None:
+    by_name = {o.name: o for o in proto.graph.output}
+    if sorted(by_name) != sorted(names):
+        raise ExportError(f"ONNX outputs {sorted(by_name)} do not match Keras outputs {names}")
+    ordered = [by_name[n] for n in names]
+    copies = [type(o)() for o in ordered]
+    for c, o in zip(copies, ordered):
+        c.CopyFrom(o)
+    del proto.graph.output[:]
+    proto.graph.output.extend(copies)
+
+
+def to_onnx_proto(model: keras.Model, *, opset: int = DEFAULT_OPSET, batch_size: int | None = None):
+    """Convert a Keras model (TensorFlow backend) to an onnx.ModelProto, named as Keras names it."""
+    if keras.backend.backend() != "tensorflow":
+        raise ExportError("ONNX export goes through tf2onnx and needs the TensorFlow backend")
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(
+            f"opset must be {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} (tf2onnx's range); "
+            f"got {opset}"
+        )
+    import tensorflow as tf
+    import tf2onnx
+
+    specs = [
+        tf.TensorSpec((batch_size,) + tuple(shape[1:]), tf.as_dtype(dtype), name=name)
+        for name, shape, dtype in input_specs(model)
+    ]
+    names = output_names(model)
+
+    def forward(*args):
+        out = model(list(args) if len(args) > 1 else args[0], training=False)
+        return dict(zip(names, keras.tree.flatten(out)))
+
+    function = tf.function(forward, input_signature=specs, autograph=False)
+    try:
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
+    except Exception as exc:  # tf2onnx raises whatever its handlers raise
+        raise ExportError(f"tf2onnx could not convert the model: {type(exc).__name__}: {exc}") from exc
+    _order_outputs(proto, names)
+    _dim_names(proto, batch_size)
+    return proto
+
+
+def export_onnx(
+    model: keras.Model,
+    path: str | Path,
+    *,
+    fold: bool = True,
+    opset: int = DEFAULT_OPSET,
+    batch_size: int | None = None,
+) -> ExportReport:
+    """Export `model` to ONNX at `path` (written atomically), folding BN first.
+
+    Args:
+        model: A Keras model (TensorFlow backend). Never changed.
+        path: Output .onnx file.
+        fold: Fold BatchNormalization layers first (`fold_batchnorms`).
+        opset: ONNX opset, 13-18.
+        batch_size: Fix the batch dimension; None keeps it symbolic, named 'batch'.
+
+    Returns:
+        An ExportReport: names and shapes of the inputs, output names, ONNX op
+        counts and the fold report.
+
+    Raises:
+        ExportError: tf2onnx failed, or the result does not pass onnx.checker.
+    """
+    import onnx
+
+    fold_report = None
+    if fold:
+        model, fold_report = fold_batchnorms(model)
+    proto = to_onnx_proto(model, opset=opset, batch_size=batch_size)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"onnx.checker rejected the converted model: {exc}") from exc
+    with atomic_output(path) as tmp:
+        onnx.save_model(proto, str(tmp))
+    inputs = [
+        {"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
+        for i in proto.graph.input
+    ]
+    return ExportReport(
+        path=str(path),
+        opset=opset,
+        inputs=inputs,
+        outputs=[o.name for o in proto.graph.output],
+        op_counts=dict(sorted(collections.Counter(n.op_type for n in proto.graph.node).items())),
+        fold=fold_report,
+    )

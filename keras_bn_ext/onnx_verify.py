@@ -1,0 +1,263 @@
+"""`verify_onnx`: an ONNX file against the Keras model it came from, on onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import keras
+import numpy as np
+
+from keras_bn_ext import _ort_worker
+from keras_bn_ext.compare import (
+    ComparisonReport,
+    check_inputs,
+    compare_output_lists,
+    input_specs,
+    keras_outputs,
+    output_names,
+    random_inputs,
+)
+from keras_bn_ext.errors import InputDataError, KerasBnExtError
+
+__all__ = ["verify_onnx", "VerificationReport", "GPUUnavailableError", "PROVIDERS"]
+
+PROVIDERS = ("auto", "cuda", "cpu")
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+# TF32 rounds matmul inputs to 10 mantissa bits (~1e-3 relative): off, or fp32
+# tolerances would be meaningless on Ampere and later GPUs.
+_CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+class GPUUnavailableError(KerasBnExtError):
+    """A GPU run was required (require_gpu=True) but onnxruntime ran on the CPU."""
+
+
+@dataclass
+class VerificationReport:
+    provider: str  # the execution provider the session really used
+    requested: str  # auto | cuda | cpu
+    fallback_reason: str | None
+    comparison: ComparisonReport
+    inputs: list[dict] = field(default_factory=list)  # {"name", "shape"} of each batch size used
+    batch_sizes: list[int] = field(default_factory=list)
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    onnxruntime_version: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.comparison.passed
+
+    def to_dict(self) -> dict:
+        return {
+            "provider": self.provider,
+            "requested": self.requested,
+            "fallback_reason": self.fallback_reason,
+            "onnxruntime_version": self.onnxruntime_version,
+            "batch_sizes": self.batch_sizes,
+            "inputs": self.inputs,
+            **self.comparison.to_dict(),
+            "latency_ms": self.latency_ms,
+        }
+
+
+def _providers(provider: str) -> list:
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}. Received: provider={provider!r}")
+    if provider == "cpu":
+        return [(_CPU, {})]
+    return [(_CUDA, _CUDA_OPTIONS), (_CPU, {})]
+
+
+def _fallback_reason(meta: dict, log: str) -> str:
+    if _CUDA not in meta["available"]:
+        return "this onnxruntime build has no CUDAExecutionProvider (CPU-only package)"
+    lines = [line for line in log.splitlines() if re.search(r"cuda|CUDA|libcu|GPU", line)]
+    if lines:
+        # onnxruntime's log: "... Failed to load library libonnxruntime_providers_cuda.so
+        # with error: libcublasLt.so.13: cannot open shared object file ..."
+        text = lines[0]
+        if "with error:" in text:
+            library = re.search(r"library (\S+)", text)
+            name = os.path.basename(library.group(1)) if library else "the CUDA provider"
+            text = f"loading {name} failed: " + text.split("with error:", 1)[1].strip()
+        else:
+            text = re.sub(r"^.*?\] ", "", text).strip()
+        return f"CUDA could not be used: {text[:300]}"
+    return "CUDA could not be used (onnxruntime fell back to the CPU without saying why)"
+
+
+def run_onnxruntime(
+    onnx_path: str | os.PathLike,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    *,
+    provider: str = "auto",
+    repeats: int = 0,
+    threads: int | None = None,
+) -> tuple[list[list[np.ndarray]], dict]:
+    """Run the ONNX model on each batch in a child process (see _ort_worker).
+
+    Returns the outputs per batch (in the ONNX graph's output order) and the worker's
+    metadata (provider used, available providers, latencies, its log).
+    """
+    input_names = list(batches[0])
+    meta = {
+        "model": str(Path(onnx_path).resolve()),
+        "providers": _providers(provider),
+        "input_names": input_names,
+        "batches": len(batches),
+        "repeats": repeats,
+        "threads": threads,
+    }
+    arrays = {f"b{i}__{name}": np.ascontiguousarray(b[name]) for i, b in enumerate(batches) for name in input_names}
+    with tempfile.TemporaryDirectory(prefix="keras_bn_ext_ort_") as tmp:
+        request, response = os.path.join(tmp, "request.npz"), os.path.join(tmp, "response.npz")
+        np.savez(request, __meta__=np.array(json.dumps(meta)), **arrays)
+        proc = subprocess.run(
+            [sys.executable, _ort_worker.__file__, request, response],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise KerasBnExtError(f"onnxruntime failed on {onnx_path}: {last[:400]}")
+        with np.load(response, allow_pickle=False) as res:
+            out_meta = json.loads(str(res["__meta__"]))
+            n_out = len(out_meta["output_names"])
+            outputs = [[res[f"b{i}__o{j}"] for j in range(n_out)] for i in range(len(batches))]
+    out_meta["log"] = proc.stderr
+    return outputs, out_meta
+
+
+def _keras_latency_ms(model: keras.Model, batch: list[np.ndarray], repeats: int) -> float:
+    import tensorflow as tf
+
+    function = tf.function(lambda *a: model(list(a) if len(a) > 1 else a[0], training=False))
+    function(*batch)  # trace and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        keras.tree.map_structure(lambda t: t.numpy(), function(*batch))
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def load_inputs_npz(model: keras.Model, path: str | os.PathLike) -> list[np.ndarray]:
+    """Arrays keyed by input name from an .npz, checked against the model's inputs."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputDataError(f"cannot read inputs file {path}: {exc}") from exc
+    with data:
+        arrays = []
+        for name, shape, dtype in input_specs(model):
+            if name not in data.files:
+                raise InputDataError(f"inputs file {path} has no array '{name}' (has: {', '.join(data.files)})")
+            array = data[name]
+            fits = len(array.shape) == len(shape) and all(d is None or d == a for d, a in zip(shape, array.shape))
+            if not fits:
+                raise InputDataError(
+                    f"input '{name}': the model expects shape {shape}, {path} holds {tuple(array.shape)}"
+                )
+            if np.issubdtype(array.dtype, np.floating) != ("float" in dtype):
+                raise InputDataError(f"input '{name}': the model expects {dtype}, {path} holds {array.dtype}")
+            arrays.append(array.astype(dtype))
+    return arrays
+
+
+def verify_onnx(
+    model: keras.Model,
+    onnx_path: str | os.PathLike,
+    *,
+    inputs: Sequence[np.ndarray] | None = None,
+    samples: int = 3,
+    batch_sizes: Sequence[int] = (1, 8),
+    provider: str = "auto",
+    require_gpu: bool = False,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    seed: int = 0,
+    benchmark: bool = False,
+    benchmark_repeats: int = 30,
+) -> VerificationReport:
+    """Compare the ONNX model's outputs on onnxruntime with the Keras model's.
+
+    The reference is `model` in inference mode in float32 with TF32 off. onnxruntime
+    runs in a child process (CUDA 12 TensorFlow and CUDA 13 onnxruntime-gpu do not
+    share a process), with CUDA first (`use_tf32=0`) then the CPU for
+    `provider="auto"`; the provider that really ran is read from the session.
+
+    Args:
+        model: The Keras model the file was exported from (folded or not).
+        onnx_path: The .onnx file.
+        inputs: One array per model input (real data), or None for `samples` seeded
+            random batches of each size in `batch_sizes`.
+        provider: "auto", "cuda" or "cpu".
+        require_gpu: Raise GPUUnavailableError when the CPU ran instead of CUDA.
+        atol, rtol: An output passes when max|a-b| <= atol + rtol * max|reference|.
+        benchmark: Also time Keras (`tf.function`) and onnxruntime at each batch size.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+    if inputs is not None:
+        check_inputs(model, inputs)
+        batches = [list(inputs)]
+    else:
+        batches = [
+            random_inputs(model, batch_size=bs, seed=seed + 100 * i + bs)
+            for i in range(samples)
+            for bs in batch_sizes
+        ]
+    specs = input_specs(model)
+    names = [name for name, _, _ in specs]
+    feeds = [dict(zip(names, b)) for b in batches]
+    got, meta = run_onnxruntime(
+        onnx_path, feeds, provider=provider, repeats=benchmark_repeats if benchmark else 0
+    )
+    keras_names = output_names(model)
+    if meta["output_names"] != keras_names:
+        order = {n: i for i, n in enumerate(meta["output_names"])}
+        if set(order) != set(keras_names):
+            raise InputDataError(
+                f"ONNX outputs {meta['output_names']} do not match the Keras outputs {keras_names}"
+            )
+        got = [[b[order[n]] for n in keras_names] for b in got]
+    reference = [keras_outputs(model, b) for b in batches]
+    comparison = compare_output_lists(reference, got, keras_names, atol=atol, rtol=rtol)
+
+    used = meta["provider"]
+    fallback = None
+    if provider != "cpu" and used != _CUDA:
+        fallback = _fallback_reason(meta, meta["log"])
+        if require_gpu:
+            raise GPUUnavailableError(f"--require-gpu: onnxruntime ran on {used}; {fallback}")
+    sizes = sorted({int(b[0].shape[0]) for b in batches})
+    latency = {}
+    if benchmark:
+        by_size = {int(b[0].shape[0]): b for b in batches}
+        for bs in sizes:
+            latency[str(bs)] = {
+                "keras_tf_function": _keras_latency_ms(model, by_size[bs], benchmark_repeats),
+                "onnxruntime": meta["latency_ms"].get(str(bs)),
+            }
+    return VerificationReport(
+        provider=used,
+        requested=provider,
+        fallback_reason=fallback,
+        comparison=comparison,
+        inputs=[{"name": n, "shape": [None if d is None else int(d) for d in s]} for n, s, _ in specs],
+        batch_sizes=sizes,
+        latency_ms=latency,
+        onnxruntime_version=meta.get("version", ""),
+    )
