@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _work(args) -> int:
-    from keras_bn_ext.model_io import check_output_path, import_custom_modules, load_model
+    from keras_bn_ext.model_io import atomic_output, check_output_path, import_custom_modules, load_model
     from keras_bn_ext.onnx_export import export_onnx
     from keras_bn_ext.onnx_verify import load_inputs_npz, verify_onnx
 
@@ -70,19 +70,22 @@ def _work(args) -> int:
         raise InputDataError(
             f"--batch-size {args.batch_size} but {args.inputs} holds batches of {inputs[0].shape[0]}"
         )
-    export = export_onnx(model, output, fold=not args.no_fold, opset=args.opset, batch_size=args.batch_size)
-    verification = verify_onnx(
-        model,
-        output,
-        inputs=inputs,
-        samples=args.samples,
-        batch_sizes=(args.batch_size,) if args.batch_size else (1, 8),
-        provider=args.provider,
-        require_gpu=args.require_gpu,
-        atol=args.atol,
-        rtol=args.rtol,
-        benchmark=args.benchmark,
-    )
+    # Export and verify a temporary file; it becomes OUTPUT only when no error stops the
+    # run (a failed verification still renames it, for inspection, and exits 1).
+    with atomic_output(output) as tmp:
+        export = export_onnx(model, tmp, fold=not args.no_fold, opset=args.opset, batch_size=args.batch_size)
+        verification = verify_onnx(
+            model,
+            tmp,
+            inputs=inputs,
+            samples=args.samples,
+            batch_sizes=(args.batch_size,) if args.batch_size else (1, 8),
+            provider=args.provider,
+            require_gpu=args.require_gpu,
+            atol=args.atol,
+            rtol=args.rtol,
+            benchmark=args.benchmark,
+        )
     result = {
         "input": str(args.model),
         "output": str(output),

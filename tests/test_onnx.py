@@ -1,0 +1,164 @@
+"""export_onnx and verify_onnx: names, batch dimension, folding, and real onnxruntime runs."""
+
+import keras
+import numpy as np
+import onnx
+import pytest
+from keras import layers
+
+from keras_bn_ext import BatchNormalization, export_onnx, verify_onnx
+from keras_bn_ext.errors import ExportError
+from tests.helpers import randomize_batchnorms
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf2onnx needs TensorFlow")
+
+
+@pytest.fixture
+def lenet():
+    from tests.test_batch_normalization import lenet as build
+
+    model = build(BatchNormalization)
+    randomize_batchnorms(model)
+    return model
+
+
+def two_input_dict_model():
+    image = keras.Input((8, 8, 3), name="image")
+    meta = keras.Input((5,), name="meta")
+    h = layers.Conv2D(4, 3, name="conv")(image)
+    h = layers.ReLU()(BatchNormalization(name="bn1")(h))
+    h = layers.GlobalAveragePooling2D()(h)
+    m = layers.ReLU()(layers.BatchNormalization(name="bn2")(layers.Dense(4, name="d")(meta)))
+    both = layers.Concatenate()([h, m])
+    model = keras.Model([image, meta], {"score": layers.Dense(1, name="s")(both),
+                                        "class_logits": layers.Dense(3, name="c")(both)})
+    randomize_batchnorms(model)
+    return model
+
+
+def _graph(path):
+    return onnx.load(str(path)).graph
+
+
+def _affine_after_conv(graph):
+    """What an unfolded BN leaves behind: a Mul by a constant on a Conv or MatMul output,
+    or an Add of a constant on a Conv output. (A constant Add after a MatMul is a Dense
+    layer's own bias; an Add of two tensors is a residual connection.)"""
+    producer = {out: node for node in graph.node for out in node.output}
+    constants = {i.name for i in graph.initializer}
+
+    def affine(node, ops):
+        fed = any(producer.get(i) is not None and producer[i].op_type in ops for i in node.input)
+        return fed and any(i in constants for i in node.input)
+
+    return [
+        node.name for node in graph.node
+        if (node.op_type == "Mul" and affine(node, ("Conv", "MatMul")))
+        or (node.op_type == "Add" and affine(node, ("Conv",)))
+    ]
+
+
+def test_lenet_export_names_batch_dim_and_no_bn_ops(lenet, tmp_path):
+    path = tmp_path / "lenet.onnx"
+    report = export_onnx(lenet, path)
+    graph = _graph(path)
+    assert [i.name for i in graph.input] == ["input_layer"]
+    assert [o.name for o in graph.output] == ["dense_2"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert report.bn_folded == 4
+    # Fully folded: no BatchNormalization op, no Mul at all, no Add after a Conv (conv
+    # biases live in the Conv node; the Adds left are the Dense layers' MatMul biases).
+    assert "BatchNormalization" not in report.op_counts and "Mul" not in report.op_counts
+    assert _affine_after_conv(graph) == []
+    assert report.op_counts["Conv"] == 2
+    result = verify_onnx(lenet, path, provider="cpu")
+    assert result.passed and result.provider == "CPUExecutionProvider"
+    assert result.batch_sizes == [1, 8]
+    assert result.comparison.max_rel_err <= 1e-5
+
+
+def test_no_fold_export_is_correct_with_our_layer(lenet, tmp_path):
+    path = tmp_path / "nofold.onnx"
+    report = export_onnx(lenet, path, fold=False)
+    assert report.fold is None and report.bn_folded == 0
+    # Unfolded, tf2onnx merges our conv BNs into the Conv itself but leaves the two
+    # dense BNs as Mul + Add after their MatMul.
+    assert len(_affine_after_conv(_graph(path))) == 2
+    assert verify_onnx(lenet, path, provider="cpu").passed
+
+
+def test_two_inputs_and_dict_outputs(tmp_path):
+    model = two_input_dict_model()
+    path = tmp_path / "multi.onnx"
+    report = export_onnx(model, path)
+    graph = _graph(path)
+    assert [i.name for i in graph.input] == ["image", "meta"]
+    assert [o.name for o in graph.output] == ["class_logits", "score"]  # Keras's flattened order
+    assert report.bn_folded == 2
+    for value in list(graph.input) + list(graph.output):
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    result = verify_onnx(model, path, provider="cpu")
+    assert result.passed, result.comparison
+    assert [o.name for o in result.comparison.outputs] == ["class_logits", "score"]
+
+
+def test_fixed_batch_size(tmp_path, lenet):
+    path = tmp_path / "b1.onnx"
+    export_onnx(lenet, path, batch_size=1)
+    assert _graph(path).input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    assert verify_onnx(lenet, path, provider="cpu", batch_sizes=(1,)).passed
+
+
+def test_real_inputs(tmp_path, lenet):
+    path = tmp_path / "l.onnx"
+    export_onnx(lenet, path)
+    x = np.random.default_rng(5).uniform(0, 1, (16, 28, 28, 1)).astype("float32")
+    result = verify_onnx(lenet, path, inputs=[x], provider="cpu")
+    assert result.passed and result.batch_sizes == [16]
+
+
+def test_corrupted_weight_fails_verification(lenet, tmp_path):
+    path = tmp_path / "lenet.onnx"
+    export_onnx(lenet, path)
+    proto = onnx.load(str(path))
+    conv_weight = next(n for n in proto.graph.node if n.op_type == "Conv").input[1]
+    init = next(i for i in proto.graph.initializer if i.name == conv_weight)
+    array = onnx.numpy_helper.to_array(init).copy()
+    array.flat[0] += 0.5  # one weight of the first conv
+    init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+    onnx.save(proto, str(path))
+    result = verify_onnx(lenet, path, provider="cpu")
+    assert not result.passed
+    assert result.comparison.max_abs_err > 1e-4
+
+
+def test_auto_provider_reports_what_ran(lenet, tmp_path):
+    path = tmp_path / "l.onnx"
+    export_onnx(lenet, path)
+    result = verify_onnx(lenet, path, provider="auto")
+    assert result.passed
+    if result.provider == "CPUExecutionProvider":
+        assert result.fallback_reason  # never a silent fallback
+    else:
+        assert result.provider == "CUDAExecutionProvider" and result.fallback_reason is None
+
+
+@pytest.mark.parametrize("opset", [12, 19])
+def test_opset_out_of_range(lenet, tmp_path, opset):
+    with pytest.raises(ExportError, match="opset"):
+        export_onnx(lenet, tmp_path / "x.onnx", opset=opset)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.slow
+def test_mobilenetv2_randomized_bn(tmp_path):
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10,
+                                           classifier_activation=None)
+    randomize_batchnorms(model, seed=2)
+    path = tmp_path / "mnv2.onnx"
+    report = export_onnx(model, path)
+    assert report.bn_folded == 52 and "BatchNormalization" not in report.op_counts
+    assert _affine_after_conv(_graph(path)) == []
+    result = verify_onnx(model, path, provider="cpu", samples=1)
+    assert result.passed, result.comparison
