@@ -14,6 +14,7 @@ with captured_native_stderr(running_as_cli()):
     from keras_bn_ext.batch_normalization import BatchNormalization
     from keras_bn_ext.compare import ComparisonReport, compare_models
     from keras_bn_ext.fold import FoldReport, fold_batchnorms
+    from keras_bn_ext.lenet import lenet_bn
     from keras_bn_ext.onnx_export import ExportReport, export_onnx
     from keras_bn_ext.onnx_verify import VerificationReport, verify_onnx
 
@@ -28,6 +29,7 @@ __all__ = [
     "compare_models",
     "export_onnx",
     "fold_batchnorms",
+    "lenet_bn",
     "verify_onnx",
     "__version__",
 ]

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -27,6 +26,7 @@ from keras_bn_ext.compare import (
     random_inputs,
 )
 from keras_bn_ext.errors import InputDataError, KerasBnExtError
+from keras_bn_ext.latency import interleaved_timings, keras_forward
 
 __all__ = ["verify_onnx", "VerificationReport", "GPUUnavailableError", "PROVIDERS"]
 
@@ -139,16 +139,8 @@ def run_onnxruntime(
 
 
 def _keras_latency_ms(model: keras.Model, batch: list[np.ndarray], repeats: int) -> float:
-    import tensorflow as tf
-
-    function = tf.function(lambda *a: model(list(a) if len(a) > 1 else a[0], training=False))
-    function(*batch)  # trace and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        keras.tree.map_structure(lambda t: t.numpy(), function(*batch))
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    forward = keras_forward(model)
+    return interleaved_timings({"keras": lambda: forward(batch)}, repeats=repeats)["keras"].median_ms
 
 
 def load_inputs_npz(model: keras.Model, path: str | os.PathLike) -> list[np.ndarray]:

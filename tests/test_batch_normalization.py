@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from keras_bn_ext import BatchNormalization
+from keras_bn_ext.lenet import lenet_bn
 from keras_bn_ext.reference import batch_norm
 from tests.helpers import assert_close, run_layer_test
 
@@ -115,29 +116,9 @@ def test_matches_builtin_layer(name):
 
 
 def lenet(bn_factory, seed=0):
-    """The seed notebook's LeNet-BN."""
+    """The seed notebook's LeNet-BN, built after seeding."""
     keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            keras.layers.Conv2D(6, 5),
-            bn_factory(),
-            keras.layers.Activation("sigmoid"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Conv2D(16, 5),
-            bn_factory(),
-            keras.layers.Activation("sigmoid"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Flatten(),
-            keras.layers.Dense(120),
-            bn_factory(),
-            keras.layers.Activation("sigmoid"),
-            keras.layers.Dense(84),
-            bn_factory(),
-            keras.layers.Activation("sigmoid"),
-            keras.layers.Dense(10, activation="sigmoid"),
-        ]
-    )
+    return lenet_bn(bn_factory, input_name="input_layer")
 
 
 def test_lenet_training_losses_match_builtin():

@@ -42,16 +42,15 @@ def _rel(a, b):
 def prepare(directory: str) -> None:
     import keras
 
-    from keras_bn_ext import BatchNormalization, export_onnx, fold_batchnorms
+    from keras_bn_ext import export_onnx, fold_batchnorms, lenet_bn
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tests.helpers import randomize_batchnorms
-    from tests.test_batch_normalization import lenet
 
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(0)
     builds = {
-        "lenet": (lambda: lenet(BatchNormalization), (16, 28, 28, 1)),
+        "lenet": (lenet_bn, (16, 28, 28, 1)),
         "mobilenetv2": (
             lambda: keras.applications.MobileNetV2(
                 weights=None, input_shape=(64, 64, 3), classes=10, classifier_activation=None
