@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
+from contextlib import contextmanager
 from typing import Callable
 
 from keras_bn_ext._native_log import captured_native_stderr
@@ -70,6 +72,21 @@ def run(prog: str, work: Callable[[], int], *, debug: bool) -> int:
             error += " (run with --debug for the traceback)"
     print(f"{prog}: error: {error}", file=sys.stderr)
     return EXIT_USAGE
+
+
+class Phases:
+    """Wall time of each named phase of a run, for the JSON report's `timings_s`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 4)
 
 
 def fmt(value: float) -> str:

@@ -11,6 +11,7 @@ from keras_bn_ext.cli._common import (
     EXIT_CODES_HELP,
     EXIT_OK,
     EXIT_VERIFY_FAILED,
+    Phases,
     add_common_arguments,
     fmt,
     positive_int,
@@ -59,10 +60,12 @@ def _work(args) -> int:
     from keras_bn_ext.onnx_export import export_onnx
     from keras_bn_ext.onnx_verify import load_inputs_npz, verify_onnx
 
+    phase = Phases()
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     check_output_path(output, inputs=[args.model] + ([args.inputs] if args.inputs else []), force=args.force)
     import_custom_modules(args.custom_module)
-    model = load_model(args.model, safe_mode=not args.unsafe)
+    with phase("load"):
+        model = load_model(args.model, safe_mode=not args.unsafe)
     inputs = load_inputs_npz(model, args.inputs) if args.inputs else None
     if inputs is not None and args.batch_size and inputs[0].shape[0] != args.batch_size:
         from keras_bn_ext.errors import InputDataError
@@ -73,19 +76,21 @@ def _work(args) -> int:
     # Export and verify a temporary file; it becomes OUTPUT only when no error stops the
     # run (a failed verification still renames it, for inspection, and exits 1).
     with atomic_output(output) as tmp:
-        export = export_onnx(model, tmp, fold=not args.no_fold, opset=args.opset, batch_size=args.batch_size)
-        verification = verify_onnx(
-            model,
-            tmp,
-            inputs=inputs,
-            samples=args.samples,
-            batch_sizes=(args.batch_size,) if args.batch_size else (1, 8),
-            provider=args.provider,
-            require_gpu=args.require_gpu,
-            atol=args.atol,
-            rtol=args.rtol,
-            benchmark=args.benchmark,
-        )
+        with phase("export"):  # fold, convert, onnx.checker, write
+            export = export_onnx(model, tmp, fold=not args.no_fold, opset=args.opset, batch_size=args.batch_size)
+        with phase("verify"):
+            verification = verify_onnx(
+                model,
+                tmp,
+                inputs=inputs,
+                samples=args.samples,
+                batch_sizes=(args.batch_size,) if args.batch_size else (1, 8),
+                provider=args.provider,
+                require_gpu=args.require_gpu,
+                atol=args.atol,
+                rtol=args.rtol,
+                benchmark=args.benchmark,
+            )
     result = {
         "input": str(args.model),
         "output": str(output),
@@ -104,6 +109,7 @@ def _work(args) -> int:
         "atol": args.atol,
         "rtol": args.rtol,
         "latency_ms": verification.latency_ms,
+        "timings_s": phase.seconds,
         "passed": verification.passed,
     }
     if args.json:

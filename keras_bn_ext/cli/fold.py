@@ -11,6 +11,7 @@ from keras_bn_ext.cli._common import (
     EXIT_CODES_HELP,
     EXIT_OK,
     EXIT_VERIFY_FAILED,
+    Phases,
     add_common_arguments,
     fmt,
     run,
@@ -53,15 +54,20 @@ def _work(args) -> int:
         save_model_atomic,
     )
 
+    phase = Phases()
     output = Path(args.output) if args.output else default_output(args.model)
     check_output_path(output, inputs=[args.model], force=args.force)
     import_custom_modules(args.custom_module)
-    model = load_model(args.model, safe_mode=not args.unsafe)
-    folded, report = fold_batchnorms(model)
-    comparison = compare_models(model, folded, samples=args.samples, atol=args.atol, rtol=args.rtol)
+    with phase("load"):
+        model = load_model(args.model, safe_mode=not args.unsafe)
+    with phase("fold"):
+        folded, report = fold_batchnorms(model)
+    with phase("verify"):
+        comparison = compare_models(model, folded, samples=args.samples, atol=args.atol, rtol=args.rtol)
     written = report.bn_folded > 0 and comparison.passed
     if written:
-        save_model_atomic(folded, output)
+        with phase("save"):
+            save_model_atomic(folded, output)
     result = {
         "input": str(args.model),
         "output": str(output) if written else None,
@@ -73,6 +79,7 @@ def _work(args) -> int:
         "samples": args.samples,
         "passed": comparison.passed,
         "verification": comparison.to_dict(),
+        "timings_s": phase.seconds,
     }
     if args.json:
         print(json.dumps(result, indent=2))

@@ -1,0 +1,365 @@
+"""Benchmarks, measured side by side in one run (A B A B ..., warm-up first; medians and
+min-max reported). Writes BENCHMARKS.md and bench.json.
+
+  python tools/bench.py            # the full run (ResNet50 and MobileNetV2 at 224x224)
+  python tools/bench.py --quick    # a reduced set, under 3 minutes
+
+Sections:
+1. Training step time of LeNet-BN (batch 64): keras_bn_ext BN vs keras.layers BN, on
+   TensorFlow and (in a child process) on JAX when it is installed.
+2. Keras inference latency (tf.function, batch 1 and 8) of the original model, the
+   folded model and a no-BN twin (the architecture rebuilt from its config without BN,
+   holding the folded weights: the physical limit of folding).
+3. onnxruntime CPU latency of the exported folded model vs Keras on the folded model.
+4. Wall time and peak memory of bn-fold and bn-export-onnx, and of plain tf2onnx
+   (from_function), as separate processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_bn_ext  # noqa: E402
+from keras_bn_ext import BatchNormalization, export_onnx, fold_batchnorms, lenet_bn  # noqa: E402
+from keras_bn_ext._folding import is_batchnorm  # noqa: E402
+from keras_bn_ext.latency import interleaved_timings, keras_forward  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = {
+    "train_custom_over_builtin": 1.10,
+    "folded_over_twin": 1.03,
+    "ort_over_keras_folded": 1.0,
+    "bn_fold_seconds": 5.0,
+    "export_over_tf2onnx": 1.1,
+}
+
+
+def randomize_bn(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if is_batchnorm(layer):
+            c = layer.moving_mean.shape[0]
+            values = ([rng.uniform(0.5, 1.5, c)] if layer.scale else []) + (
+                [rng.normal(0, 0.2, c)] if layer.center else []) + [rng.normal(0, 0.2, c), rng.uniform(0.5, 1.5, c)]
+            layer.set_weights([v.astype("float32") for v in values])
+
+
+# -- 1. training step -----------------------------------------------------------------
+
+def bench_train(repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (64, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, 64)
+    steps = {}
+    for label, factory in (("keras_bn_ext", BatchNormalization),
+                           ("keras.layers", lambda: keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5))):
+        keras.utils.set_random_seed(0)
+        model = lenet_bn(factory)
+        model.compile(keras.optimizers.RMSprop(), "sparse_categorical_crossentropy")
+        steps[label] = (lambda m=model: m.train_on_batch(x, y))
+    t = interleaved_timings(steps, repeats=repeats, warmup=5)
+    return {
+        "backend": keras.backend.backend(),
+        "timings": {k: v.to_dict() for k, v in t.items()},
+        "ratio": t["keras_bn_ext"].median_ms / t["keras.layers"].median_ms,
+    }
+
+
+def bench_train_jax(repeats: int) -> dict | None:
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is None:
+        return None
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "jax.json"
+        subprocess.run([sys.executable, __file__, "--only-train", str(out), "--repeats", str(repeats)],
+                       env=env, check=True, capture_output=True)
+        return json.loads(out.read_text())
+
+
+# -- 2./3. inference ------------------------------------------------------------------
+
+def no_bn_twin(model: keras.Model, folded: keras.Model) -> keras.Model:
+    """The same architecture without BN, built from the original config by editing it
+    (an independent path from fold_batchnorms' graph rebuild), with folded weights."""
+    config = copy.deepcopy(model.get_config())
+    bn_names = {l["config"]["name"] for l in config["layers"] if l["class_name"] == "BatchNormalization"}
+    if isinstance(model, keras.Sequential):
+        config["layers"] = [l for l in config["layers"] if l["config"]["name"] not in bn_names]
+        producers = {}
+    else:
+        producers = {}
+        for layer in config["layers"]:
+            if layer["config"]["name"] in bn_names:
+                arg = layer["inbound_nodes"][0]["args"][0]
+                producers[layer["config"]["name"]] = arg["config"]["keras_history"][0]
+
+        def rewire(obj):
+            if isinstance(obj, dict):
+                history = obj.get("config", {}).get("keras_history") if obj.get("class_name") == "__keras_tensor__" else None
+                if history and history[0] in producers:
+                    history[0] = producers[history[0]]
+                for v in obj.values():
+                    rewire(v)
+            elif isinstance(obj, (list, tuple)):
+                for v in obj:
+                    rewire(v)
+
+        config["layers"] = [l for l in config["layers"] if l["config"]["name"] not in bn_names]
+        rewire(config["layers"])
+        outputs = config["output_layers"]
+        for out in outputs if isinstance(outputs[0], list) else [outputs]:
+            if out[0] in producers:
+                out[0] = producers[out[0]]
+    for layer in config["layers"]:
+        if "use_bias" in layer["config"]:
+            layer["config"]["use_bias"] = True
+    twin = type(model).from_config(config)
+    for layer in twin.layers:
+        if layer.weights:
+            layer.set_weights(folded.get_layer(layer.name).get_weights())
+    return twin
+
+
+def _models(quick: bool):
+    size = 96 if quick else 224
+    apps = [("LeNet-BN", lambda: lenet_bn(BatchNormalization), (28, 28, 1))]
+    apps.append(("MobileNetV2", lambda: keras.applications.MobileNetV2(
+        weights=None, input_shape=(size, size, 3), classifier_activation=None), (size, size, 3)))
+    if not quick:
+        apps.append(("ResNet50", lambda: keras.applications.ResNet50(
+            weights=None, input_shape=(size, size, 3), classifier_activation=None), (size, size, 3)))
+    return apps
+
+
+def bench_inference(quick: bool, repeats: int, threads: int) -> list[dict]:
+    import onnxruntime as ort
+
+    rows = []
+    for name, build, shape in _models(quick):
+        model = build()
+        randomize_bn(model)
+        folded, report = fold_batchnorms(model)
+        twin = no_bn_twin(model, folded)
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = Path(tmp) / "m.onnx"
+            export_onnx(model, onnx_path)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            in_name = session.get_inputs()[0].name
+            fwd = {"original": keras_forward(model), "folded": keras_forward(folded), "twin": keras_forward(twin)}
+            for bs in (1, 8):
+                x = np.random.default_rng(bs).standard_normal((bs, *shape)).astype("float32")
+                err_twin = float(np.max(np.abs(fwd["twin"]([x]) - fwd["folded"]([x]))))
+                candidates = {k: (lambda f=f: f([x])) for k, f in fwd.items()}
+                candidates["onnxruntime"] = lambda: session.run(None, {in_name: x})
+                t = interleaved_timings(candidates, repeats=repeats, warmup=3)
+                rows.append({
+                    "model": name, "input": list(shape), "batch": bs, "bn_folded": report.bn_folded,
+                    "timings": {k: v.to_dict() for k, v in t.items()},
+                    "speedup_original_over_folded": t["original"].median_ms / t["folded"].median_ms,
+                    "folded_over_twin": t["folded"].median_ms / t["twin"].median_ms,
+                    "ort_over_keras_folded": t["onnxruntime"].median_ms / t["folded"].median_ms,
+                    "twin_max_abs_diff": err_twin,
+                })
+                print(f"  {name} batch {bs}: " + ", ".join(f"{k} {v.median_ms:.2f} ms" for k, v in t.items()), flush=True)
+    return rows
+
+
+# -- 4. tools -------------------------------------------------------------------------
+
+PLAIN_TF2ONNX = """
+import sys, time, os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras, tensorflow as tf, tf2onnx
+m = keras.saving.load_model(sys.argv[1])
+spec = [tf.TensorSpec((None,) + tuple(m.inputs[0].shape[1:]), tf.float32, name="x")]
+f = tf.function(lambda x: m(x, training=False), input_signature=spec)
+tf2onnx.convert.from_function(f, input_signature=spec, opset=17, output_path=sys.argv[2])
+"""
+
+
+def _timed(cmd: list[str]) -> dict:
+    """Run a command in a fresh process: wall seconds and peak RSS (MiB) of that child."""
+    wrapper = (
+        "import resource, subprocess, sys, time, json\n"
+        "t = time.perf_counter(); p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "print(json.dumps({'seconds': time.perf_counter() - t, 'rc': p.returncode, 'stdout': p.stdout,"
+        " 'peak_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    if result["rc"] not in (0,):
+        raise RuntimeError(f"{cmd[:3]} exited {result['rc']}")
+    return result
+
+
+def bench_tools(quick: bool) -> dict:
+    bin_dir = Path(sys.executable).parent
+    name = "MobileNetV2" if quick else "ResNet50"
+    size = 96 if quick else 224
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / f"{name}.keras"
+        app = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classifier_activation=None)
+        randomize_bn(app)
+        app.save(src)
+        fold = _timed([str(bin_dir / "bn-fold"), str(src), "--json", "--force"])
+        export = _timed([str(bin_dir / "bn-export-onnx"), str(src), "--json", "--force", "--provider", "cpu"])
+        plain = _timed([sys.executable, "-c", PLAIN_TF2ONNX, str(src), str(Path(tmp) / "plain.onnx")])
+    fold_json, export_json = json.loads(fold["stdout"]), json.loads(export["stdout"])
+    verify_s = export_json["timings_s"]["verify"]
+    return {
+        "model": f"{name} {size}x{size}",
+        "bn_fold": {"seconds": fold["seconds"], "peak_mib": fold["peak_mib"], "timings_s": fold_json["timings_s"]},
+        "bn_export_onnx": {"seconds": export["seconds"], "peak_mib": export["peak_mib"],
+                           "timings_s": export_json["timings_s"]},
+        "plain_tf2onnx": {"seconds": plain["seconds"], "peak_mib": plain["peak_mib"]},
+        "export_without_verify_over_tf2onnx": (export["seconds"] - verify_s) / plain["seconds"],
+    }
+
+
+# -- report ---------------------------------------------------------------------------
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    m = result["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {result['date']} by `python tools/bench.py{' --quick' if result['quick'] else ''}` on "
+        f"{m['cpu']} ({m['cores']} cores), {m['threads_note']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ". "
+        "Candidates run interleaved (A B A B …) after a warm-up; medians with min–max in ms. "
+        "These machines are shared and noisy: read ratios, not absolute numbers.",
+        "",
+        "## 1. Training step, LeNet-BN, batch 64",
+        "",
+        "| backend | keras_bn_ext BN | keras.layers BN | ratio (target ≤ 1.10) |",
+        "|---|---|---|---|",
+    ]
+    for t in [result["train"]] + ([result["train_jax"]] if result.get("train_jax") else []):
+        a, b = t["timings"]["keras_bn_ext"], t["timings"]["keras.layers"]
+        lines.append(f"| {t['backend']} | {a['median_ms']:.2f} ({a['min_ms']:.2f}–{a['max_ms']:.2f}) | "
+                     f"{b['median_ms']:.2f} ({b['min_ms']:.2f}–{b['max_ms']:.2f}) | {t['ratio']:.3f} "
+                     f"({_mark(t['ratio'] <= TARGETS['train_custom_over_builtin'])}) |")
+    lines += [
+        "",
+        "## 2–3. Inference latency (Keras `tf.function`; onnxruntime CPU on the folded export)",
+        "",
+        "| model | batch | original | folded | no-BN twin | onnxruntime | original/folded | folded/twin (≤ 1.03) | ORT/Keras folded (≤ 1) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["inference"]:
+        t = r["timings"]
+
+        def cell(k, t=t):
+            return f"{t[k]['median_ms']:.2f} ({t[k]['min_ms']:.2f}–{t[k]['max_ms']:.2f})"
+
+        lines.append(
+            f"| {r['model']} {'×'.join(map(str, r['input']))} | {r['batch']} | {cell('original')} | {cell('folded')} | "
+            f"{cell('twin')} | {cell('onnxruntime')} | {r['speedup_original_over_folded']:.2f}× | "
+            f"{r['folded_over_twin']:.3f} ({_mark(r['folded_over_twin'] <= TARGETS['folded_over_twin'])}) | "
+            f"{r['ort_over_keras_folded']:.2f} ({_mark(r['ort_over_keras_folded'] <= TARGETS['ort_over_keras_folded'])}) |"
+        )
+    tools = result["tools"]
+    f, e, p = tools["bn_fold"], tools["bn_export_onnx"], tools["plain_tf2onnx"]
+    lines += [
+        "",
+        f"## 4. Tools on {tools['model']} (separate processes, wall time incl. Python and TensorFlow start)",
+        "",
+        "| command | wall s | peak MiB | phases (s) |",
+        "|---|---|---|---|",
+        f"| `bn-fold` (target ≤ 5 s: {_mark(f['seconds'] <= TARGETS['bn_fold_seconds'])}) | {f['seconds']:.1f} | "
+        f"{f['peak_mib']:.0f} | " + ", ".join(f"{k} {v:.2f}" for k, v in f["timings_s"].items()) + " |",
+        f"| `bn-export-onnx --provider cpu` | {e['seconds']:.1f} | {e['peak_mib']:.0f} | "
+        + ", ".join(f"{k} {v:.2f}" for k, v in e["timings_s"].items()) + " |",
+        f"| plain tf2onnx `from_function` | {p['seconds']:.1f} | {p['peak_mib']:.0f} | |",
+        "",
+        f"bn-export-onnx without its verification / plain tf2onnx: "
+        f"{tools['export_without_verify_over_tf2onnx']:.2f} (target ≤ 1.1: "
+        f"{_mark(tools['export_without_verify_over_tf2onnx'] <= TARGETS['export_over_tf2onnx'])}); "
+        f"verification took {e['timings_s']['verify']:.1f} s on its own.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced set (LeNet, MobileNetV2 96x96), < 3 min")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (default 30, quick 10)")
+    parser.add_argument("--out", default=str(REPO), help="folder for BENCHMARKS.md and bench.json (default: repo root)")
+    parser.add_argument("--only-train", metavar="JSON", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (10 if args.quick else 30)
+    if args.only_train:
+        Path(args.only_train).write_text(json.dumps(bench_train(repeats)))
+        return 0
+    threads = os.cpu_count() or 1
+    started = time.perf_counter()
+    print("1. training step ...", flush=True)
+    train = bench_train(repeats)
+    train_jax = bench_train_jax(repeats)
+    print("2-3. inference ...", flush=True)
+    inference = bench_inference(args.quick, repeats, threads)
+    print("4. tools ...", flush=True)
+    tools = bench_tools(args.quick)
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "quick": args.quick,
+        "machine": {"cpu": _cpu_name(), "cores": threads,
+                    "threads_note": f"TensorFlow default threads, onnxruntime intra_op_num_threads={threads}"},
+        "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+                     "tf2onnx": tf2onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "keras_bn_ext": keras_bn_ext.__version__},
+        "targets": TARGETS,
+        "train": train,
+        "train_jax": train_jax,
+        "inference": inference,
+        "tools": tools,
+        "seconds": time.perf_counter() - started,
+    }
+    out = Path(args.out)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    write_markdown(result, out / "BENCHMARKS.md")
+    print((out / "BENCHMARKS.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
