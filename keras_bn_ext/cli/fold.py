@@ -24,6 +24,10 @@ PROG = "bn-fold"
 # which errs by O(1).
 DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-5
+# Images per verification batch. A wrong fold shows on any input (it is a wrong weight,
+# not a rare value), so small batches prove as much as large ones; on ResNet50 at
+# 224x224 batches of 8 took 4.2 s of an 11.5 s run, batches of 2 take ~1 s.
+VERIFY_BATCH = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +67,9 @@ def _work(args) -> int:
     with phase("fold"):
         folded, report = fold_batchnorms(model)
     with phase("verify"):
-        comparison = compare_models(model, folded, samples=args.samples, atol=args.atol, rtol=args.rtol)
+        comparison = compare_models(
+            model, folded, samples=args.samples, batch_size=VERIFY_BATCH, atol=args.atol, rtol=args.rtol
+        )
     written = report.bn_folded > 0 and comparison.passed
     if written:
         with phase("save"):
