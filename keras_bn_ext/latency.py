@@ -53,13 +53,18 @@ def keras_forward(model: keras.Model) -> Callable[[Sequence[np.ndarray]], object
 def interleaved_timings(
     candidates: Mapping[str, Callable[[], object]], *, repeats: int = 30, warmup: int = 3
 ) -> dict[str, Timing]:
-    """Time each zero-argument callable `repeats` times, interleaved, after `warmup` rounds."""
+    """Time each zero-argument callable `repeats` times, interleaved (the first of each
+    round rotates), after `warmup` rounds."""
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
+    order = list(candidates.items())
+    for i in range(repeats):
+        # Rotate who goes first each round: a fixed order would always run the same
+        # candidate right after the same neighbour (caches, frequency, allocator state).
+        k = i % len(order)
+        for name, fn in order[k:] + order[:k]:
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)

@@ -302,3 +302,13 @@ def test_folded_model_loads_without_keras_bn_ext(tmp_path):
         print("keras_bn_ext" in sys.modules)
     """)
     assert out.strip() == "False"
+
+
+def test_added_bias_survives_a_reload(tmp_path):
+    model = _one(layers.Conv2D(4, 3, use_bias=False, name="c"), (6, 6, 3))
+    folded, _ = fold_batchnorms(model)
+    folded.save(tmp_path / "f.keras")
+    loaded = keras.saving.load_model(tmp_path / "f.keras")
+    assert loaded.get_layer("c").use_bias
+    cmp = compare_models(model, loaded, samples=1, atol=0.0, rtol=RTOL)
+    assert cmp.passed, cmp

@@ -37,10 +37,11 @@ import numpy as np  # noqa: E402
 
 import keras_bn_ext  # noqa: E402
 from keras_bn_ext import BatchNormalization, export_onnx, fold_batchnorms, lenet_bn  # noqa: E402
-from keras_bn_ext._folding import is_batchnorm  # noqa: E402
 from keras_bn_ext.latency import interleaved_timings, keras_forward  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.helpers import randomize_batchnorms  # noqa: E402  the tests' BN randomizer
 TARGETS = {
     "train_custom_over_builtin": 1.10,
     "folded_over_twin": 1.03,
@@ -48,16 +49,6 @@ TARGETS = {
     "bn_fold_seconds": 5.0,
     "export_over_tf2onnx": 1.1,
 }
-
-
-def randomize_bn(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if is_batchnorm(layer):
-            c = layer.moving_mean.shape[0]
-            values = ([rng.uniform(0.5, 1.5, c)] if layer.scale else []) + (
-                [rng.normal(0, 0.2, c)] if layer.center else []) + [rng.normal(0, 0.2, c), rng.uniform(0.5, 1.5, c)]
-            layer.set_weights([v.astype("float32") for v in values])
 
 
 # -- 1. training step -----------------------------------------------------------------
@@ -155,7 +146,7 @@ def bench_inference(quick: bool, repeats: int, threads: int) -> list[dict]:
     rows = []
     for name, build, shape in _models(quick):
         model = build()
-        randomize_bn(model)
+        randomize_batchnorms(model)
         folded, report = fold_batchnorms(model)
         twin = no_bn_twin(model, folded)
         with tempfile.TemporaryDirectory() as tmp:
@@ -219,7 +210,7 @@ def bench_tools(quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{name}.keras"
         app = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classifier_activation=None)
-        randomize_bn(app)
+        randomize_batchnorms(app)
         app.save(src)
         fold = _timed([str(bin_dir / "bn-fold"), str(src), "--json", "--force"])
         export = _timed([str(bin_dir / "bn-export-onnx"), str(src), "--json", "--force", "--provider", "cpu"])

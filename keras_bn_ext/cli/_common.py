@@ -33,12 +33,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, atol: float, rtol: float) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, atol: float, rtol: float, samples_help: str
+) -> None:
     parser.add_argument("model", help="the .keras model file (never modified)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--samples", type=positive_int, default=3,
-                        help="seeded random batches to verify on (default: 3)")
+                        help=samples_help)
     parser.add_argument("--atol", type=non_negative_float, default=atol,
                         help=f"absolute tolerance (default: {atol:g})")
     parser.add_argument("--rtol", type=non_negative_float, default=rtol,

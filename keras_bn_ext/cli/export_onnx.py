@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         "on onnxruntime (CUDA when it really runs, else the CPU; the report says which).",
         epilog=EXIT_CODES_HELP,
     )
-    add_common_arguments(parser, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL)
+    add_common_arguments(
+        parser,
+        atol=DEFAULT_ATOL,
+        rtol=DEFAULT_RTOL,
+        samples_help="seeded random batches of each batch size (1 and 8, or --batch-size) to "
+        "verify on (default: 3)",
+    )
     parser.add_argument("-o", "--output", help="output .onnx file (default: MODEL.onnx beside the input)")
     parser.add_argument("--no-fold", action="store_true", help="export without folding BatchNormalization")
     parser.add_argument("--opset", type=int, default=17, choices=OPSETS, metavar="N",

@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         "inference outputs.",
         epilog=EXIT_CODES_HELP,
     )
-    add_common_arguments(parser, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL)
+    add_common_arguments(
+        parser,
+        atol=DEFAULT_ATOL,
+        rtol=DEFAULT_RTOL,
+        samples_help=f"seeded random batches of {VERIFY_BATCH} to verify on (default: 3)",
+    )
     parser.add_argument("-o", "--output", help="output .keras file (default: MODEL.folded.keras beside the input)")
     return parser
 

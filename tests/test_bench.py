@@ -1,0 +1,31 @@
+"""Smoke test: tools/bench.py --quick keeps working. No timing is asserted here."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="bench exports with tf2onnx")
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_and_writes_reports(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "bench.py"), "--quick", "--repeats", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["quick"] and report["train"]["ratio"] > 0
+    assert {r["model"] for r in report["inference"]} == {"LeNet-BN", "MobileNetV2"}
+    for row in report["inference"]:
+        # The twin is the folded model rebuilt independently: same numbers.
+        assert row["twin_max_abs_diff"] < 1e-5
+    assert report["tools"]["bn_fold"]["timings_s"]["fold"] > 0
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "Training step" in text and "folded/twin" in text and "bn-fold" in text
