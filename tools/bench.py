@@ -23,7 +23,7 @@ import datetime
 import json
 import os
 import platform
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -203,28 +203,43 @@ def _timed(cmd: list[str]) -> dict:
     return result
 
 
-def bench_tools(quick: bool) -> dict:
+def bench_tools(quick: bool, rounds: int) -> dict:
+    """Each tool as a fresh process, `rounds` times interleaved (rotating who goes
+    first); the median wall time and the largest peak memory are reported."""
     bin_dir = Path(sys.executable).parent
     name = "MobileNetV2" if quick else "ResNet50"
     size = 96 if quick else 224
+    runs: dict[str, list[dict]] = {"bn_fold": [], "bn_export_onnx": [], "plain_tf2onnx": []}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{name}.keras"
         app = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classifier_activation=None)
         randomize_batchnorms(app)
         app.save(src)
-        fold = _timed([str(bin_dir / "bn-fold"), str(src), "--json", "--force"])
-        export = _timed([str(bin_dir / "bn-export-onnx"), str(src), "--json", "--force", "--provider", "cpu"])
-        plain = _timed([sys.executable, "-c", PLAIN_TF2ONNX, str(src), str(Path(tmp) / "plain.onnx")])
-    fold_json, export_json = json.loads(fold["stdout"]), json.loads(export["stdout"])
-    verify_s = export_json["timings_s"]["verify"]
-    return {
-        "model": f"{name} {size}x{size}",
-        "bn_fold": {"seconds": fold["seconds"], "peak_mib": fold["peak_mib"], "timings_s": fold_json["timings_s"]},
-        "bn_export_onnx": {"seconds": export["seconds"], "peak_mib": export["peak_mib"],
-                           "timings_s": export_json["timings_s"]},
-        "plain_tf2onnx": {"seconds": plain["seconds"], "peak_mib": plain["peak_mib"]},
-        "export_without_verify_over_tf2onnx": (export["seconds"] - verify_s) / plain["seconds"],
-    }
+        commands = {
+            "bn_fold": [str(bin_dir / "bn-fold"), str(src), "--json", "--force"],
+            "bn_export_onnx": [str(bin_dir / "bn-export-onnx"), str(src), "--json", "--force", "--provider", "cpu"],
+            "plain_tf2onnx": [sys.executable, "-c", PLAIN_TF2ONNX, str(src), str(Path(tmp) / "plain.onnx")],
+        }
+        order = list(commands)
+        for i in range(rounds):
+            k = i % len(order)
+            for key in order[k:] + order[:k]:
+                runs[key].append(_timed(commands[key]))
+
+    def summary(key):
+        seconds = sorted(r["seconds"] for r in runs[key])
+        out = {"seconds": statistics.median(seconds), "min_s": seconds[0], "max_s": seconds[-1],
+               "rounds": len(seconds), "peak_mib": max(r["peak_mib"] for r in runs[key])}
+        if key != "plain_tf2onnx":
+            phases = [json.loads(r["stdout"])["timings_s"] for r in runs[key]]
+            out["timings_s"] = {p: statistics.median(ph[p] for ph in phases) for p in phases[0]}
+        return out
+
+    result = {"model": f"{name} {size}x{size}", **{key: summary(key) for key in runs}}
+    export, plain = result["bn_export_onnx"], result["plain_tf2onnx"]
+    result["export_without_verify_over_tf2onnx"] = (
+        export["seconds"] - export["timings_s"]["verify"]) / plain["seconds"]
+    return result
 
 
 # -- report ---------------------------------------------------------------------------
@@ -287,15 +302,19 @@ def write_markdown(result: dict, path: Path) -> None:
     f, e, p = tools["bn_fold"], tools["bn_export_onnx"], tools["plain_tf2onnx"]
     lines += [
         "",
-        f"## 4. Tools on {tools['model']} (separate processes, wall time incl. Python and TensorFlow start)",
+        f"## 4. Tools on {tools['model']} (fresh processes, {tools['bn_fold']['rounds']} interleaved rounds; "
+        "median wall time with min–max, incl. Python and TensorFlow start; peak = largest RSS)",
         "",
         "| command | wall s | peak MiB | phases (s) |",
         "|---|---|---|---|",
-        f"| `bn-fold` (target ≤ 5 s: {_mark(f['seconds'] <= TARGETS['bn_fold_seconds'])}) | {f['seconds']:.1f} | "
+        f"| `bn-fold` (target ≤ 5 s: {_mark(f['seconds'] <= TARGETS['bn_fold_seconds'])}) | "
+        f"{f['seconds']:.1f} ({f['min_s']:.1f}–{f['max_s']:.1f}) | "
         f"{f['peak_mib']:.0f} | " + ", ".join(f"{k} {v:.2f}" for k, v in f["timings_s"].items()) + " |",
-        f"| `bn-export-onnx --provider cpu` | {e['seconds']:.1f} | {e['peak_mib']:.0f} | "
+        f"| `bn-export-onnx --provider cpu` | {e['seconds']:.1f} ({e['min_s']:.1f}–{e['max_s']:.1f}) | "
+        f"{e['peak_mib']:.0f} | "
         + ", ".join(f"{k} {v:.2f}" for k, v in e["timings_s"].items()) + " |",
-        f"| plain tf2onnx `from_function` | {p['seconds']:.1f} | {p['peak_mib']:.0f} | |",
+        f"| plain tf2onnx `from_function` | {p['seconds']:.1f} ({p['min_s']:.1f}–{p['max_s']:.1f}) | "
+        f"{p['peak_mib']:.0f} | |",
         "",
         f"bn-export-onnx without its verification / plain tf2onnx: "
         f"{tools['export_without_verify_over_tf2onnx']:.2f} (target ≤ 1.1: "
@@ -325,7 +344,7 @@ def main(argv=None) -> int:
     print("2-3. inference ...", flush=True)
     inference = bench_inference(args.quick, repeats, threads)
     print("4. tools ...", flush=True)
-    tools = bench_tools(args.quick)
+    tools = bench_tools(args.quick, rounds=1 if args.quick else 3)
     import onnxruntime
     import tensorflow as tf
     import tf2onnx
