@@ -17,6 +17,7 @@ import keras
 from keras_bn_ext.errors import ModelLoadError, OutputPathError
 
 __all__ = [
+    "check_model_file",
     "load_model",
     "import_custom_modules",
     "check_output_path",
@@ -41,6 +42,11 @@ def import_custom_modules(modules: Sequence[str]) -> None:
             raise ModelLoadError(
                 f"cannot import custom module '{name}': {type(exc).__name__}: {exc}"
             ) from exc
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    """Raise ModelLoadError unless `path` looks like a readable .keras archive."""
+    _check_archive(Path(path))
 
 
 def _check_archive(path: Path) -> None:
@@ -107,11 +113,12 @@ def check_output_path(
     """Validate an output path before any work: never an input, never an existing file
     without `force`, and its folder must exist."""
     out = Path(output)
-    for item in inputs:
-        if Path(item).exists() and out.exists() and out.resolve() == Path(item).resolve():
-            raise OutputPathError(f"output {out} is the input file; choose another path")
-        if out.resolve() == Path(item).resolve():
-            raise OutputPathError(f"output {out} is the input file; choose another path")
+    for item in map(Path, inputs):
+        same = out.resolve() == item.resolve() or (
+            out.exists() and item.exists() and os.path.samefile(out, item)  # links too
+        )
+        if same:
+            raise OutputPathError(f"output {out} is the input file {item}; choose another path")
     parent = out.resolve().parent
     if not parent.is_dir():
         raise OutputPathError(f"output folder {out.parent} does not exist")

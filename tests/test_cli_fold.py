@@ -9,7 +9,6 @@ import sys
 import zipfile
 
 import keras
-import numpy as np
 import pytest
 from keras import layers
 
@@ -211,3 +210,18 @@ def test_console_script_prints_one_clean_line(tmp_path):
     help_text = subprocess.run([exe, "--help"], capture_output=True, text=True).stdout
     for flag in ("--force", "--json", "--samples", "--atol", "--rtol", "--custom-module", "--unsafe", "-o"):
         assert flag in help_text
+
+
+def test_output_that_links_to_the_input(lenet_path, tmp_path, capsys):
+    link = tmp_path / "link.keras"
+    link.symlink_to(lenet_path)
+    before = _digest(lenet_path)
+    code, _, err = _run([lenet_path, "-o", str(link), "--force"], capsys)
+    assert code == 2 and "is the input" in err
+    assert _digest(lenet_path) == before
+
+
+def test_missing_input_is_reported_before_output_checks(tmp_path, capsys):
+    (tmp_path / "gone.folded.keras").write_text("x")
+    code, _, err = _run([str(tmp_path / "gone.keras")], capsys)
+    assert code == 2 and "no such file" in err

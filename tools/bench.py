@@ -156,7 +156,10 @@ def bench_inference(quick: bool, repeats: int, threads: int) -> list[dict]:
             options.intra_op_num_threads = threads
             session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
             in_name = session.get_inputs()[0].name
-            fwd = {"original": keras_forward(model), "folded": keras_forward(folded), "twin": keras_forward(twin)}
+            # "twin_again" is the twin under a second compiled function: the A/A control
+            # that shows how far two identical candidates drift apart on this machine.
+            fwd = {"original": keras_forward(model), "folded": keras_forward(folded),
+                   "twin": keras_forward(twin), "twin_again": keras_forward(twin)}
             for bs in (1, 8):
                 x = np.random.default_rng(bs).standard_normal((bs, *shape)).astype("float32")
                 err_twin = float(np.max(np.abs(fwd["twin"]([x]) - fwd["folded"]([x]))))
@@ -168,6 +171,7 @@ def bench_inference(quick: bool, repeats: int, threads: int) -> list[dict]:
                     "timings": {k: v.to_dict() for k, v in t.items()},
                     "speedup_original_over_folded": t["original"].median_ms / t["folded"].median_ms,
                     "folded_over_twin": t["folded"].median_ms / t["twin"].median_ms,
+                    "aa_twin_again_over_twin": t["twin_again"].median_ms / t["twin"].median_ms,
                     "ort_over_keras_folded": t["onnxruntime"].median_ms / t["folded"].median_ms,
                     "twin_max_abs_diff": err_twin,
                 })
@@ -266,8 +270,10 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Measured {result['date']} by `python tools/bench.py{' --quick' if result['quick'] else ''}` on "
         f"{m['cpu']} ({m['cores']} cores), {m['threads_note']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ". "
-        "Candidates run interleaved (A B A B …) after a warm-up; medians with min–max in ms. "
-        "These machines are shared and noisy: read ratios, not absolute numbers.",
+        "Candidates run interleaved (A B A B …, the first of each round rotating) after a warm-up; "
+        "medians with min–max in ms. These machines are shared and noisy: read ratios, not "
+        "absolute numbers. The A/A column times the twin twice: where folded/twin is within its "
+        "distance from 1, the two are equal within what this machine can resolve.",
         "",
         "## 1. Training step, LeNet-BN, batch 64",
         "",
@@ -283,8 +289,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         "## 2–3. Inference latency (Keras `tf.function`; onnxruntime CPU on the folded export)",
         "",
-        "| model | batch | original | folded | no-BN twin | onnxruntime | original/folded | folded/twin (≤ 1.03) | ORT/Keras folded (≤ 1) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | original | folded | no-BN twin | onnxruntime | original/folded | folded/twin (≤ 1.03) | A/A twin/twin | ORT/Keras folded (≤ 1) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["inference"]:
         t = r["timings"]
@@ -296,6 +302,7 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| {r['model']} {'×'.join(map(str, r['input']))} | {r['batch']} | {cell('original')} | {cell('folded')} | "
             f"{cell('twin')} | {cell('onnxruntime')} | {r['speedup_original_over_folded']:.2f}× | "
             f"{r['folded_over_twin']:.3f} ({_mark(r['folded_over_twin'] <= TARGETS['folded_over_twin'])}) | "
+            f"{r['aa_twin_again_over_twin']:.3f} | "
             f"{r['ort_over_keras_folded']:.2f} ({_mark(r['ort_over_keras_folded'] <= TARGETS['ort_over_keras_folded'])}) |"
         )
     tools = result["tools"]

@@ -62,12 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _work(args) -> int:
-    from keras_bn_ext.model_io import atomic_output, check_output_path, import_custom_modules, load_model
+    from keras_bn_ext.model_io import (
+        atomic_output,
+        check_model_file,
+        check_output_path,
+        import_custom_modules,
+        load_model,
+    )
     from keras_bn_ext.onnx_export import export_onnx
     from keras_bn_ext.onnx_verify import load_inputs_npz, verify_onnx
 
     phase = Phases()
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
+    check_model_file(args.model)  # the input's own errors come first
     check_output_path(output, inputs=[args.model] + ([args.inputs] if args.inputs else []), force=args.force)
     import_custom_modules(args.custom_module)
     with phase("load"):

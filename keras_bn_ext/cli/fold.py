@@ -57,6 +57,7 @@ def _work(args) -> int:
     from keras_bn_ext.compare import compare_models
     from keras_bn_ext.fold import fold_batchnorms
     from keras_bn_ext.model_io import (
+        check_model_file,
         check_output_path,
         import_custom_modules,
         load_model,
@@ -65,6 +66,7 @@ def _work(args) -> int:
 
     phase = Phases()
     output = Path(args.output) if args.output else default_output(args.model)
+    check_model_file(args.model)  # the input's own errors come first
     check_output_path(output, inputs=[args.model], force=args.force)
     import_custom_modules(args.custom_module)
     with phase("load"):
