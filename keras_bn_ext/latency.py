@@ -1,11 +1,13 @@
 """Latency measurement: compiled Keras forward passes and interleaved timing.
 
 Timings belong in benchmarks, never in pass/fail tests. Candidates are measured
-interleaved (A B A B ...) after a warm-up, so a noisy neighbour slows them alike.
+interleaved (each round in a shuffled order) after a warm-up, so a noisy neighbour slows
+them alike.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -51,20 +53,21 @@ def keras_forward(model: keras.Model) -> Callable[[Sequence[np.ndarray]], object
 
 
 def interleaved_timings(
-    candidates: Mapping[str, Callable[[], object]], *, repeats: int = 30, warmup: int = 3
+    candidates: Mapping[str, Callable[[], object]], *, repeats: int = 30, warmup: int = 3, seed: int = 0
 ) -> dict[str, Timing]:
-    """Time each zero-argument callable `repeats` times, interleaved (the first of each
-    round rotates), after `warmup` rounds."""
+    """Time each zero-argument callable `repeats` times, interleaved in a shuffled order
+    each round, after `warmup` rounds."""
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     order = list(candidates.items())
-    for i in range(repeats):
-        # Rotate who goes first each round: a fixed order would always run the same
-        # candidate right after the same neighbour (caches, frequency, allocator state).
-        k = i % len(order)
-        for name, fn in order[k:] + order[:k]:
+    rng = random.Random(seed)
+    for _ in range(repeats):
+        # A new order each round (seeded): a fixed order would always run a candidate
+        # right after the same neighbour (caches, frequency, allocator state).
+        rng.shuffle(order)
+        for name, fn in order:
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)

@@ -1,5 +1,5 @@
-"""Benchmarks, measured side by side in one run (A B A B ..., warm-up first; medians and
-min-max reported). Writes BENCHMARKS.md and bench.json.
+"""Benchmarks, measured side by side in one run (interleaved, each round in a shuffled
+order, warm-up first; medians and min-max reported). Writes BENCHMARKS.md and bench.json.
 
   python tools/bench.py            # the full run (ResNet50 and MobileNetV2 at 224x224)
   python tools/bench.py --quick    # a reduced set, under 3 minutes
@@ -270,7 +270,7 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Measured {result['date']} by `python tools/bench.py{' --quick' if result['quick'] else ''}` on "
         f"{m['cpu']} ({m['cores']} cores), {m['threads_note']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ". "
-        "Candidates run interleaved (A B A B …, the first of each round rotating) after a warm-up; "
+        "Candidates run interleaved (every round in a new shuffled order) after a warm-up; "
         "medians with min–max in ms. These machines are shared and noisy: read ratios, not "
         "absolute numbers. The A/A column times the twin twice: where folded/twin is within its "
         "distance from 1, the two are equal within what this machine can resolve.",
@@ -335,11 +335,11 @@ def write_markdown(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced set (LeNet, MobileNetV2 96x96), < 3 min")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (default 30, quick 10)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (default 50, quick 10)")
     parser.add_argument("--out", default=str(REPO), help="folder for BENCHMARKS.md and bench.json (default: repo root)")
     parser.add_argument("--only-train", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    repeats = args.repeats or (10 if args.quick else 30)
+    repeats = args.repeats or (10 if args.quick else 50)
     if args.only_train:
         Path(args.only_train).write_text(json.dumps(bench_train(repeats)))
         return 0
