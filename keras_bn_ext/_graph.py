@@ -17,8 +17,11 @@ class BNDecision:
 
     bn: keras.layers.Layer
     path: str  # name, prefixed by the names of the models it is nested in
-    into: keras.layers.Layer | None = None  # the producer it folds into
+    into: keras.layers.Layer | None = None  # the layer it folds into
     reason: str | None = None  # why it is kept (None when folded)
+    direction: str = "backward"  # backward: producer -> BN; forward: BN -> consumer
+    through: tuple = ()  # forward only: Dropout/Flatten layers between BN and consumer
+    feature_shape: tuple = ()  # forward only: the BN output's shape without the batch
 
     @property
     def folded(self) -> bool:
@@ -68,11 +71,13 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "") -> lis
     nodes = _nodes(graph)
     calls: dict[int, int] = {}
     consumers: dict[int, int] = {}
+    consumer_nodes: dict[int, list] = {}
     for node in nodes:
         if node.operation is not None and not node.is_input:
             calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
         for tensor in node.input_tensors:
             consumers[id(tensor)] = consumers.get(id(tensor), 0) + 1
+            consumer_nodes.setdefault(id(tensor), []).append(node)
     output_ids = {id(t) for t in graph.outputs}
     dict_outputs = isinstance(graph._outputs_struct, dict)
 
@@ -95,8 +100,67 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "") -> lis
         )
         if decision.reason is None:
             decision.into = node.input_tensors[0]._keras_history.operation
+        elif not _bn_level(decision.reason):
+            target, through, forward_reason = _forward_target(op, node, calls, consumer_nodes, output_ids)
+            if forward_reason is None:
+                decision.into, decision.through, decision.direction = target, through, "forward"
+                decision.feature_shape = tuple(node.output_tensors[0].shape[1:])
+                decision.reason = None
+            else:
+                decision.reason += f"; no exact forward fold: {forward_reason}"
         decisions.append(decision)
     return decisions
+
+
+_BN_LEVEL_REASONS = ("excluded by the caller", "the BN layer is shared", "called with training=True",
+                     "the BN takes several input tensors")
+
+
+def _bn_level(reason: str) -> bool:
+    """Reasons that rule out folding in either direction."""
+    return reason.startswith(_BN_LEVEL_REASONS)
+
+
+def _forward_target(bn, node, calls, consumer_nodes, output_ids):
+    """The layer that BN's output feeds, through Dropout/Flatten, if folding the BN into
+    its input side is exact. Returns (target, through, None) or (None, (), reason)."""
+    tensor = node.output_tensors[0]
+    rank = len(tensor.shape)
+    through = []
+    while True:
+        if id(tensor) in output_ids:
+            return None, (), "its output is a model output"
+        users = consumer_nodes.get(id(tensor), [])
+        if len(users) != 1:
+            return None, (), f"its output feeds {len(users)} layers"
+        user = users[0].operation
+        uname = f"'{user.name}' ({type(user).__name__})"
+        if calls.get(id(user), 0) > 1:
+            return None, (), f"{uname} is shared"
+        if type(user) in (keras.layers.Dropout, keras.layers.Flatten):
+            through.append(user)
+            tensor = users[0].output_tensors[0]
+            continue
+        break
+    flattened = any(isinstance(t, keras.layers.Flatten) for t in through)
+    if flattened and any(d is None for d in node.output_tensors[0].shape[1:]):
+        return None, (), "its output has unknown dimensions before a Flatten"
+    if type(user) not in _folding.FORWARD_TARGETS:
+        return None, (), f"it feeds {uname}, not a dense/conv layer"
+    if getattr(user, "quantization_mode", None):
+        return None, (), f"{uname} is quantized"
+    if isinstance(user, keras.layers.Dense):
+        if not flattened and bn.axis % rank != rank - 1:
+            return None, (), f"BN axis {bn.axis} is not the last axis that {uname} contracts"
+        return user, tuple(through), None
+    if flattened:
+        return None, (), f"{uname} follows a Flatten"
+    if user.padding != "valid":
+        return None, (), f"{uname} pads its input (padding='{user.padding}'): border outputs would change"
+    channel = rank - 1 if user.data_format == "channels_last" else 1
+    if bn.axis % rank != channel:
+        return None, (), f"BN axis {bn.axis} is not the input channel axis ({channel}) of {uname}"
+    return user, tuple(through), None
 
 
 def _why_not(bn, node, calls, consumers, output_ids, dict_outputs, exclude) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import keras
+import numpy as np
 
 from keras_bn_ext import _folding
 from keras_bn_ext._graph import analyze
@@ -17,7 +18,7 @@ __all__ = ["fold_batchnorms", "FoldReport", "FoldedBN", "KeptBN"]
 class FoldedBN:
     bn: str
     into: str
-    direction: str  # "backward": layer -> BN folded into the layer's kernel and bias
+    direction: str  # "backward": layer -> BN, into its output side; "forward": BN -> layer, its input side
 
 
 @dataclass
@@ -51,6 +52,27 @@ class FoldReport:
         }
 
 
+def _input_layout(d, scale, shift):
+    """Per-channel scale/shift laid out as the forward target sees its input: per channel
+    for a conv or a Dense on the last axis; per feature after a Flatten, in the Flatten's
+    order (channels_first Flatten moves the channel axis last first, as Keras does)."""
+    flattens = [t for t in d.through if isinstance(t, keras.layers.Flatten)]
+    if not flattens:
+        return scale, shift
+    shape = tuple(d.feature_shape)
+    axis = d.bn.axis % (len(shape) + 1) - 1  # axis within one example
+    bshape = [1] * len(shape)
+    bshape[axis] = shape[axis]
+
+    def flatten(values):
+        x = np.broadcast_to(values.reshape(bshape), shape)
+        if flattens[0].data_format == "channels_first" and x.ndim > 1:
+            x = np.moveaxis(x, 0, -1)
+        return np.ascontiguousarray(x).reshape(-1)
+
+    return flatten(scale), flatten(shift)
+
+
 def fold_batchnorms(
     model: keras.Model, *, exclude: tuple[str, ...] | list[str] = ()
 ) -> tuple[keras.Model, FoldReport]:
@@ -62,6 +84,13 @@ def fold_batchnorms(
     this BN, is not a model output, and has its channel axis where the BN
     normalizes; the BN itself must be called once and not forced into training
     mode. BN layers from `keras.layers` and from `keras_bn_ext` both fold.
+
+    Where backward folding is impossible (a BN after an activation, an Add, an
+    input), the BN folds forward into the layer it feeds when that is exact: a
+    Dense (directly on its last axis, or through Dropout/Flatten, in the Flatten's
+    order), or a Conv1D/2D/3D, DepthwiseConv1D/2D or SeparableConv1D/2D with
+    padding="valid" (padding would give border outputs 0 where the BN gave its
+    shift), with the BN's output feeding only that chain.
 
     Args:
         model: A Functional or Sequential Keras model (models nested in it are
@@ -86,11 +115,16 @@ def fold_batchnorms(
             report.kept.append(KeptBN(bn=d.path, reason=d.reason))
             continue
         plan.drop.add(id(d.bn))
-        plan.new_weights[id(d.into)] = _folding.fold_backward(d.into, scale, shift)
+        current = plan.new_weights.get(id(d.into))  # a layer may take one BN on each side
+        if d.direction == "backward":
+            plan.new_weights[id(d.into)] = _folding.fold_backward(d.into, scale, shift, current)
+        else:
+            scale, shift = _input_layout(d, scale, shift)
+            plan.new_weights[id(d.into)] = _folding.fold_forward(d.into, scale, shift, current)
         if not d.into.use_bias:
             plan.force_bias.add(id(d.into))
         prefix = d.path[: len(d.path) - len(d.bn.name)]
-        report.folded.append(FoldedBN(bn=d.path, into=prefix + d.into.name, direction="backward"))
+        report.folded.append(FoldedBN(bn=d.path, into=prefix + d.into.name, direction=d.direction))
     folded = rebuild(model, plan)
     report.params_after = folded.count_params()
     return folded, report

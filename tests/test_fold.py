@@ -312,3 +312,81 @@ def test_added_bias_survives_a_reload(tmp_path):
     assert loaded.get_layer("c").use_bias
     cmp = compare_models(model, loaded, samples=1, atol=0.0, rtol=RTOL)
     assert cmp.passed, cmp
+
+
+# --- forward folding: BN -> layer, into the layer's input side -----------------------
+
+def _forward(shape, *middle_and_target, bn=None):
+    inputs = keras.Input(shape)
+    h = (bn or BatchNormalization())(inputs)  # a BN on the input: nothing to fold backward into
+    for layer in middle_and_target:
+        h = layer(h)
+    model = keras.Model(inputs, layers.Activation("tanh")(h))
+    randomize_batchnorms(model)
+    return model
+
+
+FORWARD = {
+    "dense": lambda: _forward((6,), layers.Dense(4)),
+    "dense_rank3_no_bias": lambda: _forward((3, 6), layers.Dense(4, use_bias=False)),
+    "dropout_flatten_dense": lambda: _forward((4, 4, 3), layers.Dropout(0.5), layers.Flatten(), layers.Dense(5)),
+    "flatten_dense_nchw": lambda: _forward((3, 4, 5), layers.Flatten(), layers.Dense(5), bn=BatchNormalization(axis=1)),
+    "flatten_cf_dense": lambda: _forward((3, 4, 5), layers.Flatten(data_format="channels_first"), layers.Dense(5),
+                                         bn=layers.BatchNormalization(axis=1)),
+    "conv2d_valid": lambda: _forward((7, 7, 3), layers.Conv2D(4, 3, strides=2, dilation_rate=1)),
+    "conv2d_groups": lambda: _forward((7, 7, 4), layers.Conv2D(6, 3, groups=2, use_bias=False)),
+    "conv1d_dilated": lambda: _forward((12, 3), layers.Conv1D(4, 3, dilation_rate=2)),
+    "conv3d": lambda: _forward((5, 5, 5, 2), layers.Conv3D(3, 2)),
+    "conv2d_channels_first": lambda: _forward((3, 9, 9), layers.Conv2D(5, 3, data_format="channels_first"),
+                                              bn=BatchNormalization(axis=1)),
+    "depthwise2d": lambda: _forward((7, 7, 3), layers.DepthwiseConv2D(3, depth_multiplier=2)),
+    "separable2d": lambda: _forward((7, 7, 3), layers.SeparableConv2D(4, 3, depth_multiplier=2)),
+    "separable1d": lambda: _forward((9, 3), layers.SeparableConv1D(4, 3, use_bias=False)),
+}
+
+
+@pytest.mark.parametrize("name", FORWARD)
+def test_forward_patterns(name):
+    model = FORWARD[name]()
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=1)
+    assert report.folded[0].direction == "forward"
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda: _forward((7, 7, 3), layers.Conv2D(4, 3, padding="same")), "pads its input"),
+    (lambda: _forward((7, 7, 3), layers.Flatten(), layers.Dense(2), bn=BatchNormalization(axis=1)), None),
+    (lambda: _forward((7, 3), layers.Dense(2), bn=BatchNormalization(axis=1)), "not the last axis"),
+    (lambda: _forward((7, 7, 3), layers.ReLU(), layers.Conv2D(4, 3)), "not a dense/conv layer"),
+    (lambda: _forward((7, 7, 3), layers.Conv2DTranspose(4, 3)), "not a dense/conv layer"),
+])
+def test_forward_keep_conditions(make, needle):
+    model = make()
+    folded, report = fold_batchnorms(model)
+    if needle is None:  # BN on a non-channel axis before a Flatten is still exact per feature
+        _check_folded(model, folded, report, expect_folded=1)
+        return
+    assert report.bn_folded == 0 and needle in report.kept[0].reason, report
+    assert "no exact forward fold" in report.kept[0].reason
+
+
+def test_forward_keeps_bn_whose_output_feeds_two_layers():
+    inputs = keras.Input((6,))
+    h = BatchNormalization()(inputs)
+    model = keras.Model(inputs, layers.Add()([layers.Dense(3)(h), layers.Dense(3)(h)]))
+    randomize_batchnorms(model)
+    _, report = fold_batchnorms(model)
+    assert report.bn_folded == 0 and "feeds 2 layers" in report.kept[0].reason
+
+
+def test_one_layer_takes_a_bn_on_each_side():
+    inputs = keras.Input((6,))
+    h = BatchNormalization(name="before")(inputs)
+    h = layers.Dense(5, name="d")(h)
+    h = BatchNormalization(name="after")(h)
+    model = keras.Model(inputs, layers.ReLU()(h))
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=2)
+    assert {(f.bn, f.into, f.direction) for f in report.folded} == {
+        ("before", "d", "forward"), ("after", "d", "backward")}
