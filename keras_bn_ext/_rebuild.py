@@ -72,8 +72,9 @@ class _Rebuilder:
             new = keras.Sequential([inputs[0]._keras_history.operation, *layers],
                                    name=model.name, trainable=model.trainable)
         else:
-            packed = tree_inputs = keras.tree.pack_sequence_as(graph._inputs_struct, inputs)
-            outputs = graph._run_through_graph(tree_inputs, operation_fn=self.copy_layer)
+            # The inputs in the original's structure (list, dict or single tensor).
+            packed = keras.tree.pack_sequence_as(graph._inputs_struct, inputs)
+            outputs = graph._run_through_graph(packed, operation_fn=self.copy_layer)
             new = keras.Model(packed, outputs, name=model.name, trainable=model.trainable)
         self._assign_weights()
         return new
