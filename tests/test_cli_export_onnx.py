@@ -140,3 +140,13 @@ def test_require_gpu_without_gpu(lenet_path, capsys, tmp_path):
     else:
         assert code == 2 and "--require-gpu" in err and err.count("\n") == 1
         assert _listing(tmp_path) == ["lenet.keras"]
+
+
+def test_fp16_uses_fp16_tolerances_and_says_so(lenet_path, capsys):
+    code, out, err = _run([lenet_path, "--fp16", "--json", "--provider", "cpu", "--samples", "1"], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["precision"].startswith("float16") and (r["atol"], r["rtol"]) == (1e-3, 1e-2)
+    code, out, _ = _run([lenet_path, "--fp16", "--json", "--provider", "cpu", "--samples", "1",
+                         "--force", "--rtol", "1e-6", "--atol", "0"], capsys)
+    assert code == 1 and json.loads(out)["rtol"] == 1e-6

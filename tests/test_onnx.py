@@ -162,3 +162,18 @@ def test_mobilenetv2_randomized_bn(tmp_path):
     assert _affine_after_conv(_graph(path)) == []
     result = verify_onnx(model, path, provider="cpu", samples=1)
     assert result.passed, result.comparison
+
+
+def test_fp16_export_keeps_float32_io_and_passes_fp16_tolerance(lenet, tmp_path):
+    path = tmp_path / "l16.onnx"
+    report = export_onnx(lenet, path, fp16=True)
+    assert report.fp16
+    proto = onnx.load(str(path))
+    f16 = onnx.TensorProto.FLOAT16
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert all(i.data_type == f16 for i in proto.graph.initializer if i.data_type in (f16, onnx.TensorProto.FLOAT))
+    # float16 rounding (unit roundoff 4.9e-4) in every layer: measured ~8e-5 relative here;
+    # the fp16 tolerance is 1e-2 relative, and float32's 1e-5 must fail.
+    assert verify_onnx(lenet, path, provider="cpu", atol=1e-3, rtol=1e-2).passed
+    assert not verify_onnx(lenet, path, provider="cpu", atol=0.0, rtol=1e-6).passed

@@ -34,18 +34,27 @@ def non_negative_float(text: str) -> float:
 
 
 def add_common_arguments(
-    parser: argparse.ArgumentParser, *, atol: float, rtol: float, samples_help: str
+    parser: argparse.ArgumentParser,
+    *,
+    atol: float | None,
+    rtol: float | None,
+    samples_help: str,
+    tolerance_help: str = "",
 ) -> None:
+    """The flags both tools share. atol/rtol None: the tool picks defaults after parsing
+    (described by tolerance_help)."""
     parser.add_argument("model", help="the .keras model file (never modified)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--samples", type=positive_int, default=3,
                         help=samples_help)
     parser.add_argument("--atol", type=non_negative_float, default=atol,
-                        help=f"absolute tolerance (default: {atol:g})")
+                        help="absolute tolerance" + (f" (default: {atol:g})" if atol is not None else ""))
     parser.add_argument("--rtol", type=non_negative_float, default=rtol,
-                        help=f"tolerance relative to max|reference| (default: {rtol:g}); an output "
-                             "passes when max|a-b| <= atol + rtol * max|reference|")
+                        help="tolerance relative to max|reference|"
+                             + (f" (default: {rtol:g})" if rtol is not None else "")
+                             + "; an output passes when max|a-b| <= atol + rtol * max|reference|"
+                             + tolerance_help)
     parser.add_argument("--custom-module", action="append", default=[], metavar="MOD",
                         help="import MOD (a module name or a .py file) first, to register "
                              "custom layers; repeatable")
