@@ -54,7 +54,9 @@ def load_mnist(path: str | None, *, download: bool = True):
         try:
             return keras.datasets.mnist.load_data(), "full MNIST (keras.datasets.mnist)"
         except Exception as exc:  # no network, or a blocked host
-            print(f"MNIST could not be downloaded ({type(exc).__name__}); "
+            # Keras says "URL fetch failure on URL: None -- [Errno -2] Name or service not known".
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(" -- ")[-1]
+            print(f"MNIST could not be downloaded ({reason[:120]}); "
                   f"using the shipped 10,000-digit sample {SHIPPED.relative_to(HERE.parent)}")
     with np.load(SHIPPED) as d:
         data = (d["x_train"], d["y_train"]), (d["x_test"], d["y_test"])
