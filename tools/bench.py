@@ -151,7 +151,7 @@ def bench_inference(quick: bool, repeats: int, threads: int) -> list[dict]:
         twin = no_bn_twin(model, folded)
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "m.onnx"
-            export_onnx(model, onnx_path)
+            export_onnx(folded, onnx_path, fold=False)  # already folded above
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])

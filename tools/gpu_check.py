@@ -64,7 +64,7 @@ def prepare(directory: str) -> None:
         folded, report = fold_batchnorms(model)
         model.save(os.path.join(directory, f"{name}.keras"))
         folded.save(os.path.join(directory, f"{name}.folded.keras"))
-        export_onnx(model, os.path.join(directory, f"{name}.onnx"))
+        export_onnx(folded, os.path.join(directory, f"{name}.onnx"), fold=False)  # folded above
         x = rng.standard_normal(shape).astype("float32")
         y = keras.ops.convert_to_numpy(model(x, training=False))
         np.savez(os.path.join(directory, f"{name}.data.npz"), x=x, y=y)

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{fold_check.max_abs_err:.3g}, max rel err {fold_check.max_rel_err:.3g}: "
           f"{'passed' if fold_check.passed else 'FAILED'}")
 
-    export = export_onnx(model, paths[".onnx"])
+    export = export_onnx(folded, paths[".onnx"], fold=False)  # folded above; verified vs the original
     onnx_check = verify_onnx(model, paths[".onnx"], inputs=real)
     print(f"\n== bn-export-onnx ({paths['.onnx']}, opset {export.opset}) ==")
     print(f"  ops: {export.op_counts}")
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "first_bn": first_bn,
         "fold": {**fold_report.to_dict(), "verification": fold_check.to_dict()},
-        "onnx": {**export.to_dict(), "verification": onnx_check.to_dict()},
+        "onnx": {**export.to_dict(), "exported_from": str(paths[".folded.keras"]),
+                 "verification": onnx_check.to_dict()},
         "latency_ms": lat,
         "artifacts": {k.lstrip("."): str(v) for k, v in paths.items()} | {"plot": str(out / "history.png")},
         "versions": {"keras": keras.__version__, "keras_bn_ext": keras_bn_ext.__version__,
