@@ -38,9 +38,7 @@ def graph_of(model: keras.Model):
                 "with keras.Input(...) first"
             )
         return functional
-    if isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth") and (
-        type(model).__name__ == "Functional" or _is_functional(model)
-    ):
+    if _is_functional(model):
         return model
     raise UnsupportedModelError(
         f"model '{model.name}' is a subclassed {type(model).__name__}: its call() is "

@@ -100,16 +100,18 @@ def random_inputs(model: keras.Model, *, batch_size: int, seed: int) -> list[np.
     return arrays
 
 
+def shape_fits(expected: tuple, actual: tuple) -> bool:
+    """Same rank, and every known dimension of `expected` equal in `actual`."""
+    return len(actual) == len(expected) and all(d is None or d == a for d, a in zip(expected, actual))
+
+
 def check_inputs(model: keras.Model, arrays: Sequence[np.ndarray]) -> None:
     """Raise InputDataError when arrays do not fit the model's inputs (count, rank, sizes)."""
     specs = input_specs(model)
     if len(arrays) != len(specs):
         raise InputDataError(f"model takes {len(specs)} inputs, got {len(arrays)} arrays")
     for (name, shape, _), array in zip(specs, arrays):
-        ok = len(array.shape) == len(shape) and all(
-            d is None or d == a for d, a in zip(shape, array.shape)
-        )
-        if not ok:
+        if not shape_fits(shape, tuple(array.shape)):
             raise InputDataError(
                 f"input '{name}' expects shape {shape}, got {tuple(array.shape)}"
             )

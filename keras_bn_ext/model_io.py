@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -96,7 +97,7 @@ def load_model(path: str | os.PathLike, *, safe_mode: bool = True) -> keras.Mode
                 f"{path} uses the custom layer '{name}', which is not registered; pass the "
                 "module that defines it with --custom-module MODULE"
             ) from exc
-        if "safe_mode" in message or "Lambda" in message and "unsafe" in message.lower():
+        if "safe_mode" in message:  # Keras's refusal of a Lambda (or other code) in safe mode
             raise ModelLoadError(
                 f"{path} holds a Lambda layer (Python code); loading it runs that code. "
                 "If you trust the file, pass --unsafe"

@@ -24,6 +24,7 @@ from keras_bn_ext.compare import (
     keras_outputs,
     output_names,
     random_inputs,
+    shape_fits,
 )
 from keras_bn_ext.errors import InputDataError, KerasBnExtError
 from keras_bn_ext.latency import interleaved_timings, keras_forward
@@ -155,8 +156,7 @@ def load_inputs_npz(model: keras.Model, path: str | os.PathLike) -> list[np.ndar
             if name not in data.files:
                 raise InputDataError(f"inputs file {path} has no array '{name}' (has: {', '.join(data.files)})")
             array = data[name]
-            fits = len(array.shape) == len(shape) and all(d is None or d == a for d, a in zip(shape, array.shape))
-            if not fits:
+            if not shape_fits(shape, tuple(array.shape)):
                 raise InputDataError(
                     f"input '{name}': the model expects shape {shape}, {path} holds {tuple(array.shape)}"
                 )

@@ -135,9 +135,10 @@ def test_lenet_training_losses_match_builtin():
         losses = [float(model.train_on_batch(x[i : i + 64], y[i : i + 64])) for i in range(0, len(x), 64)]
         histories.append(losses)
     ours, theirs = np.array(histories)
-    # Same maths, same order of operations: over 30 RMSprop steps the float32
-    # round-off of two different kernels drifts to ~1e-6; 1e-4 leaves margin.
-    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    # Same maths in the same order: over 30 RMSprop steps the losses were measured
+    # identical on TensorFlow and 4.8e-7 apart on JAX (losses ~2.4); 2e-6 absolute
+    # leaves room for other kernels and still catches any difference in the maths.
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6)
     assert ours[-1] < ours[0]
 
 
