@@ -4,32 +4,34 @@
 - `reference.batch_norm`: the numpy reference it is tested against.
 - `fold_batchnorms`: fold trained BN into conv/dense weights; `compare_models` proves it.
 - `export_onnx` / `verify_onnx`: ONNX through tf2onnx, checked on onnxruntime.
+- `testing`: make BN statistics non-trivial, count BNs, to check a pipeline.
+
+Every name is imported on first use (PEP 562), so `import keras_bn_ext` imports
+neither Keras nor TensorFlow, and `from keras_bn_ext import BatchNormalization`
+imports Keras but not tf2onnx, onnx or onnxruntime. The layer is registered with Keras
+as soon as Keras is imported, so saved models that use it load after
+`import keras_bn_ext`.
 """
 
-from keras_bn_ext._native_log import captured_native_stderr, running_as_cli
-
-# The console scripts promise one-line errors; TensorFlow's import prints C++ log
-# lines to fd 2. Only when running as bn-fold / bn-export-onnx are they kept out.
-with captured_native_stderr(running_as_cli()):
-    from keras_bn_ext.batch_normalization import BatchNormalization
-    from keras_bn_ext.compare import ComparisonReport, compare_models
-    from keras_bn_ext.fold import FoldReport, fold_batchnorms
-    from keras_bn_ext.lenet import lenet_bn
-    from keras_bn_ext.onnx_export import ExportReport, export_onnx
-    from keras_bn_ext.onnx_verify import VerificationReport, verify_onnx
+from keras_bn_ext._lazy import lazy_attributes
+from keras_bn_ext._registration import register_with_keras
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BatchNormalization",
-    "ComparisonReport",
-    "ExportReport",
-    "FoldReport",
-    "VerificationReport",
-    "compare_models",
-    "export_onnx",
-    "fold_batchnorms",
-    "lenet_bn",
-    "verify_onnx",
-    "__version__",
-]
+_EXPORTS = {
+    "BatchNormalization": "keras_bn_ext.layers.batch_normalization",
+    "ComparisonReport": "keras_bn_ext.compare",
+    "compare_models": "keras_bn_ext.compare",
+    "FoldReport": "keras_bn_ext.folding.fold",
+    "fold_batchnorms": "keras_bn_ext.folding.fold",
+    "ExportReport": "keras_bn_ext.export.onnx.convert",
+    "export_onnx": "keras_bn_ext.export.onnx.convert",
+    "VerificationReport": "keras_bn_ext.export.onnx.verify",
+    "verify_onnx": "keras_bn_ext.export.onnx.verify",
+    "lenet_bn": "keras_bn_ext.lenet",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
+
+register_with_keras()

@@ -8,7 +8,8 @@ from typing import Sequence
 import keras
 import numpy as np
 
-from keras_bn_ext.errors import InputDataError
+from keras_bn_ext import _keras_internals as internals
+from keras_bn_ext.errors import InputDataError, VerificationError
 
 __all__ = [
     "OutputError",
@@ -70,7 +71,7 @@ def input_specs(model: keras.Model) -> list[tuple[str, tuple, str]]:
     """(name, shape with None for unknown dims, dtype) of each model input, in order."""
     specs = []
     for tensor in model.inputs:
-        layer = tensor._keras_history.operation
+        layer = internals.producer_of(tensor)
         specs.append((layer.name, tuple(tensor.shape), keras.backend.standardize_dtype(tensor.dtype)))
     return specs
 
@@ -78,8 +79,8 @@ def input_specs(model: keras.Model) -> list[tuple[str, tuple, str]]:
 def output_names(model: keras.Model) -> list[str]:
     """Names of the model's outputs in flattened order: dict keys (sorted, as keras.tree
     flattens them) for dict outputs, else the producing layers' names."""
-    graph = getattr(model, "_functional", None) or model  # a Sequential's graph
-    struct = getattr(graph, "_outputs_struct", None)
+    graph = internals.functional_graph(model) or model  # a Sequential's graph
+    struct = internals.outputs_struct(graph)
     if isinstance(struct, dict):
         return sorted(struct)
     return list(graph.output_names)
@@ -128,7 +129,7 @@ def _accumulate(stats: dict, name: str, ref: np.ndarray, got: np.ndarray) -> Non
     ref = np.asarray(ref, np.float64)
     got = np.asarray(got, np.float64)
     if ref.shape != got.shape:
-        raise InputDataError(f"output '{name}' has shape {got.shape}, expected {ref.shape}")
+        raise VerificationError(f"output '{name}' has shape {got.shape}, expected {ref.shape}")
     diff = np.abs(ref - got)
     s = stats.setdefault(name, {"max_abs": 0.0, "max_ref": 0.0, "sum": 0.0, "n": 0})
     s["max_abs"] = max(s["max_abs"], float(diff.max()) if diff.size else 0.0)
@@ -154,7 +155,7 @@ def compare_output_lists(
     stats: dict = {}
     for ref_batch, got_batch in zip(reference, candidate, strict=True):
         if len(got_batch) != len(names) or len(ref_batch) != len(names):
-            raise InputDataError(
+            raise VerificationError(
                 f"expected {len(names)} outputs, got {len(ref_batch)} and {len(got_batch)}"
             )
         for name, ref, got in zip(names, ref_batch, got_batch):

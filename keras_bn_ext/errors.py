@@ -11,6 +11,8 @@ __all__ = [
     "UnsupportedModelError",
     "InputDataError",
     "ExportError",
+    "VerificationError",
+    "GPUUnavailableError",
 ]
 
 
@@ -41,3 +43,12 @@ class InputDataError(KerasBnExtError):
 
 class ExportError(KerasBnExtError):
     """The ONNX conversion failed or produced an invalid model."""
+
+
+class VerificationError(KerasBnExtError):
+    """A written model cannot be checked against the original: its runtime failed, or its
+    outputs differ in names or shapes (a mismatch of values is a failed report, not this)."""
+
+
+class GPUUnavailableError(KerasBnExtError):
+    """A GPU run was required (require_gpu=True) but onnxruntime ran on the CPU."""

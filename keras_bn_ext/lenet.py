@@ -6,7 +6,7 @@ from typing import Callable
 
 import keras
 
-from keras_bn_ext.batch_normalization import BatchNormalization
+from keras_bn_ext.layers.batch_normalization import BatchNormalization
 
 __all__ = ["lenet_bn"]
 

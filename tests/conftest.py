@@ -1,10 +1,37 @@
+import functools
 import os
 
 # Quiet TensorFlow's C++ logging in test output (set before TensorFlow loads).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+NCHW_SKIP_REASON = (
+    "TensorFlow cannot run channels_first (NCHW) convolutions on this CPU (it needs oneDNN, "
+    "i.e. AVX-512); these tests run under the JAX backend instead "
+    "(tests/test_backends.py::test_nchw_tests_pass_under_jax)"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def backend_runs_nchw_conv() -> bool:
+    """Whether this backend on this CPU runs a channels_first Conv2D (TensorFlow only with
+    its oneDNN kernels, which depend on the CPU; JAX always)."""
+    try:
+        conv = keras.layers.Conv2D(1, 1, data_format="channels_first")
+        keras.ops.convert_to_numpy(conv(np.zeros((1, 1, 2, 2), "float32")))
+        return True
+    except Exception:  # noqa: BLE001 - TensorFlow raises UnimplementedError / InvalidArgumentError
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    nchw = [item for item in items if item.get_closest_marker("nchw_conv")]
+    if nchw and not backend_runs_nchw_conv():
+        for item in nchw:
+            item.add_marker(pytest.mark.skip(reason=NCHW_SKIP_REASON))
 
 
 @pytest.fixture(autouse=True)

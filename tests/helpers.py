@@ -89,30 +89,28 @@ def run_python(code: str, *, env: dict | None = None, timeout: int = 600) -> str
     return result.stdout
 
 
-def randomize_batchnorms(model, seed: int = 0) -> None:
-    """Give every BN of `model` (nested ones too) random gamma, beta, mean and positive
-    variance. Default statistics (0, 1) make a wrong fold look right."""
-    from keras_bn_ext._folding import is_batchnorm
+def lenet(bn_factory, seed=0):
+    """The seed notebook's LeNet-BN, built after seeding."""
+    from keras_bn_ext.lenet import lenet_bn
 
-    rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if not is_batchnorm(layer) or not layer.built:
-            continue
-        c = layer.moving_mean.shape[0]
-        values = []
-        if layer.scale:
-            values.append(rng.uniform(0.5, 1.5, c))
-        if layer.center:
-            values.append(rng.normal(0, 0.2, c))
-        values += [rng.normal(0, 0.2, c), rng.uniform(0.5, 1.5, c)]
-        layer.set_weights([v.astype(w.dtype) for v, w in zip(values, layer.get_weights())])
+    keras.utils.set_random_seed(seed)
+    return lenet_bn(bn_factory, input_name="input_layer")
 
 
-def all_layers(model):
-    return list(model._flatten_layers(include_self=False, recursive=True))
+def two_input_dict_model():
+    """Two inputs (image, vector), BNs of both classes, dict outputs; BN statistics random."""
+    from keras_bn_ext import BatchNormalization
+    from keras_bn_ext.testing import randomize_batchnorms
 
-
-def count_batchnorms(model) -> int:
-    from keras_bn_ext._folding import is_batchnorm
-
-    return sum(is_batchnorm(layer) for layer in all_layers(model))
+    layers = keras.layers
+    image = keras.Input((8, 8, 3), name="image")
+    meta = keras.Input((5,), name="meta")
+    h = layers.Conv2D(4, 3, name="conv")(image)
+    h = layers.ReLU()(BatchNormalization(name="bn1")(h))
+    h = layers.GlobalAveragePooling2D()(h)
+    m = layers.ReLU()(layers.BatchNormalization(name="bn2")(layers.Dense(4, name="d")(meta)))
+    both = layers.Concatenate()([h, m])
+    model = keras.Model([image, meta], {"score": layers.Dense(1, name="s")(both),
+                                        "class_logits": layers.Dense(3, name="c")(both)})
+    randomize_batchnorms(model)
+    return model

@@ -23,3 +23,18 @@ def test_layer_tests_pass_under_jax():
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+def test_nchw_tests_pass_under_jax():
+    """Folding is backend-independent; channels_first convolutions run on any CPU under
+    JAX, so those tests run there on every machine (TensorFlow needs oneDNN for them)."""
+    if keras.backend.backend() == "jax":
+        pytest.skip("already on JAX")
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "nchw_conv", "tests/test_fold.py"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout

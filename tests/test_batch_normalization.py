@@ -10,7 +10,7 @@ import pytest
 from keras_bn_ext import BatchNormalization
 from keras_bn_ext.lenet import lenet_bn
 from keras_bn_ext.reference import batch_norm
-from tests.helpers import assert_close, run_layer_test
+from tests.helpers import assert_close, lenet, run_layer_test
 
 RNG = np.random.default_rng(0)
 
@@ -113,12 +113,6 @@ def test_matches_builtin_layer(name):
     assert [w.path.split("/")[-1] for w in ours.weights] == [
         w.path.split("/")[-1] for w in theirs.weights
     ]
-
-
-def lenet(bn_factory, seed=0):
-    """The seed notebook's LeNet-BN, built after seeding."""
-    keras.utils.set_random_seed(seed)
-    return lenet_bn(bn_factory, input_name="input_layer")
 
 
 def test_lenet_training_losses_match_builtin():

@@ -28,4 +28,5 @@ def test_bench_quick_runs_and_writes_reports(tmp_path):
         assert row["twin_max_abs_diff"] < 1e-5
     assert report["tools"]["bn_fold"]["timings_s"]["fold"] > 0
     text = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "Training step" in text and "folded/twin" in text and "bn-fold" in text
+    assert "Training step" in text and "folded/twin" in text and "bn-fold" in text and "Start-up" in text
+    assert report["startup"]["seconds"]["bn-fold --help"]["median"] > 0

@@ -11,15 +11,15 @@ import pytest
 
 from keras_bn_ext import BatchNormalization
 from keras_bn_ext.cli import export_onnx as cli
-from tests.helpers import randomize_batchnorms
-from tests.test_onnx import two_input_dict_model
+from keras_bn_ext.testing import randomize_batchnorms
+from tests.helpers import two_input_dict_model
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf2onnx needs TensorFlow")
 
 
 @pytest.fixture
 def lenet_path(tmp_path):
-    from tests.test_batch_normalization import lenet
+    from tests.helpers import lenet
 
     model = lenet(BatchNormalization)
     randomize_batchnorms(model)

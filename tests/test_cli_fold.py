@@ -14,7 +14,7 @@ from keras import layers
 
 from keras_bn_ext import BatchNormalization
 from keras_bn_ext.cli import fold as cli
-from tests.helpers import randomize_batchnorms
+from keras_bn_ext.testing import randomize_batchnorms
 
 
 def _save(model, path):
@@ -24,7 +24,7 @@ def _save(model, path):
 
 @pytest.fixture
 def lenet_path(tmp_path):
-    from tests.test_batch_normalization import lenet
+    from tests.helpers import lenet
 
     model = lenet(BatchNormalization)
     randomize_batchnorms(model)
@@ -67,12 +67,42 @@ def test_table_output_and_force(lenet_path, capsys, tmp_path):
     assert code == 0
 
 
-def test_nothing_to_fold_writes_nothing(tmp_path, capsys):
+def test_nothing_to_fold_still_writes_the_model(tmp_path, capsys):
+    # `bn-fold m.keras -o f.keras && bn-export-onnx f.keras` must work on every model.
     inputs = keras.Input((4,))
     path = _save(keras.Model(inputs, layers.Dense(2, activation="relu")(inputs)), tmp_path / "plain.keras")
     code, out, _ = _run([path], capsys)
     assert code == 0 and "nothing to fold" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.keras"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.folded.keras", "plain.keras"]
+    code, out, _ = _run([path, "-o", str(tmp_path / "again.keras"), "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["bn_total"] == 0 and report["output"] == str(tmp_path / "again.keras")
+    assert keras.saving.load_model(report["output"]).count_params() == 10
+
+
+def test_exclude_keeps_the_named_bn(lenet_path, capsys):
+    code, out, _ = _run([lenet_path, "--json", "--exclude", "batch_normalization_1", "--force"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["bn_folded"] == 3
+    assert report["kept"] == [{"bn": "batch_normalization_1", "reason": "excluded by the caller"}]
+
+
+def test_a_saved_model_that_does_not_reload_is_not_written(lenet_path, tmp_path, monkeypatch):
+    # What is written is what was verified. Fault injection: Keras's loader fails on the
+    # saved file as it did on a KerasHub DeepLabV3Backbone.
+    from keras_bn_ext.folding.save import fold_to_file
+    from keras_bn_ext.model_io import load_model
+
+    def broken_load(*args, **kwargs):
+        raise ValueError("Functional could not be deserialized properly")
+
+    model = load_model(lenet_path)
+    monkeypatch.setattr(keras.saving, "load_model", broken_load)
+    out_path = tmp_path / "f.keras"
+    result = fold_to_file(model, out_path)
+    assert not result.passed and "does not load back" in result.reload_error
+    assert result.output is None and not out_path.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_verification_failure_exits_1(lenet_path, capsys, tmp_path):

@@ -7,7 +7,8 @@ from keras import layers
 
 from keras_bn_ext import BatchNormalization, compare_models, fold_batchnorms
 from keras_bn_ext.errors import InvalidBatchNormError, UnsupportedModelError
-from tests.helpers import count_batchnorms, randomize_batchnorms, run_python
+from keras_bn_ext.testing import count_batchnorms, randomize_batchnorms
+from tests.helpers import run_python
 
 # Folding reorders float32 arithmetic: a few ulp per layer (~1e-7 relative).
 RTOL = 1e-5
@@ -49,6 +50,9 @@ PATTERNS = {
     "dense": (lambda: layers.Dense(7), (5,), -1),
     "dense_rank3": (lambda: layers.Dense(7, use_bias=False), (4, 5), -1),
     "dense_rank4": (lambda: layers.Dense(3), (3, 4, 5), -1),
+    "einsum_dense": (lambda: layers.EinsumDense("ab,bc->ac", output_shape=7, bias_axes="c"), (5,), -1),
+    "einsum_dense_rank3_no_bias": (lambda: layers.EinsumDense("abc,cd->abd", output_shape=(4, 6)), (4, 5), -1),
+    "einsum_dense_kernel_first": (lambda: layers.EinsumDense("abc,dc->abd", output_shape=(4, 6)), (4, 5), -1),
 }
 
 # Spatial sizes differ from the channel count on purpose: keras.ops.add on TensorFlow
@@ -75,11 +79,12 @@ def test_backward_patterns(name, bn_class):
     assert report.folded[0].direction == "backward"
     assert report.folded[0].into == model.layers[1].name
     target = folded.get_layer(model.layers[1].name)
-    assert target.use_bias and target.get_config()["use_bias"]
+    assert target.bias is not None  # a folded layer always gets a bias (EinsumDense: bias_axes)
     for a, b in zip(model.get_weights(), before):  # the input model is untouched
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.nchw_conv
 @pytest.mark.parametrize("name", CHANNELS_FIRST)
 def test_channels_first(name):
     make, shape, axis = CHANNELS_FIRST[name]
@@ -167,12 +172,16 @@ def test_keep_when_input_is_not_conv_or_dense():
     assert "not a conv/dense layer" in _kept_reason(keras.Model(inputs, out))
 
 
-def test_keep_bn_that_is_a_list_output_but_fold_dict_output():
+def test_bn_that_is_a_model_output_folds_and_the_output_keeps_its_name(tmp_path):
     inputs = keras.Input((5,))
     out = BatchNormalization(name="h")(layers.Dense(4)(inputs))
-    model = keras.Model(inputs, out)
+    model = keras.Model(inputs, [out, layers.ReLU(name="r")(out)])
     randomize_batchnorms(model)
-    assert "rename" in _kept_reason(model)
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=1)
+    assert folded.output_names == model.output_names == ["h", "r"]
+    folded.save(tmp_path / "f.keras")
+    assert keras.saving.load_model(tmp_path / "f.keras").output_names == ["h", "r"]
     dict_model = keras.Model(inputs, {"h": out})
     folded, report = fold_batchnorms(dict_model)
     _check_folded(dict_model, folded, report, expect_folded=1)
@@ -342,10 +351,13 @@ FORWARD = {
     "depthwise2d": lambda: _forward((7, 7, 3), layers.DepthwiseConv2D(3, depth_multiplier=2)),
     "separable2d": lambda: _forward((7, 7, 3), layers.SeparableConv2D(4, 3, depth_multiplier=2)),
     "separable1d": lambda: _forward((9, 3), layers.SeparableConv1D(4, 3, use_bias=False)),
+    "einsum_dense": lambda: _forward((3, 6), layers.EinsumDense("abc,cd->abd", output_shape=(3, 4), bias_axes="d")),
 }
 
 
-@pytest.mark.parametrize("name", FORWARD)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.nchw_conv) if "channels_first" in n else n for n in FORWARD]
+)
 def test_forward_patterns(name):
     model = FORWARD[name]()
     folded, report = fold_batchnorms(model)
@@ -359,6 +371,7 @@ def test_forward_patterns(name):
     (lambda: _forward((7, 3), layers.Dense(2), bn=BatchNormalization(axis=1)), "not the last axis"),
     (lambda: _forward((7, 7, 3), layers.ReLU(), layers.Conv2D(4, 3)), "not a dense/conv layer"),
     (lambda: _forward((7, 7, 3), layers.Conv2DTranspose(4, 3)), "not a dense/conv layer"),
+    (lambda: _forward((3, 6), layers.EinsumDense("abc,dc->abd", output_shape=(3, 4))), "2-D kernel"),
 ])
 def test_forward_keep_conditions(make, needle):
     model = make()
@@ -390,3 +403,95 @@ def test_one_layer_takes_a_bn_on_each_side():
     _check_folded(model, folded, report, expect_folded=2)
     assert {(f.bn, f.into, f.direction) for f in report.folded} == {
         ("before", "d", "forward"), ("after", "d", "backward")}
+
+
+def test_einsum_dense_with_bias_on_another_axis_is_kept():
+    model = _one(layers.EinsumDense("abc,cd->abd", output_shape=(4, 6), bias_axes="bd"), (4, 5))
+    _, report = fold_batchnorms(model)
+    assert report.bn_folded == 0 and "bias_axes 'bd'" in report.kept[0].reason, report
+
+
+def test_folded_einsum_dense_reloads_with_its_new_bias(tmp_path):
+    model = _one(layers.EinsumDense("abc,cd->abd", output_shape=(4, 6), name="e"), (4, 5))
+    folded, report = fold_batchnorms(model)
+    assert report.bn_folded == 1 and folded.get_layer("e").bias_axes == "d"
+    folded.save(tmp_path / "f.keras")
+    reloaded = keras.saving.load_model(tmp_path / "f.keras")
+    assert compare_models(model, reloaded, atol=0.0, rtol=RTOL).passed
+
+
+def _ops_model():
+    """Keras operations that are not layers, called on symbolic tensors, around BNs."""
+    ops = keras.ops
+    inputs = keras.Input((8, 8, 3), name="pixels")
+    x = ops.pad(inputs, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=0.5)
+    x = BatchNormalization(name="bn_conv")(layers.Conv2D(6, 3, name="conv")(x))
+    x = x * ops.clip(x + 3.0, 0.0, 6.0) / 6.0  # hard-swish, as MobileNetV3 writes it
+    left, right = ops.split(x, 2, axis=-1)  # a multi-output op
+    y = ops.concatenate([right, left * 2.0], axis=-1)
+    y = ops.reshape(y, (-1, 8 * 8 * 6))
+    y = layers.BatchNormalization(name="bn_dense")(layers.Dense(5, name="dense")(y))
+    model = keras.Model(inputs, {"logits": y - 1.0, "mean": ops.mean(x, axis=(1, 2))})
+    randomize_batchnorms(model)
+    return model
+
+
+def test_operations_that_are_not_layers_are_carried_over(tmp_path):
+    model = _ops_model()
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=2)
+    ops_before = sorted(type(op).__name__ for op in model.operations if not isinstance(op, layers.Layer))
+    ops_after = sorted(type(op).__name__ for op in folded.operations if not isinstance(op, layers.Layer))
+    assert ops_before == ops_after and "Split" in ops_after and "Pad" in ops_after
+    folded.save(tmp_path / "f.keras")
+    assert compare_models(model, keras.saving.load_model(tmp_path / "f.keras"), atol=0.0, rtol=RTOL).passed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["MobileNetV3Small", "MobileNetV3Large"])
+def test_mobilenet_v3_hard_swish_ops(name):
+    model = getattr(keras.applications, name)(weights=None, input_shape=(96, 96, 3))
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    assert report.bn_total == count_batchnorms(model) and report.kept == []
+    assert compare_models(model, folded, samples=1, batch_size=2, atol=0.0, rtol=RTOL).passed
+
+
+@keras.saving.register_keras_serializable(package="keras_bn_ext_tests")
+class _ConvBlock(layers.Layer):
+    """A custom layer holding a conv and a BN: its call() is Python the graph cannot see."""
+
+    def __init__(self, filters=4, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.conv = layers.Conv2D(filters, 3, padding="same")
+        self.bn = layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        return self.bn(self.conv(x), training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+def test_bns_inside_custom_layers_are_counted_and_kept_with_a_reason():
+    inputs = keras.Input((6, 6, 3))
+    h = BatchNormalization(name="outer")(layers.Conv2D(4, 3, name="c")(inputs))
+    model = keras.Model(inputs, _ConvBlock(name="block")(h))
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    assert report.bn_total == count_batchnorms(model) == 2 and report.bn_folded == 1
+    (kept,) = report.kept
+    assert kept.bn.startswith("block/") and "inside custom layer 'block' (_ConvBlock)" in kept.reason
+    assert compare_models(model, folded, atol=0.0, rtol=RTOL).passed
+
+
+def test_bn_that_ends_a_nested_sequential_folds():
+    features = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3, name="c"),
+                                 BatchNormalization(name="last_bn")], name="features")
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, layers.GlobalAveragePooling2D(name="pool")(features(inputs)))
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=1)
+    assert report.folded[0].bn == "features/last_bn" and folded.output_names == model.output_names

@@ -4,7 +4,7 @@ import keras
 import pytest
 
 from keras_bn_ext import compare_models, fold_batchnorms
-from tests.helpers import count_batchnorms, randomize_batchnorms
+from keras_bn_ext.testing import count_batchnorms, randomize_batchnorms
 
 pytestmark = pytest.mark.slow
 

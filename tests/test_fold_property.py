@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from keras import layers
 
 from keras_bn_ext import BatchNormalization, compare_models, fold_batchnorms
-from tests.helpers import randomize_batchnorms
+from keras_bn_ext.testing import randomize_batchnorms
 
 PRODUCERS_2D = {
     "conv": lambda c: layers.Conv2D(c, 3, padding="same"),

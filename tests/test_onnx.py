@@ -8,30 +8,17 @@ from keras import layers
 
 from keras_bn_ext import BatchNormalization, export_onnx, verify_onnx
 from keras_bn_ext.errors import ExportError
-from tests.helpers import randomize_batchnorms
+from keras_bn_ext.testing import randomize_batchnorms
+from tests.helpers import two_input_dict_model
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf2onnx needs TensorFlow")
 
 
 @pytest.fixture
 def lenet():
-    from tests.test_batch_normalization import lenet as build
+    from tests.helpers import lenet as build
 
     model = build(BatchNormalization)
-    randomize_batchnorms(model)
-    return model
-
-
-def two_input_dict_model():
-    image = keras.Input((8, 8, 3), name="image")
-    meta = keras.Input((5,), name="meta")
-    h = layers.Conv2D(4, 3, name="conv")(image)
-    h = layers.ReLU()(BatchNormalization(name="bn1")(h))
-    h = layers.GlobalAveragePooling2D()(h)
-    m = layers.ReLU()(layers.BatchNormalization(name="bn2")(layers.Dense(4, name="d")(meta)))
-    both = layers.Concatenate()([h, m])
-    model = keras.Model([image, meta], {"score": layers.Dense(1, name="s")(both),
-                                        "class_logits": layers.Dense(3, name="c")(both)})
     randomize_batchnorms(model)
     return model
 

@@ -39,15 +39,16 @@ import keras_bn_ext  # noqa: E402
 from keras_bn_ext import BatchNormalization, export_onnx, fold_batchnorms, lenet_bn  # noqa: E402
 from keras_bn_ext.latency import interleaved_timings, keras_forward  # noqa: E402
 
+from keras_bn_ext.testing import randomize_batchnorms  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from tests.helpers import randomize_batchnorms  # noqa: E402  the tests' BN randomizer
 TARGETS = {
     "train_custom_over_builtin": 1.10,
     "folded_over_twin": 1.03,
     "ort_over_keras_folded": 1.0,
     "bn_fold_seconds": 5.0,
     "export_over_tf2onnx": 1.1,
+    "help_seconds": 0.5,
 }
 
 
@@ -246,6 +247,32 @@ def bench_tools(quick: bool, rounds: int) -> dict:
     return result
 
 
+# -- 5. start-up ----------------------------------------------------------------------
+
+def bench_startup(rounds: int) -> dict:
+    """Fresh processes, interleaved: the CLIs' --help (target <= 0.5 s: the package is
+    lazy, so they import neither Keras nor TensorFlow) and the two kinds of import."""
+    bin_dir = Path(sys.executable).parent
+    commands = {
+        "bn-fold --help": [str(bin_dir / "bn-fold"), "--help"],
+        "bn-export-onnx --help": [str(bin_dir / "bn-export-onnx"), "--help"],
+        "import keras_bn_ext": [sys.executable, "-c", "import keras_bn_ext"],
+        "from keras_bn_ext import BatchNormalization": [
+            sys.executable, "-c", "from keras_bn_ext import BatchNormalization"],
+    }
+    runs: dict[str, list[float]] = {key: [] for key in commands}
+    order = list(commands)
+    for i in range(rounds):
+        k = i % len(order)
+        for key in order[k:] + order[:k]:
+            runs[key].append(_timed(commands[key])["seconds"])
+    return {
+        "date": datetime.date.today().isoformat(),
+        "rounds": rounds,
+        "seconds": {key: {"median": statistics.median(v), "min": min(v), "max": max(v)} for key, v in runs.items()},
+    }
+
+
 # -- report ---------------------------------------------------------------------------
 
 def _cpu_name() -> str:
@@ -329,6 +356,19 @@ def write_markdown(result: dict, path: Path) -> None:
         f"verification took {e['timings_s']['verify']:.1f} s on its own.",
         "",
     ]
+    startup = result.get("startup")
+    if startup:
+        lines += [
+            f"## 5. Start-up (fresh processes, {startup['rounds']} interleaved rounds, measured "
+            f"{startup['date']}; median with min–max)",
+            "",
+            "| command | wall s | target |",
+            "|---|---|---|",
+        ]
+        for key, t in startup["seconds"].items():
+            target = f"≤ 0.5 s: {_mark(t['median'] <= TARGETS['help_seconds'])}" if "--help" in key else ""
+            lines.append(f"| `{key}` | {t['median']:.3f} ({t['min']:.3f}–{t['max']:.3f}) | {target} |")
+        lines.append("")
     path.write_text("\n".join(lines))
 
 
@@ -338,10 +378,21 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (default 50, quick 10)")
     parser.add_argument("--out", default=str(REPO), help="folder for BENCHMARKS.md and bench.json (default: repo root)")
     parser.add_argument("--only-train", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--only-startup", action="store_true",
+                        help="measure section 5 only and update it in the existing bench.json/BENCHMARKS.md")
     args = parser.parse_args(argv)
     repeats = args.repeats or (10 if args.quick else 50)
     if args.only_train:
         Path(args.only_train).write_text(json.dumps(bench_train(repeats)))
+        return 0
+    out = Path(args.out)
+    if args.only_startup:
+        result = json.loads((out / "bench.json").read_text())
+        result.setdefault("targets", {}).update(TARGETS)
+        result["startup"] = bench_startup(rounds=args.repeats or 10)
+        (out / "bench.json").write_text(json.dumps(result, indent=2))
+        write_markdown(result, out / "BENCHMARKS.md")
+        print((out / "BENCHMARKS.md").read_text())
         return 0
     threads = os.cpu_count() or 1
     started = time.perf_counter()
@@ -352,6 +403,8 @@ def main(argv=None) -> int:
     inference = bench_inference(args.quick, repeats, threads)
     print("4. tools ...", flush=True)
     tools = bench_tools(args.quick, rounds=1 if args.quick else 3)
+    print("5. start-up ...", flush=True)
+    startup = bench_startup(rounds=3 if args.quick else 10)
     import onnxruntime
     import tensorflow as tf
     import tf2onnx
@@ -369,9 +422,9 @@ def main(argv=None) -> int:
         "train_jax": train_jax,
         "inference": inference,
         "tools": tools,
+        "startup": startup,
         "seconds": time.perf_counter() - started,
     }
-    out = Path(args.out)
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, out / "BENCHMARKS.md")
     print((out / "BENCHMARKS.md").read_text())

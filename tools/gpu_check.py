@@ -44,8 +44,7 @@ def prepare(directory: str) -> None:
 
     from keras_bn_ext import export_onnx, fold_batchnorms, lenet_bn
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests.helpers import randomize_batchnorms
+    from keras_bn_ext.testing import randomize_batchnorms
 
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(0)

@@ -38,7 +38,7 @@ from keras_bn_ext import (  # noqa: E402
 from keras_bn_ext.latency import interleaved_timings, keras_forward  # noqa: E402
 from keras_bn_ext.lenet import lenet_bn  # noqa: E402
 from keras_bn_ext.model_io import save_model_atomic  # noqa: E402
-from keras_bn_ext.onnx_verify import run_onnxruntime  # noqa: E402
+from keras_bn_ext.export.onnx.verify import run_onnxruntime  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "data" / "mnist-10k.npz"

@@ -7,9 +7,9 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Sequence
 
-from keras_bn_ext._native_log import captured_native_stderr
+from keras_bn_ext.cli._native_log import captured_native_stderr
 from keras_bn_ext.errors import KerasBnExtError
 
 EXIT_OK = 0
@@ -61,8 +61,22 @@ def add_common_arguments(
     parser.add_argument("--unsafe", action="store_true",
                         help="load with safe_mode=False (allows Lambda layers: runs code "
                              "stored in the file; only for files you trust)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="NAME",
+                        help="keep the BatchNormalization layer NAME unfolded; repeatable")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and TensorFlow's own log lines")
+
+
+def load_input_model(args, output, *, other_inputs: Sequence[str] = ()):
+    """The steps both tools take before any work, in this order: the input file's own
+    errors, the output path (never an input, never an existing file without --force),
+    the user's custom modules, then the model itself."""
+    from keras_bn_ext.model_io import check_model_file, check_output_path, import_custom_modules, load_model
+
+    check_model_file(args.model)
+    check_output_path(output, inputs=[args.model, *other_inputs], force=args.force)
+    import_custom_modules(args.custom_module)
+    return load_model(args.model, safe_mode=not args.unsafe)
 
 
 def run(prog: str, work: Callable[[], int], *, debug: bool) -> int:
@@ -85,19 +99,14 @@ def run(prog: str, work: Callable[[], int], *, debug: bool) -> int:
     return EXIT_USAGE
 
 
-class Phases:
-    """Wall time of each named phase of a run, for the JSON report's `timings_s`."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.perf_counter() - start, 4)
+@contextmanager
+def timed(seconds: dict, name: str):
+    """Record the wall time of a block under `name` (the JSON report's `timings_s`)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = round(time.perf_counter() - start, 4)
 
 
 def fmt(value: float) -> str:

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -15,7 +16,7 @@ from typing import Mapping, Sequence
 import keras
 import numpy as np
 
-from keras_bn_ext import _ort_worker
+from keras_bn_ext.export.onnx import _ort_worker
 from keras_bn_ext.compare import (
     ComparisonReport,
     check_inputs,
@@ -26,21 +27,18 @@ from keras_bn_ext.compare import (
     random_inputs,
     shape_fits,
 )
-from keras_bn_ext.errors import InputDataError, KerasBnExtError
+from keras_bn_ext.errors import GPUUnavailableError, InputDataError, VerificationError
+from keras_bn_ext.export.onnx import options
+from keras_bn_ext.export.onnx.options import PROVIDERS
 from keras_bn_ext.latency import interleaved_timings, keras_forward
 
-__all__ = ["verify_onnx", "VerificationReport", "GPUUnavailableError", "PROVIDERS"]
+__all__ = ["verify_onnx", "VerificationReport", "run_onnxruntime", "load_inputs_npz"]
 
-PROVIDERS = ("auto", "cuda", "cpu")
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 # TF32 rounds matmul inputs to 10 mantissa bits (~1e-3 relative): off, or fp32
 # tolerances would be meaningless on Ampere and later GPUs.
 _CUDA_OPTIONS = {"use_tf32": "0"}
-
-
-class GPUUnavailableError(KerasBnExtError):
-    """A GPU run was required (require_gpu=True) but onnxruntime ran on the CPU."""
 
 
 @dataclass
@@ -130,13 +128,29 @@ def run_onnxruntime(
         )
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise KerasBnExtError(f"onnxruntime failed on {onnx_path}: {last[:400]}")
+            raise VerificationError(f"onnxruntime failed on {onnx_path}: {last[:400]}")
         with np.load(response, allow_pickle=False) as res:
             out_meta = json.loads(str(res["__meta__"]))
             n_out = len(out_meta["output_names"])
             outputs = [[res[f"b{i}__o{j}"] for j in range(n_out)] for i in range(len(batches))]
     out_meta["log"] = proc.stderr
     return outputs, out_meta
+
+
+@contextmanager
+def _tf32_off():
+    """TF32 off for the Keras reference (float32 on every GPU), restored afterwards."""
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+
+    was = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    try:
+        yield
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(was)
 
 
 def _keras_latency_ms(model: keras.Model, batch: list[np.ndarray], repeats: int) -> float:
@@ -171,12 +185,12 @@ def verify_onnx(
     onnx_path: str | os.PathLike,
     *,
     inputs: Sequence[np.ndarray] | None = None,
-    samples: int = 3,
-    batch_sizes: Sequence[int] = (1, 8),
+    samples: int = options.SAMPLES,
+    batch_sizes: Sequence[int] = options.BATCH_SIZES,
     provider: str = "auto",
     require_gpu: bool = False,
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
+    atol: float = options.FP32_ATOL,
+    rtol: float = options.FP32_RTOL,
     seed: int = 0,
     benchmark: bool = False,
     benchmark_repeats: int = 30,
@@ -198,10 +212,6 @@ def verify_onnx(
         atol, rtol: An output passes when max|a-b| <= atol + rtol * max|reference|.
         benchmark: Also time Keras (`tf.function`) and onnxruntime at each batch size.
     """
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_tensor_float_32_execution(False)
     if inputs is not None:
         check_inputs(model, inputs)
         batches = [list(inputs)]
@@ -221,11 +231,12 @@ def verify_onnx(
     if meta["output_names"] != keras_names:
         order = {n: i for i, n in enumerate(meta["output_names"])}
         if set(order) != set(keras_names):
-            raise InputDataError(
+            raise VerificationError(
                 f"ONNX outputs {meta['output_names']} do not match the Keras outputs {keras_names}"
             )
         got = [[b[order[n]] for n in keras_names] for b in got]
-    reference = [keras_outputs(model, b) for b in batches]
+    with _tf32_off():
+        reference = [keras_outputs(model, b) for b in batches]
     comparison = compare_output_lists(reference, got, keras_names, atol=atol, rtol=rtol)
 
     used = meta["provider"]

@@ -2,7 +2,9 @@
 with some BN layers dropped and some layers' weights replaced.
 
 Every layer is recreated from its config (names kept) and receives its original
-weights bit for bit, except the fold targets, which receive the folded ones.
+weights bit for bit, except the fold targets, which receive the folded ones. Operations
+that are not layers (`x + 3.0`, `keras.ops.pad`, ... called on symbolic tensors) are
+recreated from their config too, with their arguments and constants.
 """
 
 from __future__ import annotations
@@ -11,18 +13,43 @@ from dataclasses import dataclass, field
 
 import keras
 
-from keras_bn_ext._graph import graph_of, is_rebuildable_model
+from keras_bn_ext import _keras_internals as internals
+from keras_bn_ext.folding import rules
+from keras_bn_ext.folding.graph import graph_of, is_rebuildable_model
+
+__all__ = ["RebuildPlan", "rebuild"]
 
 
 @dataclass
 class RebuildPlan:
     drop: set[int] = field(default_factory=set)  # id(bn) replaced by identity
     new_weights: dict[int, list] = field(default_factory=dict)  # id(layer) -> weights
-    force_bias: set[int] = field(default_factory=set)  # id(layer) -> use_bias=True
+    force_bias: set[int] = field(default_factory=set)  # id(layer): rebuilt with a bias
+    named_identity: set[int] = field(default_factory=set)  # id(bn) in drop: an Identity takes its name
 
 
 def _identity(inputs, *args, **kwargs):
     return inputs
+
+
+def _named_identity(name: str):
+    """An Identity layer called with the input alone (a BN's call carries training/mask)."""
+    layer = keras.layers.Identity(name=name)
+
+    def call(inputs, *args, **kwargs):
+        return layer(inputs)
+
+    call.layer = layer  # what a Sequential holds instead
+    return call
+
+
+def _copy_operation(op):
+    """A new instance of a non-layer operation (it holds no weights). An operation whose
+    config does not recreate it is stateless by contract, so the same instance serves."""
+    try:
+        return type(op).from_config(op.get_config())
+    except Exception:  # noqa: BLE001 - e.g. an op whose __init__ takes no config keys
+        return op
 
 
 class _Rebuilder:
@@ -36,13 +63,15 @@ class _Rebuilder:
         if key in self.copies:
             return self.copies[key]
         if key in self.plan.drop:
-            new = _identity
+            new = _named_identity(layer.name) if key in self.plan.named_identity else _identity
         elif is_rebuildable_model(layer):
             new = self.model(layer)
+        elif not isinstance(layer, keras.layers.Layer):
+            new = _copy_operation(layer)
         else:
             config = layer.get_config()
             if key in self.plan.force_bias:
-                config["use_bias"] = True
+                config = rules.with_bias(layer, config)
             new = type(layer).from_config(config)
             weights = self.plan.new_weights.get(key)
             self.pending.append((new, weights if weights is not None else layer.get_weights()))
@@ -52,13 +81,12 @@ class _Rebuilder:
     def _new_inputs(self, graph):
         new = []
         for tensor in graph.inputs:
-            input_layer = tensor._keras_history.operation
             new.append(
                 keras.Input(
                     batch_shape=tensor.shape,
                     dtype=tensor.dtype,
                     sparse=getattr(tensor, "sparse", False),
-                    name=input_layer.name,
+                    name=internals.producer_of(tensor).name,
                 )
             )
         return new
@@ -68,13 +96,13 @@ class _Rebuilder:
         inputs = self._new_inputs(graph)
         if isinstance(model, keras.Sequential):
             layers = [self.copy_layer(layer) for layer in model.layers]
-            layers = [layer for layer in layers if layer is not _identity]
-            new = keras.Sequential([inputs[0]._keras_history.operation, *layers],
+            layers = [getattr(layer, "layer", layer) for layer in layers if layer is not _identity]
+            new = keras.Sequential([internals.producer_of(inputs[0]), *layers],
                                    name=model.name, trainable=model.trainable)
         else:
             # The inputs in the original's structure (list, dict or single tensor).
-            packed = keras.tree.pack_sequence_as(graph._inputs_struct, inputs)
-            outputs = graph._run_through_graph(packed, operation_fn=self.copy_layer)
+            packed = keras.tree.pack_sequence_as(internals.inputs_struct(graph), inputs)
+            outputs = internals.run_through_graph(graph, packed, operation_fn=self.copy_layer)
             new = keras.Model(packed, outputs, name=model.name, trainable=model.trainable)
         self._assign_weights()
         return new
@@ -92,7 +120,5 @@ def rebuild(model: keras.Model, plan: RebuildPlan) -> keras.Model:
     choice of safe mode was made when `model` was loaded, so a Lambda layer that is
     here may be copied (safe mode off for the copy only).
     """
-    from keras.src.saving.serialization_lib import SafeModeScope
-
-    with SafeModeScope(False):
+    with internals.unsafe_deserialization():
         return _Rebuilder(plan).model(model)

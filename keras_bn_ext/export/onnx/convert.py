@@ -5,21 +5,17 @@ from __future__ import annotations
 import collections
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import keras
 
 from keras_bn_ext.compare import input_specs, output_names
 from keras_bn_ext.errors import ExportError
-from keras_bn_ext.fold import FoldReport, fold_batchnorms
+from keras_bn_ext.export.onnx.options import BATCH_DIM, DEFAULT_OPSET, SUPPORTED_OPSETS
+from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.model_io import atomic_output
 
-__all__ = ["export_onnx", "ExportReport", "SUPPORTED_OPSETS", "DEFAULT_OPSET"]
-
-# tf2onnx 1.17 converts to opsets up to 18 (19+ "not supported yet"); 13 is the oldest
-# with the per-axis quantization and Split semantics its Keras 3 paths emit.
-SUPPORTED_OPSETS = range(13, 19)
-DEFAULT_OPSET = 17
-BATCH_DIM = "batch"
+__all__ = ["export_onnx", "to_onnx_proto", "ExportReport"]
 
 
 @dataclass
@@ -106,6 +102,7 @@ def export_onnx(
     path: str | Path,
     *,
     fold: bool = True,
+    exclude: Sequence[str] = (),
     opset: int = DEFAULT_OPSET,
     batch_size: int | None = None,
     fp16: bool = False,
@@ -116,6 +113,7 @@ def export_onnx(
         model: A Keras model (TensorFlow backend). Never changed.
         path: Output .onnx file.
         fold: Fold BatchNormalization layers first (`fold_batchnorms`).
+        exclude: Names of BN layers the fold keeps.
         opset: ONNX opset, 13-18.
         batch_size: Fix the batch dimension; None keeps it symbolic, named 'batch'.
         fp16: Convert weights and arithmetic to float16 (onnxconverter-common),
@@ -132,7 +130,7 @@ def export_onnx(
 
     fold_report = None
     if fold:
-        model, fold_report = fold_batchnorms(model)
+        model, fold_report = fold_batchnorms(model, exclude=exclude)
     proto = to_onnx_proto(model, opset=opset, batch_size=batch_size)
     if fp16:
         proto = _to_float16(proto)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import constraints, initializers, ops, regularizers
 
-from keras_bn_ext._distribute import cross_replica_sum
+from keras_bn_ext.layers._distribute import cross_replica_sum
 
 __all__ = ["BatchNormalization"]
 

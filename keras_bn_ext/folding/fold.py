@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 import keras
 import numpy as np
 
-from keras_bn_ext import _folding
-from keras_bn_ext._graph import analyze
-from keras_bn_ext._rebuild import RebuildPlan, rebuild
+from keras_bn_ext.folding import rules
+from keras_bn_ext.folding.affine import bn_affine
+from keras_bn_ext.folding.graph import analyze
+from keras_bn_ext.folding.rebuild import RebuildPlan, rebuild
 
 __all__ = ["fold_batchnorms", "FoldReport", "FoldedBN", "KeptBN"]
 
@@ -80,7 +81,8 @@ def fold_batchnorms(
 
     A BN folds backward into the conv/dense layer that feeds it (Conv1D/2D/3D,
     grouped or not, DepthwiseConv1D/2D, SeparableConv1D/2D, Conv*Transpose,
-    Dense) when that layer has a linear activation, is called once, feeds only
+    Dense, EinsumDense with a per-output-channel equation: the classes of
+    `keras_bn_ext.folding.rules.RULES`) when that layer has a linear activation, is called once, feeds only
     this BN, is not a model output, and has its channel axis where the BN
     normalizes; the BN itself must be called once and not forced into training
     mode. BN layers from `keras.layers` and from `keras_bn_ext` both fold.
@@ -110,19 +112,22 @@ def fold_batchnorms(
     plan = RebuildPlan()
     report = FoldReport(params_before=model.count_params())
     for d in decisions:
-        scale, shift = _folding.bn_affine(d.bn)  # validates every BN, kept ones too
         if not d.folded:
+            if d.bn.built:
+                bn_affine(d.bn)  # a kept BN with a broken variance is still a broken model
             report.kept.append(KeptBN(bn=d.path, reason=d.reason))
             continue
+        scale, shift = bn_affine(d.bn)
         plan.drop.add(id(d.bn))
+        if d.keeps_name:
+            plan.named_identity.add(id(d.bn))
         current = plan.new_weights.get(id(d.into))  # a layer may take one BN on each side
         if d.direction == "backward":
-            plan.new_weights[id(d.into)] = _folding.fold_backward(d.into, scale, shift, current)
+            plan.new_weights[id(d.into)] = rules.fold_backward(d.into, scale, shift, current)
         else:
             scale, shift = _input_layout(d, scale, shift)
-            plan.new_weights[id(d.into)] = _folding.fold_forward(d.into, scale, shift, current)
-        if not d.into.use_bias:
-            plan.force_bias.add(id(d.into))
+            plan.new_weights[id(d.into)] = rules.fold_forward(d.into, scale, shift, current)
+        plan.force_bias.add(id(d.into))  # the folded weights always carry a bias
         prefix = d.path[: len(d.path) - len(d.bn.name)]
         report.folded.append(FoldedBN(bn=d.path, into=prefix + d.into.name, direction=d.direction))
     folded = rebuild(model, plan)

@@ -1,0 +1,92 @@
+"""Every use of Keras's private API, in one place.
+
+Keras 3 has no public API to walk a Functional graph node by node or to replay it
+with replaced operations, which is what folding needs. Each function here says why the
+public API does not serve. Tested with the Keras versions in pyproject.toml
+(`keras>=3.8,<4`); when Keras changes one of these, this is the only module to mend.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Callable
+
+__all__ = [
+    "functional_graph",
+    "is_functional",
+    "graph_nodes",
+    "node_call_kwargs",
+    "producer_of",
+    "inputs_struct",
+    "outputs_struct",
+    "run_through_graph",
+    "all_sublayers",
+    "unsafe_deserialization",
+]
+
+
+def is_functional(model) -> bool:
+    """True for a Functional model. `keras.Model` is the base of both Functional and
+    subclassed models; only the private class tells them apart."""
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, Functional)
+
+
+def functional_graph(model):
+    """The Functional graph behind a Sequential model (None before it has an input).
+    Sequential builds it privately; `model.inputs`/`outputs` alone cannot be replayed."""
+    return getattr(model, "_functional", None)
+
+
+def graph_nodes(graph) -> list:
+    """The graph's nodes, inputs first (deepest depth first). `model.operations` lists
+    operations, not their calls: a shared layer has one entry but several nodes."""
+    by_depth = graph._nodes_by_depth
+    return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+
+
+def node_call_kwargs(node) -> dict:
+    """Keyword arguments of one call (e.g. `training=True`); no public accessor."""
+    return node.arguments.kwargs
+
+
+def producer_of(tensor):
+    """The operation (layer or op) that produced a symbolic KerasTensor; the public
+    API has no tensor -> producer lookup."""
+    return tensor._keras_history.operation
+
+
+def inputs_struct(graph):
+    """The inputs in the structure the model was built with (list, dict or a tensor);
+    `model.inputs` is always flattened."""
+    return graph._inputs_struct
+
+
+def outputs_struct(graph):
+    """The outputs in the structure the model was built with (a dict keeps its keys);
+    `model.outputs` is always flattened."""
+    return graph._outputs_struct
+
+
+def run_through_graph(graph, inputs, operation_fn: Callable):
+    """Replay the graph on new symbolic inputs, calling `operation_fn(op)` for the
+    operation of each node. `keras.models.clone_model(call_function=...)` is the public
+    equivalent, but it refuses Sequential models, renames input layers, and returns a
+    list named after the previous layer when a skipped BN produced a dict output."""
+    return graph._run_through_graph(inputs, operation_fn=operation_fn)
+
+
+def all_sublayers(model) -> list:
+    """Every layer inside `model`, at any depth, including those a custom layer holds
+    as attributes (which the graph does not show). `model.layers` is one level only."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def unsafe_deserialization() -> AbstractContextManager:
+    """Safe mode off while copying layers that are already in memory (a Lambda layer
+    loaded with --unsafe). `keras.config.enable_unsafe_deserialization()` would turn it
+    off for the whole process, for good."""
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    return SafeModeScope(False)

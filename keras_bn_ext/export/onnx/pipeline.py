@@ -1,0 +1,102 @@
+"""`export_verified`: fold, convert, check, write, verify — the whole ONNX job.
+
+The file is exported under a temporary name and verified there; it becomes `path` when
+no error stops the run. A failed comparison still renames it (for inspection) and
+says so in the result; an error leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from keras_bn_ext.export.onnx import options
+from keras_bn_ext.export.onnx.convert import ExportReport, export_onnx
+from keras_bn_ext.export.onnx.verify import VerificationReport, verify_onnx
+from keras_bn_ext.model_io import atomic_output
+
+__all__ = ["OnnxResult", "export_verified"]
+
+
+@dataclass
+class OnnxResult:
+    export: ExportReport
+    verification: VerificationReport
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.verification.passed
+
+    def to_dict(self) -> dict:
+        e, v = self.export, self.verification
+        return {
+            "output": e.path,
+            "opset": e.opset,
+            "precision": "float16 weights, float32 inputs/outputs" if e.fp16 else "float32",
+            "folded": e.fold is not None,
+            "bn_folded": e.bn_folded,
+            "fold": e.fold.to_dict() if e.fold else None,
+            "provider": v.provider,
+            "fallback_reason": v.fallback_reason,
+            "onnxruntime_version": v.onnxruntime_version,
+            "inputs": e.inputs,
+            "outputs": [vars(o) for o in v.comparison.outputs],
+            "op_counts": e.op_counts,
+            "batch_sizes": v.batch_sizes,
+            "atol": v.comparison.atol,
+            "rtol": v.comparison.rtol,
+            "latency_ms": v.latency_ms,
+            "timings_s": self.timings_s,
+            "passed": self.passed,
+        }
+
+
+def export_verified(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    fold: bool = True,
+    exclude: Sequence[str] = (),
+    opset: int = options.DEFAULT_OPSET,
+    batch_size: int | None = None,
+    fp16: bool = False,
+    inputs: Sequence[np.ndarray] | None = None,
+    samples: int = options.SAMPLES,
+    provider: str = "auto",
+    require_gpu: bool = False,
+    atol: float | None = None,
+    rtol: float | None = None,
+    benchmark: bool = False,
+) -> OnnxResult:
+    """Export `model` to ONNX at `path` and verify the file on onnxruntime.
+
+    Arguments as `export_onnx` and `verify_onnx`; `atol`/`rtol` default to the float32
+    or float16 tolerances of `options`. Verification uses batches of `batch_size` when
+    it is fixed, else of sizes `options.BATCH_SIZES`.
+
+    Raises:
+        ExportError, VerificationError, GPUUnavailableError, InputDataError.
+    """
+    atol = atol if atol is not None else (options.FP16_ATOL if fp16 else options.FP32_ATOL)
+    rtol = rtol if rtol is not None else (options.FP16_RTOL if fp16 else options.FP32_RTOL)
+    timings: dict[str, float] = {}
+    with atomic_output(path) as tmp:
+        start = time.perf_counter()
+        export = export_onnx(model, tmp, fold=fold, exclude=exclude, opset=opset,
+                             batch_size=batch_size, fp16=fp16)
+        timings["export"] = round(time.perf_counter() - start, 4)
+        start = time.perf_counter()
+        verification = verify_onnx(
+            model, tmp, inputs=inputs, samples=samples,
+            batch_sizes=(batch_size,) if batch_size else options.BATCH_SIZES,
+            provider=provider, require_gpu=require_gpu, atol=atol, rtol=rtol, benchmark=benchmark,
+        )
+        timings["verify"] = round(time.perf_counter() - start, 4)
+    export.path = str(path)
+    return OnnxResult(export=export, verification=verification, timings_s=timings)

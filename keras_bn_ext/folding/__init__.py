@@ -1,0 +1,11 @@
+"""Folding trained BatchNormalization into neighbouring conv/dense layers.
+
+`graph` decides what folds, `rules` holds the per-layer-class maths, `affine` turns a
+BN into its per-channel map, `rebuild` writes the new model, `fold` ties them together.
+"""
+
+from keras_bn_ext._lazy import lazy_attributes
+
+_EXPORTS = {name: "keras_bn_ext.folding.fold" for name in ("FoldedBN", "FoldReport", "KeptBN", "fold_batchnorms")}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

@@ -1,0 +1,128 @@
+"""`fold_to_file`: fold, verify, save, reload what was saved and verify that too.
+
+What is written is what was verified: the file is saved under a temporary name,
+loaded back as a user would load it, compared with the original model, and only then
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import keras
+
+from keras_bn_ext.compare import ComparisonReport, compare_models
+from keras_bn_ext.folding import options
+from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
+from keras_bn_ext.model_io import atomic_output
+
+__all__ = ["FoldResult", "fold_to_file"]
+
+
+@dataclass
+class FoldResult:
+    """What `fold_to_file` did. `output` is None when nothing was written."""
+
+    fold: FoldReport
+    verification: ComparisonReport
+    output: str | None
+    samples: int
+    reload_error: str | None = None  # the saved file could not be loaded back
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.reload_error is None and self.verification.passed
+
+    def to_dict(self) -> dict:
+        v = self.verification
+        return {
+            "output": self.output,
+            **self.fold.to_dict(),
+            "max_abs_err": v.max_abs_err,
+            "max_rel_err": v.max_rel_err,
+            "atol": v.atol,
+            "rtol": v.rtol,
+            "samples": self.samples,
+            "passed": self.passed,
+            "reload_error": self.reload_error,
+            "verification": v.to_dict(),
+            "timings_s": self.timings_s,
+        }
+
+
+def fold_to_file(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    exclude: Sequence[str] = (),
+    samples: int = options.SAMPLES,
+    atol: float = options.ATOL,
+    rtol: float = options.RTOL,
+    safe_mode: bool = True,
+) -> FoldResult:
+    """Fold `model`'s BatchNormalization layers and write the result to `path` (.keras).
+
+    The model is written even when nothing folds (then it is the same model, saved), so
+    a pipeline `fold -> export` behaves the same on every model.
+
+    Args:
+        model: A Functional or Sequential model; never changed.
+        path: The output .keras file (replaced atomically; check it first with
+            `model_io.check_output_path`).
+        exclude: Names of BN layers to keep.
+        samples: Seeded random batches (of `options.VERIFY_BATCH`) to compare on.
+        atol, rtol: An output passes when max|a-b| <= atol + rtol * max|reference|.
+        safe_mode: How the written file is loaded back for its check (False where the
+            model holds Lambda layers the user trusted).
+
+    Returns:
+        A FoldResult. Nothing is written when the folded model or the reloaded file
+        fails the comparison, or when the file does not load back (`reload_error`).
+    """
+    import time
+
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        value = fn()
+        timings[name] = round(time.perf_counter() - start, 4)
+        return value
+
+    folded, report = timed("fold", lambda: fold_batchnorms(model, exclude=exclude))
+
+    def compare(candidate):
+        return compare_models(model, candidate, samples=samples, batch_size=options.VERIFY_BATCH,
+                              atol=atol, rtol=rtol)
+
+    comparison = timed("verify", lambda: compare(folded))
+    result = FoldResult(fold=report, verification=comparison, output=None, samples=samples,
+                        timings_s=timings)
+    if not comparison.passed:
+        return result
+    try:
+        with atomic_output(path) as tmp:
+            timed("save", lambda: folded.save(tmp))
+            try:
+                reloaded = timed("reload", lambda: keras.saving.load_model(tmp, compile=False, safe_mode=safe_mode))
+            except Exception as exc:  # noqa: BLE001 - any load failure means the file is unusable
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                result.reload_error = (
+                    f"the folded model was saved but does not load back: {type(exc).__name__}: {first}"
+                )
+                raise _Abandon() from None
+            result.verification = timed("verify_file", lambda: compare(reloaded))
+            if not result.verification.passed:
+                raise _Abandon()
+    except _Abandon:
+        return result  # atomic_output removed the temporary file
+    result.output = str(Path(path))
+    return result
+
+
+class _Abandon(Exception):
+    """Leave the atomic_output block without renaming (the temporary file is removed)."""

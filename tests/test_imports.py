@@ -1,0 +1,64 @@
+"""The package imports lazily: what each entry point pulls in, checked in fresh processes."""
+
+import json
+import os
+import re
+
+from keras_bn_ext import BatchNormalization
+from tests.helpers import REPO, run_python
+
+HEAVY = ("keras", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "jax")
+
+
+def _loaded_after(code: str) -> set:
+    out = run_python(code + f"\nimport json, sys; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    return set(json.loads(out.strip().splitlines()[-1]))
+
+
+def test_bare_import_loads_neither_keras_nor_tensorflow():
+    assert _loaded_after("import keras_bn_ext") == set()
+
+
+def test_the_layer_imports_keras_but_no_export_stack():
+    loaded = _loaded_after("from keras_bn_ext import BatchNormalization")
+    assert "keras" in loaded and not loaded & {"tf2onnx", "onnx", "onnxruntime"}
+
+
+def test_cli_help_imports_nothing_heavy():
+    code = (
+        "from keras_bn_ext.cli import fold, export_onnx\n"
+        "fold.build_parser().format_help(); export_onnx.build_parser().format_help()"
+    )
+    assert _loaded_after(code) == set()
+
+
+def test_import_registers_the_layer_before_or_after_keras(tmp_path):
+    import keras
+
+    inputs = keras.Input((3,))
+    path = str(tmp_path / "m.keras")
+    keras.Model(inputs, BatchNormalization(name="bn")(inputs)).save(path)
+    for order in ("import keras_bn_ext, keras", "import keras, keras_bn_ext"):
+        out = run_python(f"{order}\nm = keras.saving.load_model({path!r})\nprint(type(m.get_layer('bn')).__module__)")
+        assert out.strip().endswith("keras_bn_ext.layers.batch_normalization"), order
+
+
+def test_no_tool_imports_the_tests():
+    for name in os.listdir(os.path.join(REPO, "tools")):
+        if name.endswith(".py"):
+            text = open(os.path.join(REPO, "tools", name)).read()
+            assert not re.search(r"^\s*(from|import) tests\b", text, re.M), name
+            assert "sys.path" not in text, name
+
+
+def test_keras_private_api_stays_in_its_adapter():
+    """Every use of Keras's private API is in keras_bn_ext/_keras_internals.py."""
+    private = re.compile(r"keras\.src|\._keras_history|\._inbound_nodes|\._run_through_graph|"
+                         r"\._flatten_layers|SafeModeScope|\._nodes_by_depth|\._functional\b|_outputs_struct")
+    package = os.path.join(REPO, "keras_bn_ext")
+    for root, _, files in os.walk(package):
+        for name in files:
+            path = os.path.join(root, name)
+            if name.endswith(".py") and name != "_keras_internals.py":
+                hits = [line for line in open(path) if private.search(line)]
+                assert not hits, (path, hits)
