@@ -8,8 +8,10 @@ public API does not serve. Tested with the Keras versions in pyproject.toml
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import Callable
+from contextlib import AbstractContextManager, contextmanager
+from typing import Callable, Iterator
+
+import keras
 
 __all__ = [
     "functional_graph",
@@ -22,6 +24,7 @@ __all__ = [
     "run_through_graph",
     "all_sublayers",
     "unsafe_deserialization",
+    "traceable_convolutions",
 ]
 
 
@@ -90,3 +93,50 @@ def unsafe_deserialization() -> AbstractContextManager:
     from keras.src.saving.serialization_lib import SafeModeScope
 
     return SafeModeScope(False)
+
+
+@contextmanager
+def traceable_convolutions() -> Iterator[None]:
+    """While tracing a model for tf2onnx, run grouped (and NCDHW) convolutions as a plain
+    `tf.nn.convolution`, which tf2onnx turns into an ONNX Conv with `group`.
+
+    Keras's TensorFlow backend wraps them in an XLA-compiled `tf.function` (TensorFlow's
+    CPU kernels lack them) that tf2onnx leaves unconverted as StatefulPartitionedCall.
+    No public API chooses the implementation; the function `keras.ops.conv` dispatches
+    to is swapped for the block only, and only on the TensorFlow backend. The traced
+    graph is never executed by TensorFlow, only converted.
+    """
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import nn as tf_nn
+
+    original = tf_nn.conv
+
+    def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+        data_format = (data_format or keras.config.image_data_format()).lower()
+        channels = inputs.shape[-1] if data_format == "channels_last" else inputs.shape[1]
+        rank = len(inputs.shape)
+        if channels == kernel.shape[-2] and not (data_format == "channels_first" and rank == 5):
+            return original(inputs, kernel, strides, padding, data_format, dilation_rate)
+        layout = {3: "WC", 4: "HWC", 5: "DHWC"}[rank]
+        layout = "N" + (layout if data_format == "channels_last" else layout[-1] + layout[:-1])
+
+        def convolution(x, w):
+            return tf.nn.convolution(x, w, strides, padding.upper(), data_format=layout,
+                                     dilations=dilation_rate)
+
+        groups = channels // kernel.shape[-2]
+        if rank == 5 and groups > 1:
+            # tf2onnx infers `group` for 1-D/2-D convolutions only: one Conv per group.
+            axis = -1 if data_format == "channels_last" else 1
+            pieces = zip(tf.split(inputs, groups, axis=axis), tf.split(kernel, groups, axis=-1))
+            return tf.concat([convolution(x, w) for x, w in pieces], axis=axis)
+        return convolution(inputs, kernel)
+
+    tf_nn.conv = conv
+    try:
+        yield
+    finally:
+        tf_nn.conv = original

@@ -164,3 +164,43 @@ def test_fp16_export_keeps_float32_io_and_passes_fp16_tolerance(lenet, tmp_path)
     # the fp16 tolerance is 1e-2 relative, and float32's 1e-5 must fail.
     assert verify_onnx(lenet, path, provider="cpu", atol=1e-3, rtol=1e-2).passed
     assert not verify_onnx(lenet, path, provider="cpu", atol=0.0, rtol=1e-6).passed
+
+
+GROUPED = {
+    "conv2d_groups_2": ((8, 8, 4), lambda: layers.Conv2D(6, 3, groups=2)),
+    "conv2d_groups_4_same_strided": ((9, 9, 8), lambda: layers.Conv2D(8, 3, groups=4, padding="same", strides=2)),
+    "conv1d_groups_2_causal": ((10, 4), lambda: layers.Conv1D(6, 3, groups=2, padding="causal")),
+    "conv3d_groups_2": ((5, 5, 5, 4), lambda: layers.Conv3D(4, 2, groups=2)),
+}
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "no_fold"])
+@pytest.mark.parametrize("name", GROUPED)
+def test_grouped_convolutions_export(name, fold, tmp_path):
+    # Keras runs grouped convs through an XLA tf.function that tf2onnx cannot convert;
+    # the export traces them as plain convolutions (ONNX Conv with group, or one per group).
+    shape, make = GROUPED[name]
+    inputs = keras.Input(shape)
+    model = keras.Model(inputs, layers.ReLU()(layers.BatchNormalization()(make()(inputs))))
+    randomize_batchnorms(model)
+    report = export_onnx(model, tmp_path / "g.onnx", fold=fold)
+    assert report.op_counts.get("Conv", 0) >= 1
+    assert verify_onnx(model, tmp_path / "g.onnx", provider="cpu").passed
+
+
+def test_a_layer_tf2onnx_cannot_convert_is_named(tmp_path):
+    import tensorflow as tf
+
+    class XlaScale(layers.Layer):
+        def call(self, x):
+            @tf.function(jit_compile=True)
+            def scale(y):
+                return y * 2.0
+
+            return scale(x)
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, layers.Dense(3)(XlaScale(name="xla_scale")(layers.Dense(4)(inputs))))
+    with pytest.raises(ExportError, match=r"unconverted in layer 'xla_scale' \(XlaScale\): PartitionedCall"):
+        export_onnx(model, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()

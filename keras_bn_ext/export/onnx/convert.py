@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import keras
 
+from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.compare import input_specs, output_names
 from keras_bn_ext.errors import ExportError
 from keras_bn_ext.export.onnx.options import BATCH_DIM, DEFAULT_OPSET, SUPPORTED_OPSETS
@@ -65,6 +67,31 @@ def _order_outputs(proto, names: list[str]) -> None:
     proto.graph.output.extend(copies)
 
 
+def _reject_unconverted(proto, model: keras.Model) -> None:
+    """Raise ExportError naming the Keras layers whose TensorFlow ops tf2onnx left in the
+    graph unconverted (onnx.checker would only say "No Op registered for ...")."""
+    import onnx
+
+    unconverted = [n for n in proto.graph.node
+                   if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type, n.domain)]
+    if not unconverted:
+        return
+    by_name = {layer.name: layer for layer in internals.all_sublayers(model)}
+    culprits = []
+    for node in unconverted:
+        # TensorFlow name scopes are the layer names, uniquified with a "_1" suffix.
+        parts = [p for part in node.name.split("/") for p in (part, re.sub(r"_\d+$", "", part))]
+        layer = next((by_name[p] for p in reversed(parts) if p in by_name), None)
+        where = f"layer '{layer.name}' ({type(layer).__name__})" if layer else f"node '{node.name}'"
+        culprit = f"{where}: {node.op_type}"
+        if culprit not in culprits:
+            culprits.append(culprit)
+    more = f" and {len(culprits) - 3} more" if len(culprits) > 3 else ""
+    raise ExportError(
+        "tf2onnx left TensorFlow operations unconverted in " + "; ".join(culprits[:3]) + more
+    )
+
+
 def to_onnx_proto(model: keras.Model, *, opset: int = DEFAULT_OPSET, batch_size: int | None = None):
     """Convert a Keras model (TensorFlow backend) to an onnx.ModelProto, named as Keras names it."""
     if keras.backend.backend() != "tensorflow":
@@ -89,9 +116,11 @@ def to_onnx_proto(model: keras.Model, *, opset: int = DEFAULT_OPSET, batch_size:
 
     function = tf.function(forward, input_signature=specs, autograph=False)
     try:
-        proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
+        with internals.traceable_convolutions():
+            proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
     except Exception as exc:  # tf2onnx raises whatever its handlers raise
         raise ExportError(f"tf2onnx could not convert the model: {type(exc).__name__}: {exc}") from exc
+    _reject_unconverted(proto, model)
     _order_outputs(proto, names)
     _dim_names(proto, batch_size)
     return proto
