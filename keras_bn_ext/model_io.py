@@ -1,4 +1,5 @@
-"""Reading .keras files with clear, typed errors, and writing outputs atomically."""
+"""Reading .keras (and legacy .h5) model files with clear, typed errors, and writing
+outputs atomically."""
 
 from __future__ import annotations
 
@@ -46,8 +47,30 @@ def import_custom_modules(modules: Sequence[str]) -> None:
 
 
 def check_model_file(path: str | os.PathLike) -> None:
-    """Raise ModelLoadError unless `path` looks like a readable .keras archive."""
+    """Raise ModelLoadError unless `path` looks like a readable model file: a .keras
+    archive, or a legacy Keras H5 file (.h5/.hdf5) that holds a model config."""
     _check_archive(Path(path))
+
+
+H5_SUFFIXES = (".h5", ".hdf5")
+_H5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _check_h5(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(8) != _H5_SIGNATURE:
+            raise ModelLoadError(f"{path} is not an HDF5 file (no HDF5 signature)")
+    import h5py  # Keras's own dependency for legacy H5
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "model_config" not in f.attrs:
+                raise ModelLoadError(
+                    f"{path} holds only weights (no model config); save the whole model "
+                    "(model.save) or rebuild it and load the weights in Python"
+                )
+    except OSError as exc:
+        raise ModelLoadError(f"{path} is a damaged or truncated HDF5 file: {exc}") from exc
 
 
 def _check_archive(path: Path) -> None:
@@ -55,6 +78,9 @@ def _check_archive(path: Path) -> None:
         raise ModelLoadError(f"no such file: {path}")
     if path.is_dir():
         raise ModelLoadError(f"{path} is a directory, not a .keras file")
+    if path.suffix.lower() in H5_SUFFIXES:
+        _check_h5(path)
+        return
     if not zipfile.is_zipfile(path):
         raise ModelLoadError(f"{path} is not a .keras file (not a zip archive)")
     try:
@@ -77,10 +103,11 @@ _UNKNOWN_CLASS = re.compile(r"Could not locate class '([^']+)'|Unknown layer: '?
 
 
 def load_model(path: str | os.PathLike, *, safe_mode: bool = True) -> keras.Model:
-    """Load a .keras file, turning every way it can fail into one ModelLoadError line.
+    """Load a .keras (or legacy Keras .h5/.hdf5) file, turning every way it can fail into
+    one ModelLoadError line.
 
     Args:
-        path: The .keras file.
+        path: The .keras or .h5 file.
         safe_mode: Keras's safe mode: refuse Lambda layers and other code
             stored in the file. Only turn it off for files you trust.
     """

@@ -255,3 +255,34 @@ def test_missing_input_is_reported_before_output_checks(tmp_path, capsys):
     (tmp_path / "gone.folded.keras").write_text("x")
     code, _, err = _run([str(tmp_path / "gone.keras")], capsys)
     assert code == 2 and "no such file" in err
+
+
+def test_legacy_h5_input_folds_to_keras(tmp_path, capsys):
+    from tests.helpers import lenet
+
+    model = lenet(BatchNormalization)
+    randomize_batchnorms(model)
+    h5 = tmp_path / "lenet.h5"
+    model.save(h5)  # Keras's legacy H5 format, as Keras 2 / tf.keras users have it
+    code, out, err = _run([str(h5), "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["output"] == str(tmp_path / "lenet.folded.keras") and report["bn_folded"] == 4
+
+
+@pytest.mark.parametrize("kind", ["weights_only", "truncated"])
+def test_unusable_h5_exit_2(kind, tmp_path, capsys, lenet_path):
+    model = keras.saving.load_model(lenet_path)
+    h5 = tmp_path / "bad.h5"
+    if kind == "weights_only":
+        model.save_weights(tmp_path / "w.weights.h5")
+        os.rename(tmp_path / "w.weights.h5", h5)
+    else:
+        model.save(tmp_path / "full.h5")
+        data = (tmp_path / "full.h5").read_bytes()
+        h5.write_bytes(data[: len(data) // 2])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = _run([str(h5)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert ("only weights" if kind == "weights_only" else "damaged or truncated") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -43,7 +43,7 @@ def add_common_arguments(
 ) -> None:
     """The flags both tools share. atol/rtol None: the tool picks defaults after parsing
     (described by tolerance_help)."""
-    parser.add_argument("model", help="the .keras model file (never modified)")
+    parser.add_argument("model", help="the .keras model file, or a legacy Keras .h5/.hdf5 one (never modified)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--samples", type=positive_int, default=3,
