@@ -13,7 +13,14 @@ import numpy as np
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.folding.affine import is_batchnorm
 
-__all__ = ["batchnorm_layers", "count_batchnorms", "randomize_batchnorms"]
+__all__ = [
+    "APPLICATIONS",
+    "application_model",
+    "batchnorm_layers",
+    "count_batchnorms",
+    "kerashub_backbones",
+    "randomize_batchnorms",
+]
 
 
 def batchnorm_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -41,3 +48,103 @@ def randomize_batchnorms(model: keras.Model, seed: int = 0) -> None:
             values.append(rng.normal(0, 0.2, c))
         values += [rng.normal(0, 0.2, c), rng.uniform(0.5, 1.5, c)]
         layer.set_weights([v.astype(w.dtype) for v, w in zip(values, layer.get_weights())])
+
+
+# -- models nobody on the team wrote ------------------------------------------------------
+
+def _smallest(builder, sizes=(32, 48, 64, 75, 96, 128, 224)):
+    """Build with the smallest square input the architecture accepts."""
+    errors = []
+    for size in sizes:
+        try:
+            return builder(size)
+        except ValueError as exc:  # "Input size must be at least ..."
+            errors.append(str(exc))
+    raise ValueError(f"no input size in {sizes} fits: {errors[-1]}")
+
+
+# keras.applications models that contain BatchNormalization (VGG and ConvNeXt do not).
+APPLICATIONS = (
+    "DenseNet121", "DenseNet169", "DenseNet201",
+    "EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3",
+    "EfficientNetB4", "EfficientNetB5", "EfficientNetB6", "EfficientNetB7",
+    "EfficientNetV2B0", "EfficientNetV2B1", "EfficientNetV2B2", "EfficientNetV2B3",
+    "EfficientNetV2S", "EfficientNetV2M", "EfficientNetV2L",
+    "InceptionResNetV2", "InceptionV3",
+    "MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large",
+    "NASNetMobile", "NASNetLarge",
+    "ResNet50", "ResNet101", "ResNet152", "ResNet50V2", "ResNet101V2", "ResNet152V2",
+    "Xception",
+)
+
+
+def application_model(name: str) -> keras.Model:
+    """`keras.applications.<name>(weights=None)` at the smallest input it accepts, with
+    random BN statistics. The head returns logits: with random statistics a softmax
+    saturates and turns float32 rounding of large logits into large probability errors."""
+    constructor = getattr(keras.applications, name)
+    model = _smallest(lambda size: constructor(weights=None, input_shape=(size, size, 3),
+                                               classifier_activation=None))
+    randomize_batchnorms(model)
+    return model
+
+
+def kerashub_backbones() -> dict:
+    """Small KerasHub vision backbones built from their constructors (never presets:
+    those download weights), as name -> zero-argument builder. Needs keras_hub."""
+    import keras_hub
+
+    m = keras_hub.models
+
+    def resnet(block_type, pre_activation=False):
+        return lambda: m.ResNetBackbone(
+            input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 32],
+            stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type=block_type,
+            use_pre_activation=pre_activation, image_shape=(32, 32, 3))
+
+    def cspnet(block_type):
+        return lambda: m.CSPNetBackbone(
+            stem_filters=16, stem_kernel_size=3, stem_strides=1, stackwise_strides=2,
+            stackwise_depth=[1, 1], stackwise_num_filters=[16, 24], image_shape=(32, 32, 3),
+            down_growth=True, bottle_ratio=(0.5, 1.0), block_ratio=(1.0, 0.5), expand_ratio=(2.0, 1.0),
+            block_type=block_type, stage_type="csp", stem_padding="same")
+
+    return {
+        "ResNetBackbone basic": resnet("basic_block"),
+        "ResNetBackbone basic vd": resnet("basic_block_vd"),
+        "ResNetBackbone bottleneck pre-activation": resnet("bottleneck_block", pre_activation=True),
+        "CSPNetBackbone dark": cspnet("dark_block"),
+        "CSPNetBackbone bottleneck": cspnet("bottleneck_block"),
+        "EfficientNetBackbone": lambda: m.EfficientNetBackbone(
+            stackwise_width_coefficients=[1.0, 1.0], stackwise_depth_coefficients=[1.0, 1.0],
+            stackwise_kernel_sizes=[3, 3], stackwise_num_repeats=[1, 1], stackwise_input_filters=[16, 16],
+            stackwise_output_filters=[16, 24], stackwise_expansion_ratios=[1, 4],
+            stackwise_squeeze_and_excite_ratios=[0.25, 0.25], stackwise_strides=[1, 2],
+            stackwise_block_types=["v1", "v1"], stackwise_force_input_filters=[0, 0],
+            stackwise_nores_option=[False, False], input_shape=(32, 32, 3), num_features=64),
+        "DenseNetBackbone": lambda: m.DenseNetBackbone(
+            stackwise_num_repeats=[1, 1], image_shape=(32, 32, 3), growth_rate=8),
+        "XceptionBackbone": lambda: m.XceptionBackbone(
+            stackwise_conv_filters=[[32, 64], [64, 128], [256, 256]], stackwise_pooling=[True, True, False],
+            image_shape=(64, 64, 3)),
+        "MobileNetBackbone (V3)": lambda: m.MobileNetBackbone(
+            stackwise_expansion=[[40, 56], [64, 144]], stackwise_num_blocks=[2, 2],
+            stackwise_num_filters=[[16, 16], [24, 24]], stackwise_kernel_size=[[3, 3], [5, 5]],
+            stackwise_num_strides=[[2, 1], [2, 1]], stackwise_se_ratio=[[None, None], [0.25, 0.25]],
+            stackwise_activation=[["relu", "relu"], ["hard_swish", "hard_swish"], ["hard_swish"]],
+            stackwise_padding=[[1, 1], [2, 2]], output_num_filters=64, input_activation="hard_swish",
+            output_activation="hard_swish", input_num_filters=16, image_shape=(32, 32, 3),
+            depthwise_filters=8, depthwise_stride=2, depthwise_residual=False, squeeze_and_excite=0.5,
+            last_layer_filter=48),
+        "HGNetV2Backbone": lambda: m.HGNetV2Backbone(
+            embedding_size=32, stem_channels=[3, 16, 32], hidden_act="relu", use_learnable_affine_block=False,
+            image_shape=(64, 64, 3), depths=[1, 1], hidden_sizes=[64, 128],
+            stackwise_stage_filters=[[32, 16, 64, 1, 1, 3], [64, 32, 128, 1, 1, 3]],
+            apply_downsample=[False, True], use_lightweight_conv_block=[False, True]),
+        "DeepLabV3Backbone": lambda: m.DeepLabV3Backbone(
+            image_encoder=m.ResNetBackbone(
+                input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 16, 16],
+                stackwise_num_blocks=[1, 1, 1], stackwise_num_strides=[1, 2, 2], block_type="basic_block"),
+            low_level_feature_key="P2", spatial_pyramid_pooling_key="P4", dilation_rates=[6, 12],
+            upsampling_size=4, image_shape=(64, 64, 3)),
+    }

@@ -204,3 +204,19 @@ def test_a_layer_tf2onnx_cannot_convert_is_named(tmp_path):
     with pytest.raises(ExportError, match=r"unconverted in layer 'xla_scale' \(XlaScale\): PartitionedCall"):
         export_onnx(model, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_onnxruntime_optimizer_error_is_told_apart_from_a_wrong_graph(tmp_path):
+    # ZeroPadding2D -> MaxPooling2D on negative values (ResNet50V2's stem): onnxruntime's
+    # optimizer fuses the zero Pad into the MaxPool, which pads with -inf, so border
+    # windows change. The exported graph is right; the report must say so.
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3, bias_initializer=keras.initializers.Constant(-10.0))(inputs)
+    x = layers.MaxPooling2D(3, strides=2)(layers.ZeroPadding2D(1)(x))
+    model = keras.Model(inputs, layers.Flatten()(x))
+    export_onnx(model, tmp_path / "p.onnx", fold=False)
+    result = verify_onnx(model, tmp_path / "p.onnx", provider="cpu")
+    if result.passed:
+        pytest.skip("this onnxruntime no longer fuses a zero Pad into MaxPool")
+    assert result.unoptimized.passed and "optimizer" in result.diagnosis
+    assert result.to_dict()["unoptimized_max_rel_err"] <= 1e-6

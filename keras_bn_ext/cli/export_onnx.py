@@ -131,6 +131,8 @@ def _print_summary(result: dict) -> None:
         console.print(bench)
     if not result["passed"]:
         console.print(f"[red]verification failed; {result['output']} is kept for inspection[/red]")
+        if result["diagnosis"]:
+            console.print(f"  {result['diagnosis']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,33 @@ def _order_outputs(proto, names: list[str]) -> None:
     proto.graph.output.extend(copies)
 
 
+def _freeze_captured_constants(proto, function, input_names: set) -> None:
+    """Turn graph inputs that are really captured constants into initializers.
+
+    A layer may hold its state as a plain tensor rather than a variable (keras's
+    Normalization does after a .keras load: mean and variance become EagerTensors).
+    tf2onnx freezes variables but leaves such captures as extra graph inputs, which no
+    user can feed. Their values are the concrete function's captured inputs."""
+    import numpy as np
+    import onnx
+
+    extra = [i for i in proto.graph.input if i.name not in input_names]
+    if not extra:
+        return
+    concrete = function.get_concrete_function()
+    values = {}
+    for placeholder, value in zip(concrete.graph.internal_captures, concrete.captured_inputs):
+        if getattr(value, "dtype", None) is not None and value.dtype.name != "resource":
+            values[placeholder.name] = np.asarray(value)
+    for graph_input in extra:
+        if graph_input.name in values:
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(values[graph_input.name], graph_input.name))
+            proto.graph.input.remove(graph_input)
+    left = [i.name for i in proto.graph.input if i.name not in input_names]
+    if left:
+        raise ExportError(f"the ONNX graph has inputs that are not model inputs: {left}")
+
+
 def _reject_unconverted(proto, model: keras.Model) -> None:
     """Raise ExportError naming the Keras layers whose TensorFlow ops tf2onnx left in the
     graph unconverted (onnx.checker would only say "No Op registered for ...")."""
@@ -120,6 +147,7 @@ def to_onnx_proto(model: keras.Model, *, opset: int = DEFAULT_OPSET, batch_size:
             proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
     except Exception as exc:  # tf2onnx raises whatever its handlers raise
         raise ExportError(f"tf2onnx could not convert the model: {type(exc).__name__}: {exc}") from exc
+    _freeze_captured_constants(proto, function, {spec.name for spec in specs})
     _reject_unconverted(proto, model)
     _order_outputs(proto, names)
     _dim_names(proto, batch_size)

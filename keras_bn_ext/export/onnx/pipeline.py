@@ -52,6 +52,8 @@ class OnnxResult:
             "atol": v.comparison.atol,
             "rtol": v.comparison.rtol,
             "latency_ms": v.latency_ms,
+            "unoptimized_max_rel_err": v.unoptimized.max_rel_err if v.unoptimized else None,
+            "diagnosis": v.diagnosis,
             "timings_s": self.timings_s,
             "passed": self.passed,
         }

@@ -51,10 +51,26 @@ class VerificationReport:
     batch_sizes: list[int] = field(default_factory=list)
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     onnxruntime_version: str = ""
+    # Only when the comparison failed: the same run with onnxruntime's graph
+    # optimizations off. If it passes, the exported graph is right and the optimizer is not.
+    unoptimized: ComparisonReport | None = None
 
     @property
     def passed(self) -> bool:
         return self.comparison.passed
+
+    @property
+    def diagnosis(self) -> str | None:
+        if self.unoptimized is None:
+            return None
+        if self.unoptimized.passed:
+            return (
+                "the exported graph is right: with onnxruntime's graph optimizations off it "
+                f"agrees to {self.unoptimized.max_rel_err:.2g} relative; onnxruntime's optimizer "
+                "changes its outputs (disable_optimizers or a lower graph_optimization_level "
+                "avoids it)"
+            )
+        return "the outputs differ with onnxruntime's graph optimizations off too"
 
     def to_dict(self) -> dict:
         return {
@@ -66,6 +82,8 @@ class VerificationReport:
             "inputs": self.inputs,
             **self.comparison.to_dict(),
             "latency_ms": self.latency_ms,
+            "unoptimized_max_rel_err": self.unoptimized.max_rel_err if self.unoptimized else None,
+            "diagnosis": self.diagnosis,
         }
 
 
@@ -102,8 +120,10 @@ def run_onnxruntime(
     provider: str = "auto",
     repeats: int = 0,
     threads: int | None = None,
+    optimizations: bool = True,
 ) -> tuple[list[list[np.ndarray]], dict]:
     """Run the ONNX model on each batch in a child process (see _ort_worker).
+    `optimizations=False` turns onnxruntime's graph optimizations off.
 
     Returns the outputs per batch (in the ONNX graph's output order) and the worker's
     metadata (provider used, available providers, latencies, its log).
@@ -116,6 +136,7 @@ def run_onnxruntime(
         "batches": len(batches),
         "repeats": repeats,
         "threads": threads,
+        "optimizations": optimizations,
     }
     arrays = {f"b{i}__{name}": np.ascontiguousarray(b[name]) for i, b in enumerate(batches) for name in input_names}
     with tempfile.TemporaryDirectory(prefix="keras_bn_ext_ort_") as tmp:
@@ -135,6 +156,18 @@ def run_onnxruntime(
             outputs = [[res[f"b{i}__o{j}"] for j in range(n_out)] for i in range(len(batches))]
     out_meta["log"] = proc.stderr
     return outputs, out_meta
+
+
+def _in_keras_order(got, meta: dict, keras_names: list) -> list:
+    """Outputs per batch reordered from the ONNX session's order to Keras's."""
+    if meta["output_names"] == keras_names:
+        return got
+    order = {n: i for i, n in enumerate(meta["output_names"])}
+    if set(order) != set(keras_names):
+        raise VerificationError(
+            f"ONNX outputs {meta['output_names']} do not match the Keras outputs {keras_names}"
+        )
+    return [[b[order[n]] for n in keras_names] for b in got]
 
 
 @contextmanager
@@ -228,16 +261,17 @@ def verify_onnx(
         onnx_path, feeds, provider=provider, repeats=benchmark_repeats if benchmark else 0
     )
     keras_names = output_names(model)
-    if meta["output_names"] != keras_names:
-        order = {n: i for i, n in enumerate(meta["output_names"])}
-        if set(order) != set(keras_names):
-            raise VerificationError(
-                f"ONNX outputs {meta['output_names']} do not match the Keras outputs {keras_names}"
-            )
-        got = [[b[order[n]] for n in keras_names] for b in got]
+    got = _in_keras_order(got, meta, keras_names)
     with _tf32_off():
         reference = [keras_outputs(model, b) for b in batches]
     comparison = compare_output_lists(reference, got, keras_names, atol=atol, rtol=rtol)
+    unoptimized = None
+    if not comparison.passed:
+        # Tell a wrong graph from onnxruntime's optimizer rewriting a right one (seen:
+        # it fuses a zero Pad into the next MaxPool, which pads with -inf instead).
+        plain, plain_meta = run_onnxruntime(onnx_path, feeds, provider=provider, optimizations=False)
+        plain = _in_keras_order(plain, plain_meta, keras_names)
+        unoptimized = compare_output_lists(reference, plain, keras_names, atol=atol, rtol=rtol)
 
     used = meta["provider"]
     fallback = None
@@ -263,4 +297,5 @@ def verify_onnx(
         batch_sizes=sizes,
         latency_ms=latency,
         onnxruntime_version=meta.get("version", ""),
+        unoptimized=unoptimized,
     )

@@ -1,0 +1,180 @@
+"""Zoo sweep: fold and export models nobody on the team wrote, and record the errors.
+
+Every keras.applications family that contains BatchNormalization (weights=None, the
+smallest input it accepts, random BN statistics) and small KerasHub vision backbones
+built from their constructors go through what the tools run: `fold_to_file` (fold,
+verify, save, reload, verify the file) and `export_onnx` + `verify_onnx` on the
+onnxruntime CPU provider, the ONNX outputs compared with the *original* model's.
+
+    python tools/zoo.py                 # the full sweep -> docs/ZOO.md, docs/zoo.json
+    python tools/zoo.py --quick --out DIR   # the subset CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+
+from keras_bn_ext.errors import KerasBnExtError  # noqa: E402
+from keras_bn_ext.export.onnx.convert import export_onnx  # noqa: E402
+from keras_bn_ext.export.onnx.verify import verify_onnx  # noqa: E402
+from keras_bn_ext.folding.save import fold_to_file  # noqa: E402
+from keras_bn_ext.testing import (  # noqa: E402
+    APPLICATIONS,
+    application_model,
+    count_batchnorms,
+    kerashub_backbones,
+    randomize_batchnorms,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+LIMIT = 1e-5  # max relative error allowed for the fold and for the ONNX export
+QUICK_APPLICATIONS = ("MobileNetV3Small", "EfficientNetB0", "ResNet50V2", "DenseNet121")
+QUICK_KERASHUB = ("ResNetBackbone bottleneck pre-activation", "CSPNetBackbone dark", "MobileNetBackbone (V3)",
+                  "HGNetV2Backbone")
+
+
+def _reason_kind(reason: str) -> str:
+    """The rule of a kept reason, without layer names: 'its input comes from ... (Add)' -> 'after Add'."""
+    head = reason.split(";")[0]
+    if head.startswith("its input comes from"):
+        return "after " + head.rsplit("(", 1)[-1].split(")")[0]
+    if head.startswith("inside custom layer"):
+        return "inside custom layer " + head.split("(", 1)[1].split(")")[0]
+    return head[:60]
+
+
+def sweep_one(source: str, name: str, build) -> dict:
+    row = {"source": source, "model": name}
+    start = time.perf_counter()
+    try:
+        model = build()
+        randomize_batchnorms(model)
+        row["input"] = list(model.inputs[0].shape[1:])
+        row["bn_total"] = count_batchnorms(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = fold_to_file(model, Path(tmp) / "folded.keras", samples=1)
+            report = result.fold
+            row.update(
+                bn_counted=report.bn_total,
+                bn_folded=report.bn_folded,
+                kept=dict(collections.Counter(_reason_kind(k.reason) for k in report.kept)),
+                fold_max_rel_err=result.verification.max_rel_err,
+                reload_error=result.reload_error,
+            )
+            if result.output is None:
+                row["status"] = "not written: " + (result.reload_error or "fold verification failed")
+                return row
+            folded = keras.saving.load_model(result.output, compile=False)
+            export = export_onnx(folded, Path(tmp) / "m.onnx", fold=False)
+            verification = verify_onnx(model, Path(tmp) / "m.onnx", provider="cpu", samples=1, batch_sizes=(2,))
+            row["onnx_max_rel_err"] = verification.comparison.max_rel_err
+            row["onnx_unoptimized_max_rel_err"] = (
+                verification.unoptimized.max_rel_err if verification.unoptimized else None)
+            row["onnx_bn_ops"] = export.op_counts.get("BatchNormalization", 0)
+            ok = row["fold_max_rel_err"] <= LIMIT and row["onnx_max_rel_err"] <= LIMIT
+            ok = ok and row["bn_counted"] == row["bn_total"]
+            row["status"] = "ok" if ok else "ERROR above 1e-5 or BNs uncounted"
+            if verification.unoptimized is not None and verification.unoptimized.passed:
+                row["status"] = (f"onnxruntime optimizer: exact graph ({row['onnx_unoptimized_max_rel_err']:.1e} "
+                                 "with optimizations off)")
+    except (KerasBnExtError, Exception) as exc:  # noqa: BLE001 - a sweep records, it does not stop
+        row["status"] = f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        row["traceback"] = traceback.format_exc()[-2000:]
+    finally:
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        keras.backend.clear_session()
+    return row
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = [
+        "# Zoo sweep",
+        "",
+        f"`python tools/zoo.py{' --quick' if result['quick'] else ''}` on {result['date']} "
+        f"({result['machine']}; " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + "). "
+        "Each model: weights=None at the smallest input it accepts, random BN statistics; "
+        "`fold_to_file` (fold, verify, save, reload, verify the file) then `export_onnx` of the "
+        "reloaded folded model and `verify_onnx` on onnxruntime's CPU provider against the "
+        "**original** model. Errors are max|a−b| / max|reference| on random batches. "
+        f"Limit: {LIMIT:g}.",
+        "",
+        "| source | model | input | BN total | folded | kept, by reason | fold rel err | ONNX rel err | s | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        kept = "; ".join(f"{v}× {k}" for k, v in r.get("kept", {}).items()) or "–"
+
+        def err(key, r=r):
+            return f"{r[key]:.1e}" if r.get(key) is not None else "–"
+
+        lines.append(
+            f"| {r['source']} | {r['model']} | {'×'.join(map(str, r.get('input', [])))} | {r.get('bn_total', '–')} | "
+            f"{r.get('bn_folded', '–')} | {kept} | {err('fold_max_rel_err')} | {err('onnx_max_rel_err')} | "
+            f"{r['seconds']} | {r['status']} |"
+        )
+    ok = sum(r["status"] == "ok" for r in result["rows"])
+    lines += ["", f"{ok} of {len(result['rows'])} ok; sweep took {result['seconds']:.0f} s.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the subset CI runs")
+    parser.add_argument("--out", default=str(REPO / "docs"), help="folder for ZOO.md and zoo.json (default: docs/)")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="only these models; repeatable")
+    args = parser.parse_args(argv)
+    candidates = [("keras.applications", n, lambda n=n: application_model(n)) for n in APPLICATIONS]
+    try:
+        candidates += [("KerasHub", n, b) for n, b in kerashub_backbones().items()]
+    except ImportError:
+        print("keras_hub is not installed: KerasHub backbones skipped", file=sys.stderr)
+    if args.quick:
+        candidates = [c for c in candidates if c[1] in QUICK_APPLICATIONS + QUICK_KERASHUB]
+    if args.only:
+        candidates = [c for c in candidates if c[1] in args.only]
+    started = time.perf_counter()
+    rows = []
+    for source, name, build in candidates:
+        row = sweep_one(source, name, build)
+        rows.append(row)
+        print(f"{name}: {row['status']} ({row['seconds']} s)", flush=True)
+    import onnxruntime
+    import tensorflow as tf
+    import tf2onnx
+
+    versions = {"tensorflow": tf.__version__, "keras": keras.__version__, "tf2onnx": tf2onnx.__version__,
+                "onnxruntime": onnxruntime.__version__}
+    try:
+        import keras_hub
+
+        versions["keras_hub"] = keras_hub.__version__
+    except ImportError:
+        pass
+    result = {"date": datetime.date.today().isoformat(), "quick": args.quick,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": versions,
+              "rows": rows, "seconds": time.perf_counter() - started}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "zoo.json").write_text(json.dumps(result, indent=2))
+    write_markdown(result, out / "ZOO.md")
+    bad = [r["model"] for r in rows if r["status"] != "ok"]
+    print(f"{len(rows) - len(bad)} of {len(rows)} ok" + (f"; not ok: {', '.join(bad)}" if bad else ""))
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
