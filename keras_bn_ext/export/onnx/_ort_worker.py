@@ -5,7 +5,8 @@ neither this package nor TensorFlow: TensorFlow 2.21 loads CUDA 12 and
 onnxruntime-gpu >= 1.27 CUDA 13, and the two must not meet in one process.
 
 REQUEST is an .npz with a JSON string `__meta__` ({"model", "providers",
-"input_names", "batches", "repeats", "threads", "optimizations"}) and arrays `b{i}__{input name}`. RESPONSE is an
+"input_names", "batches", "repeats", "threads", "optimizations",
+"disabled_optimizers"}) and arrays `b{i}__{input name}`. RESPONSE is an
 .npz with `__meta__` ({"provider", "available", "log", "latency_ms"}) and arrays
 `b{i}__o{j}` in the session's output order.
 """
@@ -40,7 +41,8 @@ def main(request_path: str, response_path: str) -> int:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if meta.get("threads"):
         options.intra_op_num_threads = int(meta["threads"])
-    session = ort.InferenceSession(meta["model"], sess_options=options, providers=providers)
+    session = ort.InferenceSession(meta["model"], sess_options=options, providers=providers,
+                                   disabled_optimizers=meta.get("disabled_optimizers") or None)
     used = session.get_providers()[0]
     output_names = [o.name for o in session.get_outputs()]
 

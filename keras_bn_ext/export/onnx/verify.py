@@ -34,6 +34,11 @@ from keras_bn_ext.latency import interleaved_timings, keras_forward
 
 __all__ = ["verify_onnx", "VerificationReport", "run_onnxruntime", "load_inputs_npz"]
 
+# onnxruntime graph rewrites seen to change outputs, with what they do wrong.
+KNOWN_BAD_REWRITES = {
+    "Pad_Fusion": "it fuses a zero Pad into the next MaxPool, which pads with -inf, so border "
+                  "windows of negative values change",
+}
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 # TF32 rounds matmul inputs to 10 mantissa bits (~1e-3 relative): off, or fp32
@@ -54,6 +59,7 @@ class VerificationReport:
     # Only when the comparison failed: the same run with onnxruntime's graph
     # optimizations off. If it passes, the exported graph is right and the optimizer is not.
     unoptimized: ComparisonReport | None = None
+    optimizer_culprit: str | None = None  # the onnxruntime rewrite that, turned off, fixes it
 
     @property
     def passed(self) -> bool:
@@ -63,6 +69,13 @@ class VerificationReport:
     def diagnosis(self) -> str | None:
         if self.unoptimized is None:
             return None
+        if self.unoptimized.passed and self.optimizer_culprit:
+            return (
+                f"the exported graph is right (with onnxruntime's graph optimizations off it agrees to "
+                f"{self.unoptimized.max_rel_err:.2g} relative); onnxruntime's '{self.optimizer_culprit}' "
+                f"rewrite changes its outputs: {KNOWN_BAD_REWRITES[self.optimizer_culprit]}; create the "
+                f"session with disabled_optimizers=['{self.optimizer_culprit}']"
+            )
         if self.unoptimized.passed:
             return (
                 "the exported graph is right: with onnxruntime's graph optimizations off it "
@@ -121,9 +134,11 @@ def run_onnxruntime(
     repeats: int = 0,
     threads: int | None = None,
     optimizations: bool = True,
+    disabled_optimizers: Sequence[str] = (),
 ) -> tuple[list[list[np.ndarray]], dict]:
     """Run the ONNX model on each batch in a child process (see _ort_worker).
-    `optimizations=False` turns onnxruntime's graph optimizations off.
+    `optimizations=False` turns onnxruntime's graph optimizations off;
+    `disabled_optimizers` turns named ones off.
 
     Returns the outputs per batch (in the ONNX graph's output order) and the worker's
     metadata (provider used, available providers, latencies, its log).
@@ -137,6 +152,7 @@ def run_onnxruntime(
         "repeats": repeats,
         "threads": threads,
         "optimizations": optimizations,
+        "disabled_optimizers": list(disabled_optimizers),
     }
     arrays = {f"b{i}__{name}": np.ascontiguousarray(b[name]) for i, b in enumerate(batches) for name in input_names}
     with tempfile.TemporaryDirectory(prefix="keras_bn_ext_ort_") as tmp:
@@ -265,13 +281,18 @@ def verify_onnx(
     with _tf32_off():
         reference = [keras_outputs(model, b) for b in batches]
     comparison = compare_output_lists(reference, got, keras_names, atol=atol, rtol=rtol)
-    unoptimized = None
+    unoptimized, culprit = None, None
     if not comparison.passed:
-        # Tell a wrong graph from onnxruntime's optimizer rewriting a right one (seen:
-        # it fuses a zero Pad into the next MaxPool, which pads with -inf instead).
-        plain, plain_meta = run_onnxruntime(onnx_path, feeds, provider=provider, optimizations=False)
-        plain = _in_keras_order(plain, plain_meta, keras_names)
-        unoptimized = compare_output_lists(reference, plain, keras_names, atol=atol, rtol=rtol)
+        # Tell a wrong graph from onnxruntime's optimizer rewriting a right one.
+        def rerun(**options):
+            out, out_meta = run_onnxruntime(onnx_path, feeds, provider=provider, **options)
+            return compare_output_lists(reference, _in_keras_order(out, out_meta, keras_names), keras_names,
+                                        atol=atol, rtol=rtol)
+
+        unoptimized = rerun(optimizations=False)
+        if unoptimized.passed:
+            culprit = next((rule for rule in KNOWN_BAD_REWRITES
+                            if rerun(disabled_optimizers=[rule]).passed), None)
 
     used = meta["provider"]
     fallback = None
@@ -298,4 +319,5 @@ def verify_onnx(
         latency_ms=latency,
         onnxruntime_version=meta.get("version", ""),
         unoptimized=unoptimized,
+        optimizer_culprit=culprit,
     )
