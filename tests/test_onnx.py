@@ -126,7 +126,13 @@ def test_auto_provider_reports_what_ran(lenet, tmp_path):
     result = verify_onnx(lenet, path, provider="auto")
     assert result.passed
     if result.provider == "CPUExecutionProvider":
-        assert result.fallback_reason  # never a silent fallback
+        # Never a silent fallback: one line, onnxruntime's own specific reason (with a
+        # GPU build and no CUDA libraries, the library that failed to load).
+        reason = result.fallback_reason
+        assert reason.startswith("CUDA could not be used") and "\n" not in reason and "\x1b" not in reason
+        if "CUDAExecutionProvider" in result.to_dict().get("available", ["CUDAExecutionProvider"]):
+            assert "Node placements" not in reason and "[V:" not in reason
+        assert result.placement is None
     else:
         assert result.provider == "CUDAExecutionProvider" and result.fallback_reason is None
 

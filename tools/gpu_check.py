@@ -12,9 +12,12 @@ MODEL.onnx (bn-export-onnx's API), inputs and the TensorFlow CPU float32 outputs
 `check` loads the original and folded .keras files through Keras's JAX backend, runs
 them on the GPU with TF32 off ("highest" matmul precision) and on ("tensorfloat32"),
 and compares with the CPU reference, with each other and with the ONNX model on
-onnxruntime (CPU build there; onnxruntime-gpu's wheel is too large to carry). It
-prints and writes a JSON report; exit 1 when a TF32-off comparison exceeds 1e-5
-relative, or when JAX sees no GPU.
+onnxruntime's CPU provider. It also runs each ONNX model through keras_bn_ext's own
+onnxruntime worker on the CUDA provider (TF32 off and on; onnxruntime-gpu carried onto
+the machine as ../shared/notes/gpu-onnxruntime.md describes), with the provider that
+really ran, the nodes onnxruntime placed on the CPU and the Memcpy nodes it added; when
+onnxruntime-gpu is not there it says so and runs the rest. It prints and writes a JSON
+report; exit 1 when a TF32-off comparison exceeds 1e-5 relative, or when JAX sees no GPU.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ def prepare(directory: str) -> None:
     import keras
 
     from keras_bn_ext import export_onnx, fold_batchnorms, lenet_bn
-
     from keras_bn_ext.testing import randomize_batchnorms
 
     os.makedirs(directory, exist_ok=True)
@@ -114,6 +116,9 @@ def check(directory: str, out: str | None) -> int:
                 }
                 if tf32 == "off" and max(entry[key]["vs_tf_cpu_reference"], entry[key]["vs_onnx"]) > RTOL_FP32:
                     ok = False
+        entry["onnxruntime_cuda"] = _onnxruntime_cuda(ort, os.path.join(directory, f"{name}.onnx"), x, reference)
+        if entry["onnxruntime_cuda"].get("tf32_off", {}).get("vs_tf_cpu_reference", 0.0) > RTOL_FP32:
+            ok = False
         result["models"][name] = entry
     result["passed"] = ok
     text = json.dumps(result, indent=2)
@@ -124,6 +129,29 @@ def check(directory: str, out: str | None) -> int:
     if not on_gpu:
         print("JAX sees no GPU: nothing was checked on a GPU", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _onnxruntime_cuda(ort, onnx_path: str, x, reference) -> dict:
+    """The ONNX model through keras_bn_ext's worker on CUDA, TF32 off and on."""
+    from keras_bn_ext.export.onnx.placement import parse_placement
+    from keras_bn_ext.export.onnx.verify import run_onnxruntime
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return {"skipped": f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
+                           "(the CPU package; carry onnxruntime-gpu to run this part)"}
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x}
+    entry = {}
+    for tf32 in (False, True):
+        outputs, meta = run_onnxruntime(onnx_path, [feed], provider="cuda", tf32=tf32)
+        placement = parse_placement(meta["log"])
+        entry["tf32_on" if tf32 else "tf32_off"] = {
+            "provider": meta["provider"],
+            "preload": meta.get("preload"),
+            "vs_tf_cpu_reference": _rel(outputs[0][0], reference),
+            "placement": placement.to_dict() if placement else None,
+        }
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onnxruntime execution provider: auto = CUDA then CPU (default)")
     parser.add_argument("--require-gpu", action="store_true",
                         help="fail (exit 2) when onnxruntime falls back to the CPU")
+    parser.add_argument("--require-all-gpu", action="store_true",
+                        help="fail (exit 2) unless CUDA ran and every compute node was placed on it "
+                             "(shape computations onnxruntime keeps on the CPU on purpose excepted)")
     parser.add_argument("--inputs", metavar="NPZ",
                         help="verify on these arrays (an .npz keyed by input name) instead of "
                              "random batches")
@@ -81,7 +84,8 @@ def _work(args) -> int:
     result = export_verified(
         model, output, fold=not args.no_fold, exclude=args.exclude, opset=args.opset,
         batch_size=args.batch_size, fp16=args.fp16, inputs=inputs, samples=args.samples,
-        provider=args.provider, require_gpu=args.require_gpu, atol=args.atol, rtol=args.rtol,
+        provider=args.provider, require_gpu=args.require_gpu, require_all_gpu=args.require_all_gpu,
+        atol=args.atol, rtol=args.rtol,
         benchmark=args.benchmark,
     )
     result.timings_s = {**seconds, **result.timings_s}
@@ -110,6 +114,15 @@ def _print_summary(result: dict) -> None:
     console.print(f"onnxruntime {result['onnxruntime_version']} ran on [bold]{result['provider']}[/bold]")
     if result["fallback_reason"]:
         console.print(f"  fell back to the CPU: {result['fallback_reason']}")
+    placement = result["placement"]
+    if placement and (placement["cpu_nodes"] or placement["memcpy_nodes"]):
+        nodes = Table(title=f"nodes onnxruntime placed on the CPU inside the CUDA session "
+                            f"({placement['memcpy_nodes']} Memcpy nodes inserted)")
+        for column in ("op", "node", "compute", "onnxruntime's reason"):
+            nodes.add_column(column)
+        for n in placement["cpu_nodes"]:
+            nodes.add_row(n["op_type"], n["name"], "yes" if n["compute"] else "no", n["reason"])
+        console.print(nodes)
     table = Table(title="ONNX outputs vs Keras outputs")
     for column in ("output", "max abs err", "max rel err", "mean abs err", "result"):
         table.add_column(column)

@@ -36,19 +36,29 @@ def main(request_path: str, response_path: str) -> int:
             providers.append((name, options))
     if not providers:
         providers = [("CPUExecutionProvider", {})]
+    gpu = any(name != "CPUExecutionProvider" for name, _ in providers)
+    preload = _preload_gpu_libraries(ort) if gpu else None
     options = ort.SessionOptions()
+    if gpu:
+        # Verbose while the session is created: onnxruntime then lists where every node
+        # was placed (and why some went to the CPU). Quiet again for the runs.
+        options.log_severity_level = 0
+        ort.set_default_logger_severity(0)
     if meta.get("optimizations") is False:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if meta.get("threads"):
         options.intra_op_num_threads = int(meta["threads"])
     session = ort.InferenceSession(meta["model"], sess_options=options, providers=providers,
                                    disabled_optimizers=meta.get("disabled_optimizers") or None)
+    ort.set_default_logger_severity(3)
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 3
     used = session.get_providers()[0]
     output_names = [o.name for o in session.get_outputs()]
 
     result = {}
     for i, feed in enumerate(batches):
-        for j, out in enumerate(session.run(output_names, feed)):
+        for j, out in enumerate(session.run(output_names, feed, run_options)):
             result[f"b{i}__o{j}"] = out
 
     latency = {}
@@ -56,7 +66,7 @@ def main(request_path: str, response_path: str) -> int:
         times = []
         for _ in range(int(meta.get("repeats", 0))):
             start = time.perf_counter()
-            session.run(output_names, feed)
+            session.run(output_names, feed, run_options)
             times.append((time.perf_counter() - start) * 1e3)
         if times:
             latency[str(batch_size)] = sorted(times)[len(times) // 2]
@@ -67,9 +77,30 @@ def main(request_path: str, response_path: str) -> int:
         "output_names": output_names,
         "latency_ms": latency,
         "version": ort.__version__,
+        "preload": preload,
     }
     np.savez(response_path, __meta__=np.array(json.dumps(out_meta)), **result)
     return 0
+
+
+def _preload_gpu_libraries(ort) -> dict:
+    """onnxruntime.preload_dlls() (onnxruntime-gpu >= 1.21) loads the CUDA and cuDNN
+    libraries that `pip install onnxruntime-gpu[cuda,cudnn]` puts in site-packages, which
+    the loader does not search by itself. What it prints and any error it raises are
+    kept for the fallback reason; it never stops the run."""
+    import contextlib
+    import io
+
+    if not hasattr(ort, "preload_dlls"):
+        return {"called": False, "error": None, "messages": []}
+    printed = io.StringIO()
+    error = None
+    try:
+        with contextlib.redirect_stdout(printed):
+            ort.preload_dlls()
+    except Exception as exc:  # noqa: BLE001 - a failed preload is a reason, not a crash
+        error = f"{type(exc).__name__}: {exc}"
+    return {"called": True, "error": error, "messages": printed.getvalue().strip().splitlines()}
 
 
 def _by_batch_size(batches):

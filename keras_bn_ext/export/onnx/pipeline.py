@@ -54,6 +54,7 @@ class OnnxResult:
             "latency_ms": v.latency_ms,
             "unoptimized_max_rel_err": v.unoptimized.max_rel_err if v.unoptimized else None,
             "diagnosis": v.diagnosis,
+            "placement": v.placement.to_dict() if v.placement else None,
             "timings_s": self.timings_s,
             "passed": self.passed,
         }
@@ -72,6 +73,7 @@ def export_verified(
     samples: int = options.SAMPLES,
     provider: str = "auto",
     require_gpu: bool = False,
+    require_all_gpu: bool = False,
     atol: float | None = None,
     rtol: float | None = None,
     benchmark: bool = False,
@@ -97,7 +99,7 @@ def export_verified(
         verification = verify_onnx(
             model, tmp, inputs=inputs, samples=samples,
             batch_sizes=(batch_size,) if batch_size else options.BATCH_SIZES,
-            provider=provider, require_gpu=require_gpu, atol=atol, rtol=rtol, benchmark=benchmark,
+            provider=provider, require_gpu=require_gpu, require_all_gpu=require_all_gpu, atol=atol, rtol=rtol, benchmark=benchmark,
         )
         timings["verify"] = round(time.perf_counter() - start, 4)
     export.path = str(path)

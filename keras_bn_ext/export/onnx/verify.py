@@ -30,6 +30,7 @@ from keras_bn_ext.compare import (
 from keras_bn_ext.errors import GPUUnavailableError, InputDataError, VerificationError
 from keras_bn_ext.export.onnx import options
 from keras_bn_ext.export.onnx.options import PROVIDERS
+from keras_bn_ext.export.onnx.placement import Placement, parse_placement
 from keras_bn_ext.latency import interleaved_timings, keras_forward
 
 __all__ = ["verify_onnx", "VerificationReport", "run_onnxruntime", "load_inputs_npz"]
@@ -60,6 +61,7 @@ class VerificationReport:
     # optimizations off. If it passes, the exported graph is right and the optimizer is not.
     unoptimized: ComparisonReport | None = None
     optimizer_culprit: str | None = None  # the onnxruntime rewrite that, turned off, fixes it
+    placement: Placement | None = None  # CUDA runs only: nodes onnxruntime put on the CPU
 
     @property
     def passed(self) -> bool:
@@ -97,21 +99,27 @@ class VerificationReport:
             "latency_ms": self.latency_ms,
             "unoptimized_max_rel_err": self.unoptimized.max_rel_err if self.unoptimized else None,
             "diagnosis": self.diagnosis,
+            "placement": self.placement.to_dict() if self.placement else None,
         }
 
 
-def _providers(provider: str) -> list:
+def _providers(provider: str, tf32: bool = False) -> list:
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}. Received: provider={provider!r}")
     if provider == "cpu":
         return [(_CPU, {})]
-    return [(_CUDA, _CUDA_OPTIONS), (_CPU, {})]
+    return [(_CUDA, {**_CUDA_OPTIONS, "use_tf32": "1" if tf32 else "0"}), (_CPU, {})]
 
 
 def _fallback_reason(meta: dict, log: str) -> str:
     if _CUDA not in meta["available"]:
         return "this onnxruntime build has no CUDAExecutionProvider (CPU-only package)"
+    preload = meta.get("preload") or {}
+    suffix = f"; onnxruntime.preload_dlls() failed: {preload['error']}" if preload.get("error") else ""
+    # The session is created with verbose logging: look at errors and warnings first.
     lines = [line for line in log.splitlines() if re.search(r"cuda|CUDA|libcu|GPU", line)]
+    lines = ([line for line in lines if "with error:" in line]
+             + [line for line in lines if re.search(r"\[[EW]:onnxruntime", line)] + lines)
     if lines:
         # onnxruntime's log: "... Failed to load library libonnxruntime_providers_cuda.so
         # with error: libcublasLt.so.13: cannot open shared object file ..."
@@ -122,8 +130,9 @@ def _fallback_reason(meta: dict, log: str) -> str:
             text = f"loading {name} failed: " + text.split("with error:", 1)[1].strip()
         else:
             text = re.sub(r"^.*?\] ", "", text).strip()
-        return f"CUDA could not be used: {text[:300]}"
-    return "CUDA could not be used (onnxruntime fell back to the CPU without saying why)"
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # onnxruntime colours its errors
+        return f"CUDA could not be used: {text[:300]}{suffix}"
+    return f"CUDA could not be used (onnxruntime fell back to the CPU without saying why){suffix}"
 
 
 def run_onnxruntime(
@@ -135,10 +144,12 @@ def run_onnxruntime(
     threads: int | None = None,
     optimizations: bool = True,
     disabled_optimizers: Sequence[str] = (),
+    tf32: bool = False,
 ) -> tuple[list[list[np.ndarray]], dict]:
     """Run the ONNX model on each batch in a child process (see _ort_worker).
     `optimizations=False` turns onnxruntime's graph optimizations off;
-    `disabled_optimizers` turns named ones off.
+    `disabled_optimizers` turns named ones off. `tf32=True` lets CUDA use TF32 (only to
+    measure what it costs: verification keeps it off).
 
     Returns the outputs per batch (in the ONNX graph's output order) and the worker's
     metadata (provider used, available providers, latencies, its log).
@@ -146,7 +157,7 @@ def run_onnxruntime(
     input_names = list(batches[0])
     meta = {
         "model": str(Path(onnx_path).resolve()),
-        "providers": _providers(provider),
+        "providers": _providers(provider, tf32),
         "input_names": input_names,
         "batches": len(batches),
         "repeats": repeats,
@@ -238,6 +249,7 @@ def verify_onnx(
     batch_sizes: Sequence[int] = options.BATCH_SIZES,
     provider: str = "auto",
     require_gpu: bool = False,
+    require_all_gpu: bool = False,
     atol: float = options.FP32_ATOL,
     rtol: float = options.FP32_RTOL,
     seed: int = 0,
@@ -258,6 +270,9 @@ def verify_onnx(
             random batches of each size in `batch_sizes`.
         provider: "auto", "cuda" or "cpu".
         require_gpu: Raise GPUUnavailableError when the CPU ran instead of CUDA.
+        require_all_gpu: Also raise it when onnxruntime placed any compute node on the
+            CPU inside the CUDA session (shape computations it keeps there on purpose
+            excepted).
         atol, rtol: An output passes when max|a-b| <= atol + rtol * max|reference|.
         benchmark: Also time Keras (`tf.function`) and onnxruntime at each batch size.
     """
@@ -298,8 +313,18 @@ def verify_onnx(
     fallback = None
     if provider != "cpu" and used != _CUDA:
         fallback = _fallback_reason(meta, meta["log"])
-        if require_gpu:
-            raise GPUUnavailableError(f"--require-gpu: onnxruntime ran on {used}; {fallback}")
+        if require_gpu or require_all_gpu:
+            raise GPUUnavailableError(f"a GPU run was required: onnxruntime ran on {used}; {fallback}")
+    placement = parse_placement(meta["log"]) if used == _CUDA else None
+    if require_all_gpu and used == _CUDA:
+        if placement is None:
+            raise GPUUnavailableError("every node on the GPU was required, but onnxruntime's log lists no node placements")
+        if placement.cpu_compute_nodes:
+            first = placement.cpu_compute_nodes[0]
+            raise GPUUnavailableError(
+                f"every node on the GPU was required: {len(placement.cpu_compute_nodes)} compute node(s) ran on "
+                f"the CPU, e.g. {first.op_type} '{first.name}' ({first.reason})"
+            )
     sizes = sorted({int(b[0].shape[0]) for b in batches})
     latency = {}
     if benchmark:
@@ -320,4 +345,5 @@ def verify_onnx(
         onnxruntime_version=meta.get("version", ""),
         unoptimized=unoptimized,
         optimizer_culprit=culprit,
+        placement=placement,
     )
