@@ -2,14 +2,15 @@
 
 `batch_norm` keeps the seed notebook's signature and behaviour (2-D dense inputs
 normalized over the batch, 4-D NCHW conv inputs normalized per channel over
-N, H and W) and generalizes it with a keyword-only `axis`.
+N, H and W) and generalizes it with a keyword-only `axis`. `batch_renorm` is one
+training step of batch renormalization (Ioffe 2017) as Keras 3 implements it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "batch_renorm"]
 
 
 def _channel_axis(ndim: int, axis: int | None) -> int:
@@ -98,3 +99,72 @@ def batch_norm(
         like(new_mean, running_mean),
         like(new_var, running_var),
     )
+
+
+def batch_renorm(
+    X,
+    gamma,
+    beta,
+    state: dict,
+    *,
+    axis: int = -1,
+    eps: float,
+    momentum: float,
+    renorm_momentum: float,
+    rmax: float | None = None,
+    rmin: float | None = None,
+    dmax: float | None = None,
+):
+    """One training step of batch renormalization, in float64.
+
+    The batch is normalized with its own statistics, then corrected by
+    r = clip(stddev / renorm_stddev) and d = clip((mean - renorm_mean) / renorm_stddev)
+    (renorm_stddev at least sqrt(eps)): y = (x_hat * r + d) * gamma + beta.
+
+    Args:
+        X: Input array.
+        gamma, beta: Scale and offset per channel, or None.
+        state: {"moving_mean", "moving_variance", "moving_stddev", "renorm_mean",
+            "renorm_stddev"}, one value per channel each.
+        axis: The channel axis.
+        eps, momentum, renorm_momentum: As the layer's epsilon, momentum and
+            renorm_momentum.
+        rmax, rmin, dmax: The clipping of r and d (None: no clipping).
+
+    Returns:
+        `(Y, new_state)`. In inference a renorm BN is plain BN with moving_mean and
+        moving_variance: use `batch_norm(False, ...)`.
+    """
+    X = np.asarray(X)
+    ch = _channel_axis(X.ndim, axis)
+    reduce_axes = tuple(i for i in range(X.ndim) if i != ch)
+    bshape = [1] * X.ndim
+    bshape[ch] = X.shape[ch]
+    x = X.astype(np.float64)
+    mean = x.mean(axis=reduce_axes)
+    var = ((x - mean.reshape(bshape)) ** 2).mean(axis=reduce_axes)
+    stddev = np.sqrt(var + eps)
+    st = {k: np.asarray(v, np.float64).reshape(-1) for k, v in state.items()}
+    renorm_stddev = np.maximum(st["renorm_stddev"], np.sqrt(eps))
+    r = stddev / renorm_stddev
+    d = (mean - st["renorm_mean"]) / renorm_stddev
+    if rmin is not None:
+        r = np.maximum(r, rmin)
+    if rmax is not None:
+        r = np.minimum(r, rmax)
+    if dmax is not None:
+        d = np.clip(d, -dmax, dmax)
+    g = np.ones_like(mean) if gamma is None else np.asarray(gamma, np.float64).reshape(-1)
+    b = np.zeros_like(mean) if beta is None else np.asarray(beta, np.float64).reshape(-1)
+    x_hat = (x - mean.reshape(bshape)) / stddev.reshape(bshape)
+    y = (x_hat * r.reshape(bshape) + d.reshape(bshape)) * g.reshape(bshape) + b.reshape(bshape)
+    moving_stddev = st["moving_stddev"] * momentum + stddev * (1.0 - momentum)
+    new_state = {
+        "renorm_mean": st["renorm_mean"] * renorm_momentum + mean * (1.0 - renorm_momentum),
+        "renorm_stddev": st["renorm_stddev"] * renorm_momentum + stddev * (1.0 - renorm_momentum),
+        "moving_mean": st["moving_mean"] * momentum + mean * (1.0 - momentum),
+        "moving_stddev": moving_stddev,
+        "moving_variance": np.maximum(moving_stddev**2 - eps, 0.0),
+    }
+    out_dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float64
+    return y.astype(out_dtype), new_state

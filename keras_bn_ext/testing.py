@@ -41,13 +41,20 @@ def randomize_batchnorms(model: keras.Model, seed: int = 0) -> None:
         if not layer.built:
             continue
         c = layer.moving_mean.shape[0]
-        values = []
+        values = {}
         if layer.scale:
-            values.append(rng.uniform(0.5, 1.5, c))
+            values["gamma"] = rng.uniform(0.5, 1.5, c)
         if layer.center:
-            values.append(rng.normal(0, 0.2, c))
-        values += [rng.normal(0, 0.2, c), rng.uniform(0.5, 1.5, c)]
-        layer.set_weights([v.astype(w.dtype) for v, w in zip(values, layer.get_weights())])
+            values["beta"] = rng.normal(0, 0.2, c)
+        values["moving_mean"] = rng.normal(0, 0.2, c)
+        values["moving_variance"] = rng.uniform(0.5, 1.5, c)
+        if getattr(layer, "renorm", False):  # batch renormalization's extra statistics
+            values["moving_stddev"] = np.sqrt(values["moving_variance"])
+            values["renorm_mean"] = rng.normal(0, 0.2, c)
+            values["renorm_stddev"] = rng.uniform(0.7, 1.2, c)
+        for name, value in values.items():
+            variable = getattr(layer, name)
+            variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
 
 
 # -- models nobody on the team wrote ------------------------------------------------------

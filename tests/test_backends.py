@@ -18,7 +18,8 @@ def test_layer_tests_pass_under_jax():
     env = dict(os.environ, KERAS_BACKEND="jax")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_batch_normalization.py", "tests/test_serialization.py"],
+         "tests/test_batch_normalization.py", "tests/test_serialization.py",
+         "tests/test_keras_batch_normalization_port.py"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

@@ -216,11 +216,29 @@ def test_axis_out_of_range():
         BatchNormalization(axis=-4)(np.zeros((2, 3, 4), "float32"))
 
 
-def test_mask_that_does_not_fit():
-    with pytest.raises(ValueError, match=r"Received: mask.shape=\(4, 5\)"):
-        BatchNormalization()(np.zeros((4, 6, 3), "float32"), mask=np.ones((4, 5), bool))
-    with pytest.raises(ValueError, match=r"Received: mask.shape=\(4, 6, 3\)"):
-        BatchNormalization()(np.zeros((4, 6, 3), "float32"), mask=np.ones((4, 6, 3), bool))
+def test_mask_rules_are_keras_rules():
+    # Keras 3.15: a mask must have rank ndim - 1 (checked always, with Keras's message),
+    # is ignored in inference, and is broadcast after expanding its last axis.
+    x = np.zeros((4, 6, 3), "float32")
+    with pytest.raises(ValueError, match=r"one dimension less than the inputs"):
+        BatchNormalization()(x, mask=np.ones((4, 6, 3), bool))
+    ours = BatchNormalization()(x, mask=np.ones((4, 5), bool))  # inference: ignored, as Keras
+    assert_close(ours, keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x, mask=np.ones((4, 5), bool)))
+
+
+@pytest.mark.parametrize("axis,shape,mask", [
+    (1, (4, 3, 3), [[1, 1, 0], [1, 0, 1], [1, 1, 1], [0, 1, 1]]),  # the mask lands on the channel axis
+    (-1, (1, 2, 3, 4), [[[1], [0]]]),  # (1, 2, 1) broadcast over (1, 2, 3, 4)
+    (-1, (4, 5), [0, 0, 0, 0]),  # a fully masked batch
+])
+def test_masked_statistics_equal_keras(axis, shape, mask):
+    x = np.random.RandomState(1).normal(size=shape).astype("float32")
+    mask = np.asarray(mask, bool)
+    ours = BatchNormalization(axis=axis, momentum=0.0, epsilon=1e-3)
+    theirs = keras.layers.BatchNormalization(axis=axis, momentum=0.0, epsilon=1e-3)
+    assert_close(ours(x, training=True, mask=mask), theirs(x, training=True, mask=mask))
+    assert_close(ours.moving_mean, theirs.moving_mean, what="moving mean")
+    assert_close(ours.moving_variance, theirs.moving_variance, what="moving variance")
 
 
 def test_seed_names_and_defaults():
@@ -250,3 +268,38 @@ def test_kwargs_reach_layer():
     assert layer.name == "bn_x" and layer.compute_dtype == "bfloat16" and not layer.trainable
     out = layer(np.ones((3, 2), "float32"), training=True)
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+
+
+RENORM_STATE = ("moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
+
+
+@pytest.mark.parametrize("clipping", [None, {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}])
+@pytest.mark.parametrize("shape,axis", [((16, 5), -1), ((4, 3, 6, 6), 1)])
+def test_renorm_training_steps_match_the_numpy_reference(clipping, shape, axis):
+    from keras_bn_ext.reference import batch_renorm
+
+    rng = np.random.default_rng(5)
+    layer = BatchNormalization(axis=axis, momentum=0.9, epsilon=1e-3, renorm=True,
+                               renorm_clipping=clipping, renorm_momentum=0.8)
+    layer.build(shape)
+    layer.gamma.assign(rng.uniform(0.5, 1.5, shape[axis]))
+    layer.beta.assign(rng.normal(0, 0.3, shape[axis]))
+    state = {k: keras.ops.convert_to_numpy(getattr(layer, k)) for k in RENORM_STATE}
+    for _ in range(4):  # the state drifts from its initial values step by step
+        x = rng.normal(2.0, 3.0, shape).astype("float32")
+        expected, state = batch_renorm(
+            x, keras.ops.convert_to_numpy(layer.gamma), keras.ops.convert_to_numpy(layer.beta), state,
+            axis=axis, eps=1e-3, momentum=0.9, renorm_momentum=0.8, **(clipping or {}))
+        assert_close(layer(x, training=True), expected, what="renorm output")
+        for key in RENORM_STATE:
+            assert_close(getattr(layer, key), state[key], what=key)
+
+
+def test_renorm_config_round_trip_and_weights_order():
+    layer = BatchNormalization(renorm=True, renorm_clipping={"rmax": 3.0}, renorm_momentum=0.95)
+    layer.build((None, 4))
+    assert [w.name for w in layer.weights] == [
+        "gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev"]
+    config = layer.get_config()
+    assert config["renorm"] and config["renorm_clipping"] == {"rmax": 3.0} and config["renorm_momentum"] == 0.95
+    assert BatchNormalization.from_config(config).get_config() == config

@@ -495,3 +495,19 @@ def test_bn_that_ends_a_nested_sequential_folds():
     folded, report = fold_batchnorms(model)
     _check_folded(model, folded, report, expect_folded=1)
     assert report.folded[0].bn == "features/last_bn" and folded.output_names == model.output_names
+
+
+@pytest.mark.parametrize("bn_class", ["keras_bn_ext", "keras"])
+def test_renorm_bn_folds_exactly(bn_class, tmp_path):
+    # In inference a renorm BN is the moving-statistics affine map: it folds like any BN.
+    cls = BatchNormalization if bn_class == "keras_bn_ext" else layers.BatchNormalization
+    inputs = keras.Input((6, 6, 3))
+    h = cls(renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0}, momentum=0.5, name="bn")(
+        layers.Conv2D(4, 3, name="c")(inputs))
+    model = keras.Model(inputs, layers.ReLU()(h))
+    model.compile("sgd", "mse")
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(1, 2, (32, 6, 6, 3)), rng.normal(size=(32, 4, 4, 4)), epochs=2, verbose=0)
+    assert float(np.abs(keras.ops.convert_to_numpy(model.get_layer("bn").moving_mean)).max()) > 0.01
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=1)

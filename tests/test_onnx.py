@@ -227,3 +227,13 @@ def test_onnxruntime_optimizer_error_is_told_apart_from_a_wrong_graph(tmp_path):
     assert result.unoptimized.passed and result.optimizer_culprit == "Pad_Fusion"
     assert "disabled_optimizers=['Pad_Fusion']" in result.diagnosis
     assert result.to_dict()["unoptimized_max_rel_err"] <= 1e-6
+
+
+def test_renorm_bn_exports_unfolded_and_folded(tmp_path):
+    inputs = keras.Input((6, 6, 3))
+    bn = BatchNormalization(renorm=True, renorm_clipping={"rmax": 2.0}, momentum=0.5)
+    model = keras.Model(inputs, layers.ReLU()(bn(layers.Conv2D(4, 3)(inputs))))
+    randomize_batchnorms(model)
+    for fold in (False, True):
+        export_onnx(model, tmp_path / f"r{fold}.onnx", fold=fold)
+        assert verify_onnx(model, tmp_path / f"r{fold}.onnx", provider="cpu").passed

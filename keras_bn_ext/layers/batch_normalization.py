@@ -12,6 +12,11 @@ __all__ = ["BatchNormalization"]
 _UNSET = object()
 
 
+def _clone(initializer):
+    """A fresh initializer of the same kind (one instance must not seed two weights)."""
+    return initializers.get(initializers.serialize(initializer))
+
+
 @keras.saving.register_keras_serializable(package="keras_bn_ext")
 class BatchNormalization(keras.layers.Layer):
     """Batch normalization, from the textbook's equations, on `keras.ops` only.
@@ -92,6 +97,9 @@ class BatchNormalization(keras.layers.Layer):
         gamma_constraint=None,
         synchronized: bool = False,
         momentum: float = _UNSET,
+        renorm: bool = False,
+        renorm_clipping: dict | None = None,
+        renorm_momentum: float = 0.99,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -129,6 +137,30 @@ class BatchNormalization(keras.layers.Layer):
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.synchronized = bool(synchronized)
         self.supports_masking = True
+
+        self.renorm = bool(renorm)
+        if self.renorm:
+            renorm_clipping = renorm_clipping or {}
+            keys = ["rmax", "rmin", "dmax"]
+            if set(renorm_clipping) - set(keys):
+                raise ValueError(
+                    "Received invalid keys for `renorm_clipping` argument: "
+                    f"{renorm_clipping}. Supported values: {keys}."
+                )
+            rmax, rmin = renorm_clipping.get("rmax"), renorm_clipping.get("rmin")
+            dmax = renorm_clipping.get("dmax")
+            if rmax is not None and rmin is not None and rmax < rmin:
+                raise ValueError(
+                    "rmax should be greater than rmin in the `renorm_clipping` "
+                    f"argument. Received: rmax={rmax}, rmin={rmin}."
+                )
+            if dmax is not None and dmax < 0:
+                raise ValueError(
+                    "dmax should be non-negative in the `renorm_clipping` "
+                    f"argument. Received: dmax={dmax}."
+                )
+        self.renorm_clipping = renorm_clipping
+        self.renorm_momentum = float(renorm_momentum)
         self.gamma = None
         self.beta = None
         self.moving_mean = None
@@ -221,6 +253,26 @@ class BatchNormalization(keras.layers.Layer):
             trainable=False,
             autocast=False,
         )
+        if self.renorm:
+            # Batch renormalization tracks the moving standard deviation (the
+            # paper's statistic) and, for training, its own renorm mean and stddev,
+            # in Keras's order after the four weights above.
+            def stddev_initializer(shape, dtype=None):
+                return ops.sqrt(_clone(self.moving_variance_initializer)(shape, dtype=dtype))
+
+            self.moving_stddev = self.add_weight(
+                shape=shape, name="moving_stddev", initializer=stddev_initializer,
+                trainable=False, autocast=False,
+            )
+            self.renorm_mean = self.add_weight(
+                shape=shape, name="renorm_mean",
+                initializer=_clone(self.moving_mean_initializer),
+                trainable=False, autocast=False,
+            )
+            self.renorm_stddev = self.add_weight(
+                shape=shape, name="renorm_stddev", initializer=stddev_initializer,
+                trainable=False, autocast=False,
+            )
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={channel_axis: channels}
         )
@@ -234,65 +286,102 @@ class BatchNormalization(keras.layers.Layer):
 
     # -- call ------------------------------------------------------------
     def _check_mask(self, inputs, mask):
-        rank = len(inputs.shape)
-        channel_axis = self.axis % rank
-        expected = tuple(d for i, d in enumerate(inputs.shape) if i != channel_axis)
-        shape = tuple(mask.shape)
-        fits = len(shape) == rank - 1 and all(
-            a is None or b is None or a == b for a, b in zip(shape, expected)
-        )
-        if not fits:
+        # As Keras 3.15: any mask of rank ndim - 1 is accepted, also in inference,
+        # where it is ignored.
+        if len(mask.shape) != len(inputs.shape) - 1:
             raise ValueError(
-                "The mask must have the inputs' shape without the channel axis "
-                f"{expected}. Received: mask.shape={shape}, "
-                f"inputs.shape={tuple(inputs.shape)}"
+                "The mask provided should be one dimension less "
+                "than the inputs. Received: "
+                f"mask.shape={mask.shape}, inputs.shape={inputs.shape}"
             )
-        return ops.expand_dims(ops.cast(mask, inputs.dtype), channel_axis)
+
+    def _mask_weights(self, x, mask):
+        # As Keras 3.15: the mask is expanded on the *last* axis and broadcast to
+        # the inputs, whatever `axis` is. For a (batch, time) mask and axis=1 on
+        # (batch, time, features) inputs it therefore weights (batch, time)
+        # entries of channel axis 1 rather than masking time steps; questionable,
+        # but a drop-in must compute what Keras computes.
+        weights = ops.broadcast_to(ops.expand_dims(mask, -1), ops.shape(x))
+        return ops.cast(ops.cast(weights, "bool"), x.dtype)
 
     def _moments(self, x, weights):
         axes = self._reduction_axes
-        if self.synchronized:
-            ones = ops.ones_like(x) if weights is None else ops.broadcast_to(
-                weights, ops.shape(x)
-            )
-            xw = x * ones
-            total, total_sq, count = cross_replica_sum(
-                [
-                    ops.sum(xw, axes),
-                    ops.sum(xw * x, axes),
-                    ops.sum(ones, axes),
-                ]
-            )
-            count = ops.maximum(count, 1.0)
+        channels = self._broadcast_shape[self.axis % len(self._broadcast_shape)]
+        if self.synchronized or weights is not None:
+            ones = ops.ones_like(x) if weights is None else weights
+            sums = [ops.sum(x * ones, axes), ops.sum(ones, axes)]
+            if self.synchronized:
+                sums = cross_replica_sum(sums)
+            total, count = sums
+            if weights is not None:
+                # Keras divides by count + epsilon: a fully masked batch has mean 0.
+                count = count + keras.backend.epsilon()
             mean = total / count
-            variance = ops.maximum(total_sq / count - ops.square(mean), 0.0)
-            return mean, variance
-        if weights is None:
-            mean = ops.mean(x, axes)
-            centred = x - ops.reshape(ops.stop_gradient(mean), self._broadcast_shape)
-            return mean, ops.mean(ops.square(centred), axes)
-        weights = ops.broadcast_to(weights, ops.shape(x))
-        count = ops.maximum(ops.sum(weights, axes), 1.0)
-        mean = ops.sum(x * weights, axes) / count
+            centred = (x - ops.reshape(mean, self._broadcast_shape)) * ones
+            squares = ops.sum(ops.square(centred), axes)
+            if self.synchronized:
+                (squares,) = cross_replica_sum([squares])
+            return ops.reshape(mean, (channels,)), ops.reshape(squares / count, (channels,))
+        mean = ops.mean(x, axes)
         centred = x - ops.reshape(ops.stop_gradient(mean), self._broadcast_shape)
-        return mean, ops.sum(ops.square(centred) * weights, axes) / count
+        return mean, ops.mean(ops.square(centred), axes)
+
+    def _renorm_corrections(self, mean, variance, dtype):
+        """Batch renormalization's r and d (Ioffe 2017), clipped as configured."""
+        epsilon = ops.cast(self.epsilon, dtype)
+        stddev = ops.sqrt(variance + epsilon)
+        renorm_mean = ops.cast(self.renorm_mean, dtype)
+        # Avoid dividing by zero early in training, as Keras does.
+        renorm_stddev = ops.maximum(ops.cast(self.renorm_stddev, dtype), ops.sqrt(epsilon))
+        r = stddev / renorm_stddev
+        d = (mean - renorm_mean) / renorm_stddev
+        clipping = self.renorm_clipping or {}
+        if clipping.get("rmin") is not None:
+            r = ops.maximum(r, clipping["rmin"])
+        if clipping.get("rmax") is not None:
+            r = ops.minimum(r, clipping["rmax"])
+        if clipping.get("dmax") is not None:
+            d = ops.clip(d, -clipping["dmax"], clipping["dmax"])
+        return ops.stop_gradient(r), ops.stop_gradient(d), stddev
+
+    def _update_renorm_statistics(self, mean, stddev, dtype):
+        m, rm = self.momentum, self.renorm_momentum
+        self.renorm_mean.assign(ops.cast(self.renorm_mean, dtype) * rm + mean * (1.0 - rm))
+        self.renorm_stddev.assign(ops.cast(self.renorm_stddev, dtype) * rm + stddev * (1.0 - rm))
+        self.moving_mean.assign(ops.cast(self.moving_mean, dtype) * m + mean * (1.0 - m))
+        moving_stddev = ops.cast(self.moving_stddev, dtype) * m + stddev * (1.0 - m)
+        self.moving_stddev.assign(moving_stddev)
+        # The variance used in inference follows the stddev (ReLU against rounding).
+        self.moving_variance.assign(ops.relu(moving_stddev * moving_stddev - self.epsilon))
 
     def call(self, inputs, training=None, mask=None):
+        if mask is not None:
+            self._check_mask(inputs, mask)
         # float16/bfloat16 overflow easily in the statistics: work in float32.
         work_dtype = keras.backend.result_type(inputs.dtype, "float32")
         x = ops.cast(inputs, work_dtype)
-        weights = None if mask is None else self._check_mask(x, mask)
+        gamma = ops.cast(self.gamma, work_dtype) if self.scale else None
+        beta = ops.cast(self.beta, work_dtype) if self.center else None
 
         if training and self.trainable:
+            weights = None if mask is None else self._mask_weights(x, mask)
             mean, variance = self._moments(x, weights)
-            decay = self.momentum
-            self.moving_mean.assign(
-                ops.cast(self.moving_mean, work_dtype) * decay + mean * (1.0 - decay)
-            )
-            self.moving_variance.assign(
-                ops.cast(self.moving_variance, work_dtype) * decay
-                + variance * (1.0 - decay)
-            )
+            if self.renorm:
+                r, d, stddev = self._renorm_corrections(mean, variance, work_dtype)
+                # (x_hat * r + d) * gamma + beta = x_hat * (r * gamma) + (d * gamma + beta)
+                beta = d * gamma if gamma is not None else d
+                beta = beta + ops.cast(self.beta, work_dtype) if self.center else beta
+                gamma = r * gamma if gamma is not None else r
+                self._update_renorm_statistics(mean, stddev, work_dtype)
+            else:
+                decay = self.momentum
+                self.moving_mean.assign(
+                    ops.cast(self.moving_mean, work_dtype) * decay + mean * (1.0 - decay)
+                )
+                self.moving_variance.assign(
+                    ops.cast(self.moving_variance, work_dtype) * decay
+                    + variance * (1.0 - decay)
+                )
         else:
             mean = ops.cast(self.moving_mean, work_dtype)
             variance = ops.cast(self.moving_variance, work_dtype)
@@ -300,11 +389,11 @@ class BatchNormalization(keras.layers.Layer):
         # y = (x - mean) * inv + beta with inv = gamma / sqrt(var + eps),
         # computed as x * inv + (beta - mean * inv): one multiply-add per element.
         inv = ops.rsqrt(variance + self.epsilon)
-        if self.scale:
-            inv = inv * ops.cast(self.gamma, work_dtype)
+        if gamma is not None:
+            inv = inv * gamma
         shift = -mean * inv
-        if self.center:
-            shift = shift + ops.cast(self.beta, work_dtype)
+        if beta is not None:
+            shift = shift + beta
         outputs = x * ops.reshape(inv, self._broadcast_shape) + ops.reshape(
             shift, self._broadcast_shape
         )
@@ -331,5 +420,8 @@ class BatchNormalization(keras.layers.Layer):
             "beta_constraint": constraints.serialize(self.beta_constraint),
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "synchronized": self.synchronized,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
         }
         return {**super().get_config(), **config}
