@@ -19,6 +19,8 @@ __all__ = [
     "random_inputs",
     "input_specs",
     "output_names",
+    "ExactArithmeticCheck",
+    "exact_arithmetic_check",
 ]
 
 # Unknown non-batch dimensions of an input (e.g. (None, None, 3) images) are drawn at this size.
@@ -209,3 +211,52 @@ def compare_models(
         atol=atol,
         rtol=rtol,
     )
+
+
+@dataclass
+class ExactArithmeticCheck:
+    """A float32 model and a candidate (its fold, its export) each against the model run
+    in float64, which is exact arithmetic for float32's purposes.
+
+    Deep models with wide-ranging BN statistics amplify float32 rounding beyond any fixed
+    tolerance (EfficientNetV2 with random statistics: the float32 model itself errs
+    ~5e-5 relative), so two correct float32 computations can differ by more than 1e-5.
+    The candidate is right when it adds no error of its own:
+    its error <= atol + rtol * max|reference| + 2 x the float32 model's error."""
+
+    original_max_rel_err: float
+    candidate_max_rel_err: float
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def exact_arithmetic_check(
+    model: keras.Model,
+    batches: Sequence[Sequence[np.ndarray]],
+    candidate_outputs: Sequence[Sequence[np.ndarray]],
+    *,
+    atol: float,
+    rtol: float,
+) -> ExactArithmeticCheck:
+    """Judge `candidate_outputs` (one list per batch, outputs flattened as
+    `output_names`) against `model` rebuilt in float64, next to `model` itself."""
+    from keras_bn_ext.folding.rebuild import with_dtype
+
+    twin = with_dtype(model, "float64")
+    orig_rel = cand_rel = 0.0
+    passed = True
+    for batch, candidate in zip(batches, candidate_outputs, strict=True):
+        wide = [b.astype("float64") if np.issubdtype(b.dtype, np.floating) else b for b in batch]
+        for ref, own, got in zip(keras_outputs(twin, wide), keras_outputs(model, batch), candidate, strict=True):
+            ref = np.asarray(ref, np.float64)
+            if not ref.size:
+                continue
+            scale = float(np.abs(ref).max())
+            own_err = float(np.abs(np.asarray(own, np.float64) - ref).max())
+            got_err = float(np.abs(np.asarray(got, np.float64) - ref).max())
+            passed = passed and got_err <= atol + rtol * scale + 2.0 * own_err
+            orig_rel = max(orig_rel, own_err / scale if scale else own_err)
+            cand_rel = max(cand_rel, got_err / scale if scale else got_err)
+    return ExactArithmeticCheck(original_max_rel_err=orig_rel, candidate_max_rel_err=cand_rel, passed=passed)

@@ -20,11 +20,13 @@ def backend_runs_nchw_conv() -> bool:
     """Whether this backend on this CPU runs a channels_first Conv2D (TensorFlow only with
     its oneDNN kernels, which depend on the CPU; JAX always)."""
     try:
-        conv = keras.layers.Conv2D(1, 1, data_format="channels_first")
+        conv = keras.layers.Conv2D(1, 1, data_format="channels_first", name="nchw_probe")
         keras.ops.convert_to_numpy(conv(np.zeros((1, 1, 2, 2), "float32")))
         return True
     except Exception:  # noqa: BLE001 - TensorFlow raises UnimplementedError / InvalidArgumentError
         return False
+    finally:
+        keras.backend.clear_session()  # tests rely on Keras's default layer names
 
 
 def pytest_collection_modifyitems(config, items):

@@ -105,11 +105,27 @@ def test_a_saved_model_that_does_not_reload_is_not_written(lenet_path, tmp_path,
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_verification_failure_exits_1(lenet_path, capsys, tmp_path):
-    # A tolerance of zero cannot be met by reordered float32 arithmetic.
-    code, out, _ = _run([lenet_path, "--atol", "0", "--rtol", "0", "--json"], capsys)
-    assert code == 1 and json.loads(out)["passed"] is False
+def test_a_wrong_fold_fails_both_checks_and_exits_1(lenet_path, capsys, tmp_path, monkeypatch):
+    # Fault injection: a fold that forgets the shift. The float32 comparison fails, and
+    # so does the float64 one (a wrong weight errs far beyond float32 rounding).
+    from keras_bn_ext.folding import rules
+
+    right = rules.fold_backward
+    monkeypatch.setattr(rules, "fold_backward",
+                        lambda layer, scale, shift, weights=None: right(layer, scale, 0 * shift, weights))
+    code, out, _ = _run([lenet_path, "--json"], capsys)
+    report = json.loads(out)
+    assert code == 1 and report["passed"] is False and report["exact_arithmetic"]["passed"] is False
     assert not (tmp_path / "lenet.folded.keras").exists()
+
+
+def test_zero_tolerance_is_decided_against_float64(lenet_path, capsys):
+    # float32 vs float32 cannot meet atol = rtol = 0; the fold is then judged against the
+    # original run in float64: the folded model is as close to it as the original.
+    code, out, _ = _run([lenet_path, "--atol", "0", "--rtol", "0", "--json", "--force"], capsys)
+    report = json.loads(out)
+    assert report["verification"]["passed"] is False and report["exact_arithmetic"]["passed"] is True
+    assert code == 0 and report["exact_arithmetic"]["candidate_max_rel_err"] < 1e-5
 
 
 # --- bad input: exit 2, one line on stderr, nothing written, input untouched ---------

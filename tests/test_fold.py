@@ -8,7 +8,7 @@ from keras import layers
 from keras_bn_ext import BatchNormalization, compare_models, fold_batchnorms
 from keras_bn_ext.errors import InvalidBatchNormError, UnsupportedModelError
 from keras_bn_ext.testing import count_batchnorms, randomize_batchnorms
-from tests.helpers import run_python
+from tests.helpers import assert_close, run_python
 
 # Folding reorders float32 arithmetic: a few ulp per layer (~1e-7 relative).
 RTOL = 1e-5
@@ -511,3 +511,18 @@ def test_renorm_bn_folds_exactly(bn_class, tmp_path):
     assert float(np.abs(keras.ops.convert_to_numpy(model.get_layer("bn").moving_mean)).max()) > 0.01
     folded, report = fold_batchnorms(model)
     _check_folded(model, folded, report, expect_folded=1)
+
+
+def test_float64_twin_computes_the_same_function_in_float64():
+    from keras_bn_ext.folding.rebuild import with_dtype
+
+    model = _ops_model()
+    twin = with_dtype(model, "float64")
+    assert all(keras.backend.standardize_dtype(w.dtype) == "float64" for w in twin.weights)
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3))
+    ours = model(x.astype("float32"), training=False)
+    exact = twin(x, training=False)
+    for key in ours:
+        assert keras.backend.standardize_dtype(exact[key].dtype) == "float64"
+        # float32 against float64 on a shallow model: rounding only, ~1e-7 relative.
+        assert_close(ours[key], exact[key], rtol=1e-5, what=key)

@@ -73,6 +73,7 @@ def sweep_one(source: str, name: str, build) -> dict:
                 bn_folded=report.bn_folded,
                 kept=dict(collections.Counter(_reason_kind(k.reason) for k in report.kept)),
                 fold_max_rel_err=result.verification.max_rel_err,
+                fold_float64=result.exact.to_dict() if result.exact else None,
                 reload_error=result.reload_error,
             )
             if result.output is None:
@@ -82,12 +83,12 @@ def sweep_one(source: str, name: str, build) -> dict:
             export = export_onnx(folded, Path(tmp) / "m.onnx", fold=False)
             verification = verify_onnx(model, Path(tmp) / "m.onnx", provider="cpu", samples=1, batch_sizes=(2,))
             row["onnx_max_rel_err"] = verification.comparison.max_rel_err
+            row["onnx_float64"] = verification.exact.to_dict() if verification.exact else None
             row["onnx_unoptimized_max_rel_err"] = (
                 verification.unoptimized.max_rel_err if verification.unoptimized else None)
             row["onnx_bn_ops"] = export.op_counts.get("BatchNormalization", 0)
-            ok = row["fold_max_rel_err"] <= LIMIT and row["onnx_max_rel_err"] <= LIMIT
-            ok = ok and row["bn_counted"] == row["bn_total"]
-            row["status"] = "ok" if ok else "ERROR above 1e-5 or BNs uncounted"
+            ok = result.passed and verification.passed and row["bn_counted"] == row["bn_total"]
+            row["status"] = "ok" if ok else "ERROR: verification failed or BNs uncounted"
             if verification.unoptimized is not None and verification.unoptimized.passed:
                 rule = verification.optimizer_culprit or "graph optimizations"
                 row["status"] = (f"onnxruntime's {rule} is wrong here; the graph is exact "
@@ -101,6 +102,18 @@ def sweep_one(source: str, name: str, build) -> dict:
     return row
 
 
+def _err(row: dict, key: str) -> str:
+    """The float32 error; where it is above the limit, the float64 judgement beside it."""
+    if row.get(key) is None:
+        return "–"
+    text = f"{row[key]:.1e}"
+    exact = row.get(key.replace("max_rel_err", "float64"))
+    if exact:
+        text += (f" (vs float64: model {exact['original_max_rel_err']:.1e}, this "
+                 f"{exact['candidate_max_rel_err']:.1e}{'' if exact['passed'] else ' FAILED'})")
+    return text
+
+
 def write_markdown(result: dict, path: Path) -> None:
     lines = [
         "# Zoo sweep",
@@ -111,7 +124,11 @@ def write_markdown(result: dict, path: Path) -> None:
         "`fold_to_file` (fold, verify, save, reload, verify the file) then `export_onnx` of the "
         "reloaded folded model and `verify_onnx` on onnxruntime's CPU provider against the "
         "**original** model. Errors are max|a−b| / max|reference| on random batches. "
-        f"Limit: {LIMIT:g}.",
+        f"Limit: {LIMIT:g} relative (plus 1e-5 absolute). Where float32 against float32 is above it, "
+        "both are compared with the original run in float64 (exact arithmetic): the fold or the "
+        "export passes when it adds no error of its own (at most twice the float32 model's own "
+        "error against float64) — deep models with random BN statistics amplify float32 rounding "
+        "beyond 1e-5 in the original itself.",
         "",
         "| source | model | input | BN total | folded | kept, by reason | fold rel err | ONNX rel err | s | status |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -119,12 +136,9 @@ def write_markdown(result: dict, path: Path) -> None:
     for r in result["rows"]:
         kept = "; ".join(f"{v}× {k}" for k, v in r.get("kept", {}).items()) or "–"
 
-        def err(key, r=r):
-            return f"{r[key]:.1e}" if r.get(key) is not None else "–"
-
         lines.append(
             f"| {r['source']} | {r['model']} | {'×'.join(map(str, r.get('input', [])))} | {r.get('bn_total', '–')} | "
-            f"{r.get('bn_folded', '–')} | {kept} | {err('fold_max_rel_err')} | {err('onnx_max_rel_err')} | "
+            f"{r.get('bn_folded', '–')} | {kept} | {_err(r, 'fold_max_rel_err')} | {_err(r, 'onnx_max_rel_err')} | "
             f"{r['seconds']} | {r['status']} |"
         )
     ok = sum(r["status"] == "ok" for r in result["rows"])

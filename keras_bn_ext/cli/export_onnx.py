@@ -142,6 +142,14 @@ def _print_summary(result: dict) -> None:
             k, o = row["keras_tf_function"], row["onnxruntime"]
             bench.add_row(bs, f"{k:.3f}", f"{o:.3f}", f"{k / o:.2f}x" if o else "-")
         console.print(bench)
+    exact = result["exact_arithmetic"]
+    if exact:
+        verdict = "[green]passed[/green]" if exact["passed"] else "[red]FAILED[/red]"
+        console.print(
+            f"above tolerance in float32; against the model in float64 (exact arithmetic): Keras "
+            f"{fmt(exact['original_max_rel_err'])}, ONNX {fmt(exact['candidate_max_rel_err'])} relative — "
+            f"the export adds no error beyond float32 rounding: {verdict}"
+        )
     if not result["passed"]:
         console.print(f"[red]verification failed; {result['output']} is kept for inspection[/red]")
         if result["diagnosis"]:

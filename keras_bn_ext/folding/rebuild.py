@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import keras
+import numpy as np
 
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.folding import rules
 from keras_bn_ext.folding.graph import graph_of, is_rebuildable_model
 
-__all__ = ["RebuildPlan", "rebuild"]
+__all__ = ["RebuildPlan", "rebuild", "with_dtype"]
 
 
 @dataclass
@@ -26,6 +27,7 @@ class RebuildPlan:
     new_weights: dict[int, list] = field(default_factory=dict)  # id(layer) -> weights
     force_bias: set[int] = field(default_factory=set)  # id(layer): rebuilt with a bias
     named_identity: set[int] = field(default_factory=set)  # id(bn) in drop: an Identity takes its name
+    dtype: str | None = None  # every float layer, input and weight in this dtype (a float64 twin)
 
 
 def _identity(inputs, *args, **kwargs):
@@ -72,19 +74,28 @@ class _Rebuilder:
             config = layer.get_config()
             if key in self.plan.force_bias:
                 config = rules.with_bias(layer, config)
+            if self.plan.dtype and "dtype" in config:
+                config["dtype"] = self.plan.dtype
             new = type(layer).from_config(config)
             weights = self.plan.new_weights.get(key)
-            self.pending.append((new, weights if weights is not None else layer.get_weights()))
+            weights = weights if weights is not None else layer.get_weights()
+            if self.plan.dtype:
+                weights = [np.asarray(w).astype(self.plan.dtype) if np.issubdtype(np.asarray(w).dtype, np.floating)
+                           else w for w in weights]
+            self.pending.append((new, weights))
         self.copies[key] = new
         return new
 
     def _new_inputs(self, graph):
         new = []
         for tensor in graph.inputs:
+            dtype = tensor.dtype
+            if self.plan.dtype and "float" in keras.backend.standardize_dtype(dtype):
+                dtype = self.plan.dtype
             new.append(
                 keras.Input(
                     batch_shape=tensor.shape,
-                    dtype=tensor.dtype,
+                    dtype=dtype,
                     sparse=getattr(tensor, "sparse", False),
                     name=internals.producer_of(tensor).name,
                 )
@@ -122,3 +133,9 @@ def rebuild(model: keras.Model, plan: RebuildPlan) -> keras.Model:
     """
     with internals.unsafe_deserialization():
         return _Rebuilder(plan).model(model)
+
+
+def with_dtype(model: keras.Model, dtype: str = "float64") -> keras.Model:
+    """A twin of `model` computing in `dtype` (float64: an exact-arithmetic oracle for
+    float32 models). Layers, inputs and weights are converted; nothing is folded."""
+    return rebuild(model, RebuildPlan(dtype=dtype))

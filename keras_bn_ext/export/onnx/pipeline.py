@@ -55,6 +55,7 @@ class OnnxResult:
             "unoptimized_max_rel_err": v.unoptimized.max_rel_err if v.unoptimized else None,
             "diagnosis": v.diagnosis,
             "placement": v.placement.to_dict() if v.placement else None,
+            "exact_arithmetic": v.exact.to_dict() if v.exact else None,
             "timings_s": self.timings_s,
             "passed": self.passed,
         }
