@@ -322,9 +322,9 @@ class BatchNormalization(keras.layers.Layer):
             if self.synchronized:
                 (squares,) = cross_replica_sum([squares])
             return ops.reshape(mean, (channels,)), ops.reshape(squares / count, (channels,))
-        mean = ops.mean(x, axes)
-        centred = x - ops.reshape(ops.stop_gradient(mean), self._broadcast_shape)
-        return mean, ops.mean(ops.square(centred), axes)
+        # Two reductions, each one kernel on every backend; ops.var centres before
+        # squaring (two-pass), unlike E[x^2] - E[x]^2.
+        return ops.mean(x, axes), ops.var(x, axes)
 
     def _renorm_corrections(self, mean, variance, dtype):
         """Batch renormalization's r and d (Ioffe 2017), clipped as configured."""
