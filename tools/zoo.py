@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -148,27 +149,30 @@ def write_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the subset CI runs")
-    parser.add_argument("--out", default=str(REPO / "docs"), help="folder for ZOO.md and zoo.json (default: docs/)")
-    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="only these models; repeatable")
-    args = parser.parse_args(argv)
+def _candidates() -> list:
     candidates = [("keras.applications", n, lambda n=n: application_model(n)) for n in APPLICATIONS]
     try:
         candidates += [("KerasHub", n, b) for n, b in kerashub_backbones().items()]
     except ImportError:
         print("keras_hub is not installed: KerasHub backbones skipped", file=sys.stderr)
-    if args.quick:
-        candidates = [c for c in candidates if c[1] in QUICK_APPLICATIONS + QUICK_KERASHUB]
-    if args.only:
-        candidates = [c for c in candidates if c[1] in args.only]
-    started = time.perf_counter()
-    rows = []
-    for source, name, build in candidates:
-        row = sweep_one(source, name, build)
-        rows.append(row)
-        print(f"{name}: {row['status']} ({row['seconds']} s)", flush=True)
+    return candidates
+
+
+def _in_child(name: str) -> dict:
+    """One model in a process of its own: TensorFlow and tf2onnx keep memory between
+    conversions, and the largest models need ~10 GB each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--row", str(out)],
+                              capture_output=True, text=True)
+        if out.exists():
+            return json.loads(out.read_text())
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"source": "?", "model": name, "seconds": 0.0,
+                "status": f"error: the child process exited {proc.returncode}: {last[:200]}"}
+
+
+def _versions() -> dict:
     import onnxruntime
     import tensorflow as tf
     import tf2onnx
@@ -181,15 +185,43 @@ def main(argv=None) -> int:
         versions["keras_hub"] = keras_hub.__version__
     except ImportError:
         pass
-    result = {"date": datetime.date.today().isoformat(), "quick": args.quick,
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": versions,
-              "rows": rows, "seconds": time.perf_counter() - started}
+    return versions
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the subset CI runs")
+    parser.add_argument("--out", default=str(REPO / "docs"), help="folder for ZOO.md and zoo.json (default: docs/)")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="only these models; repeatable")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    candidates = _candidates()
+    if args.one:
+        source, name, build = next(c for c in candidates if c[1] == args.one)
+        Path(args.row).write_text(json.dumps(sweep_one(source, name, build)))
+        return 0
+    if args.quick:
+        candidates = [c for c in candidates if c[1] in QUICK_APPLICATIONS + QUICK_KERASHUB]
+    if args.only:
+        candidates = [c for c in candidates if c[1] in args.only]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "zoo.json").write_text(json.dumps(result, indent=2))
-    write_markdown(result, out / "ZOO.md")
-    bad = [r["model"] for r in rows if r["status"] != "ok"]
-    print(f"{len(rows) - len(bad)} of {len(rows)} ok" + (f"; not ok: {', '.join(bad)}" if bad else ""))
+    result = {"date": datetime.date.today().isoformat(), "quick": args.quick,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": _versions(),
+              "rows": [], "seconds": 0.0}
+    started = time.perf_counter()
+    for source, name, _ in candidates:
+        row = _in_child(name)
+        row["source"] = source
+        result["rows"].append(row)
+        result["seconds"] = time.perf_counter() - started
+        # Written after every model: a sweep that is stopped keeps what it measured.
+        (out / "zoo.json").write_text(json.dumps(result, indent=2))
+        write_markdown(result, out / "ZOO.md")
+        print(f"{name}: {row['status']} ({row['seconds']} s)", flush=True)
+    bad = [r["model"] for r in result["rows"] if r["status"] != "ok"]
+    print(f"{len(result['rows']) - len(bad)} of {len(result['rows'])} ok" + (f"; not ok: {', '.join(bad)}" if bad else ""))
     return 0 if not bad else 1
 
 
