@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from keras_bn_ext import BatchNormalization
-from keras_bn_ext.lenet import lenet_bn
 from keras_bn_ext.reference import batch_norm
 from tests.helpers import assert_close, lenet, run_layer_test
 

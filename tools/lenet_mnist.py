@@ -32,11 +32,11 @@ from keras_bn_ext import (  # noqa: E402
     BatchNormalization,
     compare_models,
     export_onnx,
-    fold_batchnorms,
     verify_onnx,
 )
 from keras_bn_ext.latency import interleaved_timings, keras_forward  # noqa: E402
 from keras_bn_ext.lenet import lenet_bn  # noqa: E402
+from keras_bn_ext.folding.save import fold_to_file  # noqa: E402
 from keras_bn_ext.model_io import save_model_atomic  # noqa: E402
 from keras_bn_ext.export.onnx.verify import run_onnxruntime  # noqa: E402
 
@@ -165,8 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     model = models["keras_bn_ext"]
     paths = {k: out / f"lenet_bn{k}" for k in (".keras", ".folded.keras", ".onnx")}
     save_model_atomic(model, paths[".keras"])
-    folded, fold_report = fold_batchnorms(model)
-    save_model_atomic(folded, paths[".folded.keras"])
+    # What bn-fold runs: fold, verify, save, reload, verify the file, rename. The demo then
+    # uses the file as a user would, and checks it on real digits.
+    if paths[".folded.keras"].exists():
+        paths[".folded.keras"].unlink()  # a fresh demo run replaces its own output
+    fold_result = fold_to_file(model, paths[".folded.keras"])
+    if fold_result.output is None:
+        raise SystemExit(f"bn-fold failed: {fold_result.reload_error or fold_result.verification.to_dict()}")
+    fold_report = fold_result.fold
+    folded = keras.saving.load_model(paths[".folded.keras"])
     real = [x_test[:512]]
     fold_check = compare_models(model, folded, inputs=real, atol=1e-5, rtol=1e-5)
     print(f"\n== bn-fold ({paths['.folded.keras']}) ==")
