@@ -322,9 +322,16 @@ class BatchNormalization(keras.layers.Layer):
             if self.synchronized:
                 (squares,) = cross_replica_sum([squares])
             return ops.reshape(mean, (channels,)), ops.reshape(squares / count, (channels,))
-        # Two reductions, each one kernel on every backend; ops.var centres before
-        # squaring (two-pass), unlike E[x^2] - E[x]^2.
-        return ops.mean(x, axes), ops.var(x, axes)
+        if keras.backend.backend() == "torch":
+            # PyTorch runs eagerly, one kernel per op: ops.var is one two-pass kernel
+            # where centring and squaring by hand are three (training step 1.04-1.07x
+            # Keras's layer -> 0.98-1.03x).
+            return ops.mean(x, axes), ops.var(x, axes)
+        # Compiled backends fuse these: the same ops as Keras's own moments, so the
+        # same numbers (LeNet training losses bit-identical on TensorFlow).
+        mean = ops.mean(x, axes)
+        centred = x - ops.reshape(ops.stop_gradient(mean), self._broadcast_shape)
+        return mean, ops.mean(ops.square(centred), axes)
 
     def _renorm_corrections(self, mean, variance, dtype):
         """Batch renormalization's r and d (Ioffe 2017), clipped as configured."""
