@@ -266,17 +266,20 @@ def exact_arithmetic_check(
     atol: float,
     rtol: float,
     factor: float = 4.0,
+    model_outputs: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> ExactArithmeticCheck:
     """Judge float32 `candidate_outputs` of another runtime (one list per batch, outputs
     flattened as `output_names`) against `model` in float64: they pass when their error
     is at most atol + rtol * max|reference| + `factor` x the float32 model's own. Two
     independent float32 computations err alike; 4x leaves room for their scatter, and a
-    wrong graph errs by orders of magnitude more."""
+    wrong graph errs by orders of magnitude more. `model_outputs`: the float32 model's
+    outputs on `batches`, when the caller has them already."""
     from keras_bn_ext.folding.rebuild import with_dtype
 
     twin = with_dtype(model, "float64")
-    return _judge(_flat(keras_outputs(twin, _wide(b)) for b in batches),
-                  _flat(keras_outputs(model, b) for b in batches),
+    if model_outputs is None:
+        model_outputs = [keras_outputs(model, b) for b in batches]
+    return _judge(_flat(keras_outputs(twin, _wide(b)) for b in batches), _flat(model_outputs),
                   _flat(candidate_outputs), atol=atol, rtol=rtol, factor=factor)
 
 
@@ -287,15 +290,18 @@ def fold_exact_check(
     *,
     atol: float,
     rtol: float,
+    model_outputs: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> ExactArithmeticCheck:
     """Judge a fold in exact arithmetic: the folded model (its float32 weights, as they
     will be stored) and the original both run in float64, so only what the fold changed
     shows. It passes when that change is no larger than the float32 rounding the
-    original already carries (atol + rtol * max|reference| + 1 x its own error)."""
+    original already carries (atol + rtol * max|reference| + 1 x its own error).
+    `model_outputs`: the original's float32 outputs on `batches`, if already computed."""
     from keras_bn_ext.folding.rebuild import with_dtype
 
     twin, folded_twin = with_dtype(model, "float64"), with_dtype(folded, "float64")
     wide = [_wide(b) for b in batches]
-    return _judge(_flat(keras_outputs(twin, b) for b in wide),
-                  _flat(keras_outputs(model, b) for b in batches),
+    if model_outputs is None:
+        model_outputs = [keras_outputs(model, b) for b in batches]
+    return _judge(_flat(keras_outputs(twin, b) for b in wide), _flat(model_outputs),
                   _flat(keras_outputs(folded_twin, b) for b in wide), atol=atol, rtol=rtol, factor=1.0)

@@ -37,4 +37,6 @@ def test_prepare_then_check_writes_the_report(tmp_path):
         if "skipped" not in cuda:
             for run in cuda.values():
                 assert run["provider"] in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                assert run["vs_tf_cpu_reference"] <= (1e-5 if run is cuda["tf32_off"] else 1e-2)
+                # TF32 keeps 10 mantissa bits: measured 4.1e-4 to 7.7e-4 relative on an H100;
+                # 2e-3 leaves margin. With TF32 off, float32 in another order (~1e-6).
+                assert run["vs_tf_cpu_reference"] <= (1e-5 if run is cuda["tf32_off"] else 2e-3)

@@ -167,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     save_model_atomic(model, paths[".keras"])
     # What bn-fold runs: fold, verify, save, reload, verify the file, rename. The demo then
     # uses the file as a user would, and checks it on real digits.
-    if paths[".folded.keras"].exists():
-        paths[".folded.keras"].unlink()  # a fresh demo run replaces its own output
     fold_result = fold_to_file(model, paths[".folded.keras"])
     if fold_result.output is None:
         raise SystemExit(f"bn-fold failed: {fold_result.reload_error or fold_result.verification.to_dict()}")

@@ -109,5 +109,10 @@ def timed(seconds: dict, name: str):
         seconds[name] = round(time.perf_counter() - start, 4)
 
 
+def verdict(passed: bool, failed: str = "FAILED") -> str:
+    """A check's result, coloured for rich."""
+    return "[green]passed[/green]" if passed else f"[red]{failed}[/red]"
+
+
 def fmt(value: float) -> str:
     return f"{value:.3g}"

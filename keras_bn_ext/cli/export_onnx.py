@@ -17,6 +17,7 @@ from keras_bn_ext.cli._common import (
     positive_int,
     run,
     timed,
+    verdict,
 )
 from keras_bn_ext.export.onnx import options
 
@@ -26,7 +27,7 @@ PROG = "bn-export-onnx"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Export a .keras model to ONNX with tf2onnx (BatchNormalization folded "
+        description="Export a .keras (or legacy .h5) model to ONNX with tf2onnx (BatchNormalization folded "
         "first), check it with onnx.checker, and verify its outputs against the Keras model "
         "on onnxruntime (CUDA when it really runs, else the CPU; the report says which).",
         epilog=EXIT_CODES_HELP,
@@ -127,8 +128,8 @@ def _print_summary(result: dict) -> None:
     for column in ("output", "max abs err", "max rel err", "mean abs err", "result"):
         table.add_column(column)
     for o in result["outputs"]:
-        verdict = "[green]passed[/green]" if o["passed"] else "[red]FAILED[/red]"
-        table.add_row(o["name"], fmt(o["max_abs_err"]), fmt(o["max_rel_err"]), fmt(o["mean_abs_err"]), verdict)
+        result_text = verdict(o["passed"])
+        table.add_row(o["name"], fmt(o["max_abs_err"]), fmt(o["max_rel_err"]), fmt(o["mean_abs_err"]), result_text)
     console.print(table)
     console.print(
         f"batch sizes {result['batch_sizes']}; {result['precision']}: atol {fmt(result['atol'])}, "
@@ -144,11 +145,11 @@ def _print_summary(result: dict) -> None:
         console.print(bench)
     exact = result["exact_arithmetic"]
     if exact:
-        verdict = "[green]passed[/green]" if exact["passed"] else "[red]FAILED[/red]"
+        result_text = verdict(exact["passed"])
         console.print(
             f"above tolerance in float32; against the model in float64 (exact arithmetic): Keras "
             f"{fmt(exact['original_max_rel_err'])}, ONNX {fmt(exact['candidate_max_rel_err'])} relative — "
-            f"the export adds no error beyond float32 rounding: {verdict}"
+            f"the export adds no error beyond float32 rounding: {result_text}"
         )
     if not result["passed"]:
         console.print(f"[red]verification failed; {result['output']} is kept for inspection[/red]")

@@ -16,6 +16,7 @@ from keras_bn_ext.cli._common import (
     load_input_model,
     run,
     timed,
+    verdict,
 )
 from keras_bn_ext.folding import options
 
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Fold trained BatchNormalization layers into the neighbouring "
-        "conv/dense layers of a .keras model, save it, load the saved file back and verify "
+        "conv/dense layers of a .keras (or legacy .h5) model, save it, load the saved file back and verify "
         "it gives the same inference outputs as the original.",
         epilog=EXIT_CODES_HELP,
     )
@@ -84,24 +85,24 @@ def _print_summary(result: dict, outcome) -> None:
         f"BN layers: {report.bn_total} -> {report.bn_total - report.bn_folded} "
         f"({report.bn_folded} folded); parameters: {report.params_before:,} -> {report.params_after:,}"
     )
-    verdict = "[green]passed[/green]" if comparison.passed else "[red]above tolerance[/red]"
+    result_text = verdict(comparison.passed, "above tolerance")
     console.print(
         f"folded vs original on {comparison.batches} random batches: max abs err "
         f"{fmt(comparison.max_abs_err)}, max rel err {fmt(comparison.max_rel_err)} "
-        f"(atol {fmt(comparison.atol)}, rtol {fmt(comparison.rtol)}): {verdict}"
+        f"(atol {fmt(comparison.atol)}, rtol {fmt(comparison.rtol)}): {result_text}"
     )
     if outcome.exact is not None:
         exact = outcome.exact
-        verdict = "[green]passed[/green]" if exact.passed else "[red]FAILED[/red]"
+        result_text = verdict(exact.passed)
         console.print(
             f"against the original in float64 (exact arithmetic): original {fmt(exact.original_max_rel_err)}, "
             f"folded {fmt(exact.candidate_max_rel_err)} relative — the fold adds no error beyond float32 "
-            f"rounding: {verdict}"
+            f"rounding: {result_text}"
         )
     if outcome.file_check is not None:
-        verdict = "[green]passed[/green]" if outcome.file_check.passed else "[red]FAILED[/red]"
+        result_text = verdict(outcome.file_check.passed)
         console.print(f"the saved file, reloaded, vs the folded model: max rel err "
-                      f"{fmt(outcome.file_check.max_rel_err)}: {verdict}")
+                      f"{fmt(outcome.file_check.max_rel_err)}: {result_text}")
     if outcome.reload_error:
         console.print(f"[red]{outcome.reload_error}; nothing written[/red]")
     elif result["output"]:

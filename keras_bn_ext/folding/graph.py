@@ -84,19 +84,19 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "") -> lis
     """Decide for every BN node of `model` (and of models nested in it) whether it folds."""
     g = _Graph(graph_of(model))
     decisions: list[BNDecision] = []
-    seen_models: set[int] = set()
+    seen: set[int] = set()  # models and custom layers already visited (shared ones once)
     for node in g.nodes:
         op = node.operation
         if op is None or node.is_input:
             continue
         if is_rebuildable_model(op):
-            if id(op) not in seen_models:
-                seen_models.add(id(op))
+            if id(op) not in seen:
+                seen.add(id(op))
                 decisions += analyze(op, exclude=exclude, prefix=f"{prefix}{op.name}/")
             continue
         if not is_batchnorm(op):
-            if isinstance(op, keras.layers.Layer) and id(op) not in seen_models:
-                seen_models.add(id(op))
+            if isinstance(op, keras.layers.Layer) and id(op) not in seen:
+                seen.add(id(op))
                 decisions += _hidden_batchnorms(op, prefix)
             continue
         decision = BNDecision(bn=op, path=prefix + op.name)

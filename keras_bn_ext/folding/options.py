@@ -1,4 +1,4 @@
-"""Defaults of a fold's verification, shared by `fold_model` and `bn-fold` (this module
+"""Defaults of a fold's verification, shared by `fold_to_file` and `bn-fold` (this module
 imports nothing heavy: the CLI prints these in --help)."""
 
 # Folding reorders float32 arithmetic (x*(W*s) instead of (x*W)*s): errors of a few

@@ -1,8 +1,8 @@
 """`fold_to_file`: fold, verify, save, reload what was saved and verify that too.
 
-What is written is what was verified: the file is saved under a temporary name,
-loaded back as a user would load it, compared with the original model, and only then
-renamed into place.
+What is written is what was verified: the folded model is compared with the original,
+then saved under a temporary name, loaded back as a user would load it, compared with
+the verified folded model, and only then renamed into place.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import keras
 from keras_bn_ext.compare import (
     ComparisonReport,
     ExactArithmeticCheck,
-    compare_models,
+    compare_output_lists,
     fold_exact_check,
+    keras_outputs,
+    output_names,
     random_inputs,
 )
 from keras_bn_ext.folding import options
@@ -117,13 +119,23 @@ def fold_to_file(
         return value
 
     folded, report = timed("fold", lambda: fold_batchnorms(model, exclude=exclude))
+    # One set of seeded batches for every check; each model runs on them once.
     batches = [random_inputs(model, batch_size=options.VERIFY_BATCH, seed=i) for i in range(samples)]
-    comparison = timed("verify", lambda: compare_models(model, folded, inputs=None, samples=samples,
-                                                        batch_size=options.VERIFY_BATCH, atol=atol, rtol=rtol))
+    names = output_names(model)
+
+    def outputs(m):
+        return [keras_outputs(m, b) for b in batches]
+
+    def verify():
+        return outputs(model), outputs(folded)
+
+    model_out, folded_out = timed("verify", verify)
+    comparison = compare_output_lists(model_out, folded_out, names, atol=atol, rtol=rtol)
     result = FoldResult(fold=report, verification=comparison, output=None, samples=samples,
                         timings_s=timings)
     if not comparison.passed:
-        result.exact = timed("verify_float64", lambda: fold_exact_check(model, folded, batches, atol=atol, rtol=rtol))
+        result.exact = timed("verify_float64", lambda: fold_exact_check(
+            model, folded, batches, atol=atol, rtol=rtol, model_outputs=model_out))
     if not result.folded_ok:
         return result
     try:
@@ -139,8 +151,8 @@ def fold_to_file(
                 raise _Abandon() from None
             # The same float32 graph and weights: only a kernel's choice of summation
             # order could differ, so the file must match the verified model to 1e-6.
-            result.file_check = timed("verify_file", lambda: compare_models(
-                folded, reloaded, samples=samples, batch_size=options.VERIFY_BATCH, atol=0.0, rtol=1e-6))
+            result.file_check = timed("verify_file", lambda: compare_output_lists(
+                folded_out, outputs(reloaded), names, atol=0.0, rtol=1e-6))
             if not result.file_check.passed:
                 raise _Abandon()
     except _Abandon:

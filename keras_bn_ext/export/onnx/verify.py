@@ -306,11 +306,11 @@ def verify_onnx(
         # Two correct float32 computations of an ill-conditioned model can differ beyond
         # the tolerance: judge the ONNX outputs against the model in float64 first.
         with _tf32_off():
-            exact = exact_arithmetic_check(model, batches, got, atol=atol, rtol=rtol)
+            exact = exact_arithmetic_check(model, batches, got, atol=atol, rtol=rtol, model_outputs=reference)
     if not comparison.passed and not exact.passed:
         # Tell a wrong graph from onnxruntime's optimizer rewriting a right one.
-        def rerun(**options):
-            out, out_meta = run_onnxruntime(onnx_path, feeds, provider=provider, **options)
+        def rerun(**session):
+            out, out_meta = run_onnxruntime(onnx_path, feeds, provider=provider, **session)
             return compare_output_lists(reference, _in_keras_order(out, out_meta, keras_names), keras_names,
                                         atol=atol, rtol=rtol)
 
