@@ -25,6 +25,7 @@ __all__ = [
     "all_sublayers",
     "unsafe_deserialization",
     "traceable_convolutions",
+    "forget_build_shapes",
 ]
 
 
@@ -84,6 +85,14 @@ def all_sublayers(model) -> list:
     """Every layer inside `model`, at any depth, including those a custom layer holds
     as attributes (which the graph does not show). `model.layers` is one level only."""
     return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def forget_build_shapes(layer) -> None:
+    """Make `layer.get_build_config()` return None, so a saved Functional model holds no
+    build config for it and Keras builds it by calling it while it rebuilds the graph
+    at load time. Layer keeps the shapes its build() saw in this private dict; there is
+    no public way to save a layer without them."""
+    layer._build_shapes_dict = None
 
 
 def unsafe_deserialization() -> AbstractContextManager:

@@ -25,6 +25,7 @@ __all__ = [
     "check_output_path",
     "atomic_output",
     "save_model_atomic",
+    "loadable_build_configs",
 ]
 
 
@@ -182,3 +183,57 @@ def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> Path:
     with atomic_output(path) as tmp:
         model.save(tmp)
     return Path(path)
+
+
+def loadable_build_configs(model: keras.Model, *, leave: keras.Model | None = None) -> list[str]:
+    """Keep out of the saved file the build configs that would stop it from loading.
+
+    A .keras file stores each layer's build input shape as JSON, so a loader's
+    `build_from_config` gets lists where the layer's own build() saw tuples. Keras's
+    layers accept both; some others do not (keras_hub's SpatialPyramidPooling does
+    `input_shape[:-1] + (channels,)`). Inside a class's own from_config that never
+    runs, but in a plain Functional model (what folding a KerasHub backbone gives)
+    it does, and the file cannot be loaded.
+
+    For each layer of `model`'s graph (nested models included) that is not Keras's
+    own, a fresh copy (from its config) is built from the JSON form of its build
+    config; where that fails and the original tuple form works, the layer's build
+    config is dropped: the loader then builds it by calling it on the graph's
+    symbolic tensors, as the model was built in the first place. Changes `model`
+    (not the layers it shares with `leave`, e.g. the model it was folded from);
+    returns one line per layer changed.
+    """
+    from keras_bn_ext import _keras_internals as internals
+    from keras_bn_ext.folding.graph import graph_of, is_rebuildable_model
+
+    changed = []
+    shared = {id(layer) for layer in internals.all_sublayers(leave)} if leave is not None else set()
+
+    def builds(layer, build_config) -> bool:
+        try:
+            fresh = type(layer).from_config(layer.get_config())
+            fresh.build_from_config(build_config)
+            return True
+        except Exception:  # noqa: BLE001 - any failure is what we look for
+            return False
+
+    def visit(graph) -> None:
+        for layer in graph.layers:
+            if is_rebuildable_model(layer):
+                visit(graph_of(layer))
+                continue
+            if type(layer).__module__.split(".")[0] == "keras" or id(layer) in shared:
+                continue
+            build_config = layer.get_build_config()
+            if not build_config:
+                continue
+            as_stored = json.loads(json.dumps(keras.saving.serialize_keras_object(build_config)))
+            if not builds(layer, as_stored) and builds(layer, build_config):
+                internals.forget_build_shapes(layer)
+                changed.append(f"layer '{layer.name}' ({type(layer).__name__}): its build() fails on "
+                               "the JSON form of its input shape; saved without a build config, "
+                               "so loading builds it by calling it")
+
+    if is_rebuildable_model(model):
+        visit(graph_of(model))
+    return changed

@@ -15,11 +15,13 @@ from keras_bn_ext.folding.affine import is_batchnorm
 
 __all__ = [
     "APPLICATIONS",
+    "RESIDUAL_GAMMA",
     "application_model",
     "batchnorm_layers",
     "count_batchnorms",
     "kerashub_backbones",
     "randomize_batchnorms",
+    "residual_branch_batchnorms",
 ]
 
 
@@ -33,17 +35,30 @@ def count_batchnorms(model: keras.Model) -> int:
     return len(batchnorm_layers(model))
 
 
-def randomize_batchnorms(model: keras.Model, seed: int = 0) -> None:
+def randomize_batchnorms(model: keras.Model, seed: int = 0, *, residual_gamma: tuple | None = None) -> None:
     """Give every built BN of `model` (nested ones too) random gamma in [0.5, 1.5], beta
-    and moving mean ~ N(0, 0.2), and moving variance in [0.5, 1.5]. Changes `model`."""
+    and moving mean ~ N(0, 0.2), and moving variance in [0.5, 1.5]. Changes `model`.
+
+    Args:
+        residual_gamma: (low, high): gamma of the BNs that close a residual branch
+            (`residual_branch_batchnorms`) is drawn from this range instead. A deep
+            untrained residual network whose branches enter the sum at full strength
+            multiplies every perturbation by ~sqrt(2) per block: EfficientNetV2S with
+            weights=None moves its outputs by 64% for a 1e-6 change of its input, so its
+            own float32 run is that far from float64 and no fold can be verified on it.
+            Trained residual networks keep those gammas small (training starts them at
+            zero: Goyal et al. 2017, torchvision's zero_init_residual); with (0.05, 0.25)
+            the same model moves by 3e-7.
+    """
     rng = np.random.default_rng(seed)
+    closing = {id(layer) for layer in residual_branch_batchnorms(model)} if residual_gamma else set()
     for layer in batchnorm_layers(model):
         if not layer.built:
             continue
         c = layer.moving_mean.shape[0]
         values = {}
         if layer.scale:
-            values["gamma"] = rng.uniform(0.5, 1.5, c)
+            values["gamma"] = rng.uniform(*(residual_gamma if id(layer) in closing else (0.5, 1.5)), c)
         if layer.center:
             values["beta"] = rng.normal(0, 0.2, c)
         values["moving_mean"] = rng.normal(0, 0.2, c)
@@ -55,6 +70,54 @@ def randomize_batchnorms(model: keras.Model, seed: int = 0) -> None:
         for name, value in values.items():
             variable = getattr(layer, name)
             variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+
+
+# Layers that pass a branch on to the sum unchanged at inference.
+_PASS_THROUGH = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianDropout",
+                 "GaussianNoise", "AlphaDropout", "Identity", "StochasticDepth")
+
+
+def residual_branch_batchnorms(model: keras.Model) -> list[keras.layers.Layer]:
+    """The BNs whose output goes, through dropout-like layers only, into a sum of
+    several tensors (an `Add` layer or a `+` on symbolic tensors): the last BN of a
+    residual branch, and of a projection shortcut (ResNet's `_0_bn`). Looks into
+    nested Functional/Sequential models, whose outputs may be summed by their caller."""
+    from keras_bn_ext.folding.graph import graph_of, is_rebuildable_model
+
+    found = []
+
+    def visit(graph, outputs_reach_sum=()):
+        consumers: dict[int, list] = {}
+        nodes = internals.graph_nodes(graph)
+        for node in nodes:
+            for tensor in node.input_tensors:
+                consumers.setdefault(id(tensor), []).append(node)
+        # A nested model's output that its caller adds to something.
+        summed_outputs = {id(t) for t, summed in zip(graph.outputs, outputs_reach_sum) if summed}
+
+        def reaches_sum(tensor) -> bool:
+            if id(tensor) in summed_outputs:
+                return True
+            for node in consumers.get(id(tensor), ()):
+                kind = type(node.operation).__name__
+                if kind == "Add" and len(node.input_tensors) > 1:
+                    return True
+                if kind in _PASS_THROUGH and node.output_tensors and reaches_sum(node.output_tensors[0]):
+                    return True
+            return False
+
+        for node in nodes:
+            layer = node.operation
+            if layer is None or node.is_input:
+                continue
+            if is_batchnorm(layer) and layer not in found and reaches_sum(node.output_tensors[0]):
+                found.append(layer)
+            elif is_rebuildable_model(layer):
+                visit(graph_of(layer), [reaches_sum(t) for t in node.output_tensors])
+
+    if is_rebuildable_model(model):
+        visit(graph_of(model))
+    return found
 
 
 # -- models nobody on the team wrote ------------------------------------------------------
@@ -69,6 +132,10 @@ def _smallest(builder, sizes=(32, 48, 64, 75, 96, 128, 224)):
             errors.append(str(exc))
     raise ValueError(f"no input size in {sizes} fits: {errors[-1]}")
 
+
+# Gamma of the BN closing a residual branch in the models below: as trained networks
+# have it (see randomize_batchnorms).
+RESIDUAL_GAMMA = (0.05, 0.25)
 
 # keras.applications models that contain BatchNormalization (VGG and ConvNeXt do not).
 APPLICATIONS = (
@@ -92,7 +159,7 @@ def application_model(name: str) -> keras.Model:
     constructor = getattr(keras.applications, name)
     model = _smallest(lambda size: constructor(weights=None, input_shape=(size, size, 3),
                                                classifier_activation=None))
-    randomize_batchnorms(model)
+    randomize_batchnorms(model, residual_gamma=RESIDUAL_GAMMA)
     return model
 
 

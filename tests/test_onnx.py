@@ -212,21 +212,53 @@ def test_a_layer_tf2onnx_cannot_convert_is_named(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_onnxruntime_optimizer_error_is_told_apart_from_a_wrong_graph(tmp_path):
+def _pad_into_maxpool_model():
     # ZeroPadding2D -> MaxPooling2D on negative values (ResNet50V2's stem): onnxruntime's
-    # optimizer fuses the zero Pad into the MaxPool, which pads with -inf, so border
-    # windows change. The exported graph is right; the report must say so.
+    # Pad_Fusion moves the zero Pad into the MaxPool, which pads with -inf, so border
+    # windows change from 0 to their (negative) maximum.
     inputs = keras.Input((8, 8, 3))
     x = layers.Conv2D(4, 3, bias_initializer=keras.initializers.Constant(-10.0))(inputs)
     x = layers.MaxPooling2D(3, strides=2)(layers.ZeroPadding2D(1)(x))
-    model = keras.Model(inputs, layers.Flatten()(x))
-    export_onnx(model, tmp_path / "p.onnx", fold=False)
+    return keras.Model(inputs, layers.Flatten()(x))
+
+
+def test_onnxruntime_optimizer_error_is_told_apart_from_a_wrong_graph(tmp_path):
+    # tf2onnx's graph as it comes, without export_onnx's guard: the graph is right and
+    # a default onnxruntime session is not; the report must say so.
+    from keras_bn_ext.export.onnx.convert import to_onnx_proto
+
+    model = _pad_into_maxpool_model()
+    onnx.save_model(to_onnx_proto(model), str(tmp_path / "p.onnx"))
     result = verify_onnx(model, tmp_path / "p.onnx", provider="cpu")
     if result.passed:
         pytest.skip("this onnxruntime no longer fuses a zero Pad into MaxPool")
     assert result.unoptimized.passed and result.optimizer_culprit == "Pad_Fusion"
     assert "disabled_optimizers=['Pad_Fusion']" in result.diagnosis
     assert result.to_dict()["unoptimized_max_rel_err"] <= 1e-6
+
+
+@pytest.mark.parametrize("opset,fp16", [(13, False), (17, False), (17, True), (18, False)])
+def test_exported_zero_pad_before_maxpool_survives_onnxruntime_optimizer(tmp_path, opset, fp16):
+    model = _pad_into_maxpool_model()
+    report = export_onnx(model, tmp_path / "p.onnx", fold=False, opset=opset, fp16=fp16)
+    assert len(report.guards) == 1 and "MaxPool" in report.guards[0]
+    (pad,) = [n for n in _graph(tmp_path / "p.onnx").node if n.op_type == "Pad"]
+    assert len(pad.input) == (4 if opset >= 18 else 3)  # explicit -0.0, and axes from 18
+    # The default session (all graph optimizations on) now agrees with Keras.
+    tolerances = {"atol": 1e-3, "rtol": 1e-2} if fp16 else {}
+    result = verify_onnx(model, tmp_path / "p.onnx", provider="cpu", **tolerances)
+    assert result.passed and result.unoptimized is None
+
+
+def test_pad_guard_leaves_pads_it_need_not_touch(tmp_path):
+    # A zero Pad into a Conv fuses correctly (Conv pads with zeros); a Pad of another
+    # value is never fused. Neither is changed.
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(4, 3)(layers.ZeroPadding2D(1)(inputs))
+    x = keras.ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=-5.0)
+    model = keras.Model(inputs, layers.MaxPooling2D(2)(x))
+    assert export_onnx(model, tmp_path / "q.onnx", fold=False).guards == []
+    assert verify_onnx(model, tmp_path / "q.onnx", provider="cpu").passed
 
 
 def test_renorm_bn_exports_unfolded_and_folded(tmp_path):

@@ -112,6 +112,8 @@ def _print_summary(result: dict) -> None:
         )
     ops = ", ".join(f"{k} {v}" for k, v in result["op_counts"].items())
     console.print(f"wrote {result['output']} (opset {result['opset']}; {ops})")
+    for guard in result["guards"]:
+        console.print(f"  guarded {guard}")
     console.print(f"onnxruntime {result['onnxruntime_version']} ran on [bold]{result['provider']}[/bold]")
     if result["fallback_reason"]:
         console.print(f"  fell back to the CPU: {result['fallback_reason']}")

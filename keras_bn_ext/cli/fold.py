@@ -99,6 +99,8 @@ def _print_summary(result: dict, outcome) -> None:
             f"folded {fmt(exact.candidate_max_rel_err)} relative — the fold adds no error beyond float32 "
             f"rounding: {result_text}"
         )
+    for line in outcome.build_configs_dropped:
+        console.print(f"  {line}")
     if outcome.file_check is not None:
         result_text = verdict(outcome.file_check.passed)
         console.print(f"the saved file, reloaded, vs the folded model: max rel err "

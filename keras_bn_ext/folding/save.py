@@ -25,7 +25,7 @@ from keras_bn_ext.compare import (
 )
 from keras_bn_ext.folding import options
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
-from keras_bn_ext.model_io import atomic_output
+from keras_bn_ext.model_io import atomic_output, loadable_build_configs
 
 __all__ = ["FoldResult", "fold_to_file"]
 
@@ -41,6 +41,8 @@ class FoldResult:
     exact: ExactArithmeticCheck | None = None  # only when `verification` failed
     file_check: ComparisonReport | None = None  # the saved file, reloaded, against the folded model
     reload_error: str | None = None  # the saved file could not be loaded back
+    # Layers saved without a build config so the file loads (`loadable_build_configs`).
+    build_configs_dropped: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -66,6 +68,7 @@ class FoldResult:
             "exact_arithmetic": self.exact.to_dict() if self.exact else None,
             "file_max_rel_err": self.file_check.max_rel_err if self.file_check else None,
             "reload_error": self.reload_error,
+            "build_configs_dropped": self.build_configs_dropped,
             "verification": v.to_dict(),
             "timings_s": self.timings_s,
         }
@@ -138,6 +141,7 @@ def fold_to_file(
             model, folded, batches, atol=atol, rtol=rtol, model_outputs=model_out))
     if not result.folded_ok:
         return result
+    result.build_configs_dropped = loadable_build_configs(folded, leave=model)
     try:
         with atomic_output(path) as tmp:
             timed("save", lambda: folded.save(tmp))

@@ -13,6 +13,7 @@ import keras
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.compare import input_specs, output_names
 from keras_bn_ext.errors import ExportError
+from keras_bn_ext.export.onnx.guards import guard_pad_into_maxpool
 from keras_bn_ext.export.onnx.options import BATCH_DIM, DEFAULT_OPSET, SUPPORTED_OPSETS
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.model_io import atomic_output
@@ -29,6 +30,8 @@ class ExportReport:
     op_counts: dict[str, int] = field(default_factory=dict)
     fold: FoldReport | None = None
     fp16: bool = False  # float16 weights and arithmetic, float32 inputs and outputs
+    # Nodes given an equivalent form that onnxruntime's optimizer cannot break (`guards`).
+    guards: list[str] = field(default_factory=list)
 
     @property
     def bn_folded(self) -> int:
@@ -182,6 +185,9 @@ def export_onnx(
 
     Raises:
         ExportError: tf2onnx failed, or the result does not pass onnx.checker.
+
+    A zero Pad feeding a MaxPool is written in a form onnxruntime's `Pad_Fusion` rewrite
+    leaves alone (see `guards`); the report lists each.
     """
     import onnx
 
@@ -191,6 +197,7 @@ def export_onnx(
     proto = to_onnx_proto(model, opset=opset, batch_size=batch_size)
     if fp16:
         proto = _to_float16(proto)
+    guards = guard_pad_into_maxpool(proto)
     try:
         # The structural check; shape errors would show in verify_onnx's onnxruntime run
         # anyway, and full_check's shape inference costs ~0.4 s on ResNet50.
@@ -211,6 +218,7 @@ def export_onnx(
         op_counts=dict(sorted(collections.Counter(n.op_type for n in proto.graph.node).items())),
         fold=fold_report,
         fp16=fp16,
+        guards=guards,
     )
 
 

@@ -48,6 +48,7 @@ class OnnxResult:
             "inputs": e.inputs,
             "outputs": [vars(o) for o in v.comparison.outputs],
             "op_counts": e.op_counts,
+            "guards": e.guards,
             "batch_sizes": v.batch_sizes,
             "atol": v.comparison.atol,
             "rtol": v.comparison.rtol,
