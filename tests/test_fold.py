@@ -475,15 +475,29 @@ class _ConvBlock(layers.Layer):
 
 
 def test_bns_inside_custom_layers_are_counted_and_kept_with_a_reason():
+    # inline=False keeps every custom layer (tests/test_inline.py has the default).
     inputs = keras.Input((6, 6, 3))
     h = BatchNormalization(name="outer")(layers.Conv2D(4, 3, name="c")(inputs))
     model = keras.Model(inputs, _ConvBlock(name="block")(h))
     randomize_batchnorms(model)
-    folded, report = fold_batchnorms(model)
+    folded, report = fold_batchnorms(model, inline=False)
     assert report.bn_total == count_batchnorms(model) == 2 and report.bn_folded == 1
     (kept,) = report.kept
     assert kept.bn.startswith("block/") and "inside custom layer 'block' (_ConvBlock)" in kept.reason
     assert compare_models(model, folded, atol=0.0, rtol=RTOL).passed
+
+
+def test_sequential_holding_a_nested_model_after_other_layers_folds():
+    # The nested model is rebuilt before the outer Sequential has built the layers
+    # copied ahead of it: their weights must wait for it (this once raised).
+    inner_in = keras.Input((6, 6, 4))
+    inner = keras.Model(inner_in, BatchNormalization(name="inner_bn")(layers.Conv2D(4, 3, name="ic")(inner_in)),
+                        name="inner")
+    model = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3, name="c"),
+                              BatchNormalization(name="outer_bn"), inner])
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=2)
 
 
 def test_bn_that_ends_a_nested_sequential_folds():

@@ -62,19 +62,29 @@ def test_backbone_folds_exports_and_reloads_without_keras_bn_ext(name, tmp_path,
     assert exported["passed"] and exported["op_counts"].get("BatchNormalization", 0) == 0
 
 
-def test_deeplab_v3_whose_layer_cannot_build_from_a_saved_shape_folds_and_reloads(tmp_path, capsys):
-    # keras_hub's SpatialPyramidPooling.build concatenates the list a .keras file gives
-    # it with a tuple. The folded model (a plain Functional) is saved without that
-    # layer's build config, so the loader builds it by calling it, and the file loads.
+@pytest.mark.parametrize("keep", [False, True])
+def test_deeplab_v3_folds_and_reloads(tmp_path, capsys, keep):
+    # Its SpatialPyramidPooling holds 5 BNs and traces symbolically: by default it is
+    # replaced by its graph and all 16 BNs fold. Kept (--keep-custom-layers), its
+    # build() meets a keras_hub bug: it concatenates the list a .keras file gives it
+    # with a tuple. The folded model is then saved without that layer's build config,
+    # so the loader builds it by calling it, and the file loads.
     model = kerashub_backbones()["DeepLabV3Backbone"]()
     randomize_batchnorms(model)
     src = tmp_path / "deeplab.keras"
     model.save(src)
-    code, report, err = _json(fold_cli, [str(src), "--json", "--custom-module", "keras_hub"], capsys)
+    argv = [str(src), "--json", "--custom-module", "keras_hub"] + (["--keep-custom-layers"] if keep else [])
+    code, report, err = _json(fold_cli, argv, capsys)
     assert code == 0 and report["passed"], err
-    assert len(report["build_configs_dropped"]) == 1
-    assert "(SpatialPyramidPooling): its build() fails" in report["build_configs_dropped"][0]
-    assert report["bn_folded"] == 11 and report["file_max_rel_err"] <= 1e-6
+    assert report["bn_total"] == 16 and report["file_max_rel_err"] <= 1e-6
+    if keep:
+        assert report["bn_folded"] == 11 and report["inlined"] == []
+        (dropped,) = report["build_configs_dropped"]
+        assert "(SpatialPyramidPooling): its build() fails" in dropped
+    else:
+        assert report["bn_folded"] == 16 and report["build_configs_dropped"] == []
+        (inlined,) = report["inlined"]  # the layer name is numbered by how many were made before
+        assert inlined.startswith("spatial_pyramid_pooling") and inlined.endswith(" (SpatialPyramidPooling)")
     run_python(f"""
         import keras, keras_hub
         assert keras.saving.load_model({report["output"]!r}).count_params() > 0

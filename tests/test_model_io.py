@@ -40,9 +40,9 @@ def test_a_layer_that_cannot_build_from_its_stored_shape_is_saved_without_it(tmp
     assert not loads_as_saved
     result = fold_to_file(model, tmp_path / "f.keras")
     assert result.passed and result.output and result.file_check.max_rel_err == 0.0
-    assert result.build_configs_dropped == [
+    assert result.build_configs_dropped == [(
         "layer 'tuple_only' (TupleOnlyBuild): its build() fails on the JSON form of its input shape; "
-        "saved without a build config, so loading builds it by calling it"]
+        "saved without a build config, so loading builds it by calling it")]
     reloaded = keras.saving.load_model(result.output)
     x = np.random.default_rng(0).standard_normal((3, 6)).astype("float32")
     np.testing.assert_allclose(reloaded(x), model(x), rtol=1e-5, atol=1e-6)

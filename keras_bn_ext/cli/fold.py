@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {options.SAMPLES})",
     )
     parser.add_argument("-o", "--output", help="output .keras file (default: MODEL.folded.keras beside the input)")
+    parser.add_argument("--keep-custom-layers", action="store_true",
+                        help="keep each custom layer's class; by default one that holds BNs and whose call() "
+                             "traces symbolically is replaced by that graph, so its BNs fold")
     return parser
 
 
@@ -55,7 +58,8 @@ def _work(args) -> int:
     with timed(seconds, "load"):
         model = load_input_model(args, output)
     result = fold_to_file(model, output, exclude=args.exclude, samples=args.samples,
-                          atol=args.atol, rtol=args.rtol, safe_mode=not args.unsafe)
+                          atol=args.atol, rtol=args.rtol, safe_mode=not args.unsafe,
+                          inline=not args.keep_custom_layers)
     result.timings_s = {**seconds, **result.timings_s}
     report = {"input": str(args.model), **result.to_dict()}
     if args.json:
@@ -81,6 +85,10 @@ def _print_summary(result: dict, outcome) -> None:
         table.add_row(k.bn, "[yellow]kept[/yellow]", k.reason)
     if report.bn_total:
         console.print(table)
+    if report.inlined:
+        console.print(f"custom layers replaced by the graph their call() traces: {', '.join(report.inlined)}")
+    if outcome.inline_fallback:
+        console.print(f"[yellow]custom layers kept: {outcome.inline_fallback}[/yellow]")
     console.print(
         f"BN layers: {report.bn_total} -> {report.bn_total - report.bn_folded} "
         f"({report.bn_folded} folded); parameters: {report.params_before:,} -> {report.params_after:,}"

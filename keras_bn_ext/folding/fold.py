@@ -10,6 +10,7 @@ import numpy as np
 from keras_bn_ext.folding import rules
 from keras_bn_ext.folding.affine import bn_affine
 from keras_bn_ext.folding.graph import analyze
+from keras_bn_ext.folding.inline import InlineReport, inline_traceable_layers
 from keras_bn_ext.folding.rebuild import RebuildPlan, rebuild
 
 __all__ = ["fold_batchnorms", "FoldReport", "FoldedBN", "KeptBN"]
@@ -36,6 +37,8 @@ class FoldReport:
     kept: list[KeptBN] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
+    # Custom layers replaced by the graph their call() traces (`folding.inline`).
+    inlined: list[str] = field(default_factory=list)
 
     @property
     def bn_total(self) -> int:
@@ -75,7 +78,7 @@ def _input_layout(d, scale, shift):
 
 
 def fold_batchnorms(
-    model: keras.Model, *, exclude: tuple[str, ...] | list[str] = ()
+    model: keras.Model, *, exclude: tuple[str, ...] | list[str] = (), inline: bool = True
 ) -> tuple[keras.Model, FoldReport]:
     """Fold every BatchNormalization that the maths allows into its producer layer.
 
@@ -98,6 +101,10 @@ def fold_batchnorms(
         model: A Functional or Sequential Keras model (models nested in it are
             folded too). It is never changed.
         exclude: Names of BN layers to keep as they are.
+        inline: Replace each custom layer that holds BNs and whose call() traces
+            symbolically by that graph (a nested Functional model of the same name),
+            so its BNs fold too (`folding.inline`); the report lists them in
+            `inlined`. False keeps every custom layer as it is.
 
     Returns:
         `(folded_model, report)`. The folded model is a new model with the same
@@ -108,9 +115,10 @@ def fold_batchnorms(
         UnsupportedModelError: a subclassed model, or a Sequential without input.
         InvalidBatchNormError: a BN with negative or non-finite variance.
     """
-    decisions = analyze(model, exclude=frozenset(exclude))
+    source, inlined = inline_traceable_layers(model) if inline else (model, InlineReport())
+    decisions = analyze(source, exclude=frozenset(exclude), opaque=inlined.not_traced)
     plan = RebuildPlan()
-    report = FoldReport(params_before=model.count_params())
+    report = FoldReport(params_before=model.count_params(), inlined=inlined.inlined)
     for d in decisions:
         if not d.folded:
             if d.bn.built:
@@ -130,6 +138,6 @@ def fold_batchnorms(
         plan.force_bias.add(id(d.into))  # the folded weights always carry a bias
         prefix = d.path[: len(d.path) - len(d.bn.name)]
         report.folded.append(FoldedBN(bn=d.path, into=prefix + d.into.name, direction=d.direction))
-    folded = rebuild(model, plan)
+    folded = rebuild(source, plan)
     report.params_after = folded.count_params()
     return folded, report

@@ -80,8 +80,11 @@ class _Graph:
         return len(self.consumers.get(id(tensor), []))
 
 
-def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "") -> list[BNDecision]:
-    """Decide for every BN node of `model` (and of models nested in it) whether it folds."""
+def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "",
+            opaque: dict[int, str] | None = None) -> list[BNDecision]:
+    """Decide for every BN node of `model` (and of models nested in it) whether it folds.
+    `opaque`: id(custom layer) -> why its call() could not be replaced by its graph."""
+    opaque = opaque or {}
     g = _Graph(graph_of(model))
     decisions: list[BNDecision] = []
     seen: set[int] = set()  # models and custom layers already visited (shared ones once)
@@ -92,12 +95,12 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "") -> lis
         if is_rebuildable_model(op):
             if id(op) not in seen:
                 seen.add(id(op))
-                decisions += analyze(op, exclude=exclude, prefix=f"{prefix}{op.name}/")
+                decisions += analyze(op, exclude=exclude, prefix=f"{prefix}{op.name}/", opaque=opaque)
             continue
         if not is_batchnorm(op):
             if isinstance(op, keras.layers.Layer) and id(op) not in seen:
                 seen.add(id(op))
-                decisions += _hidden_batchnorms(op, prefix)
+                decisions += _hidden_batchnorms(op, prefix, opaque.get(id(op)))
             continue
         decision = BNDecision(bn=op, path=prefix + op.name)
         decision.reason = _bn_blocker(op, node, g, exclude)
@@ -121,11 +124,11 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "") -> lis
     return decisions
 
 
-def _hidden_batchnorms(layer, prefix: str) -> list[BNDecision]:
+def _hidden_batchnorms(layer, prefix: str, why: str | None = None) -> list[BNDecision]:
     """BNs held inside a custom layer (or a subclassed model): Keras records no node for
     them in this graph, so they are listed as kept, never silently left out."""
     reason = (f"inside custom layer '{layer.name}' ({type(layer).__name__}): its call() is "
-              "opaque to the graph")
+              "opaque to the graph" + (f": {why}" if why else ""))
     return [
         BNDecision(bn=inner, path=f"{prefix}{layer.name}/{inner.name}", reason=reason)
         for inner in internals.all_sublayers(layer)

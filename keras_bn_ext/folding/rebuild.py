@@ -70,6 +70,10 @@ class _Rebuilder:
             new = self.model(layer)
         elif not isinstance(layer, keras.layers.Layer):
             new = _copy_operation(layer)
+        elif type(layer) is keras.layers.Identity:
+            # Stateless; a parent layer may have made it with arguments its config cannot
+            # hold (keras_hub's HGNetV2 layers do), so it is made afresh.
+            new = keras.layers.Identity(name=layer.name, dtype=self.plan.dtype or layer.dtype_policy.name)
         else:
             config = layer.get_config()
             if key in self.plan.force_bias:
@@ -118,10 +122,17 @@ class _Rebuilder:
         self._assign_weights()
         return new
 
-    def _assign_weights(self):
+    def _assign_weights(self, *, all_: bool = False):
+        """Give the built copies their weights. A nested model is finished before the
+        Sequential holding it has called (built) the layers copied before it: those
+        wait for the outer model (`all_` at the end: every copy)."""
+        waiting = []
         for layer, weights in self.pending:
-            layer.set_weights(weights)
-        self.pending.clear()
+            if layer.built or all_:
+                layer.set_weights(weights)
+            else:
+                waiting.append((layer, weights))
+        self.pending = waiting
 
 
 def rebuild(model: keras.Model, plan: RebuildPlan) -> keras.Model:
@@ -132,7 +143,10 @@ def rebuild(model: keras.Model, plan: RebuildPlan) -> keras.Model:
     here may be copied (safe mode off for the copy only).
     """
     with internals.unsafe_deserialization():
-        return _Rebuilder(plan).model(model)
+        rebuilder = _Rebuilder(plan)
+        new = rebuilder.model(model)
+        rebuilder._assign_weights(all_=True)
+        return new
 
 
 def with_dtype(model: keras.Model, dtype: str = "float64") -> keras.Model:

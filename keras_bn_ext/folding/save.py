@@ -43,6 +43,9 @@ class FoldResult:
     reload_error: str | None = None  # the saved file could not be loaded back
     # Layers saved without a build config so the file loads (`loadable_build_configs`).
     build_configs_dropped: list[str] = field(default_factory=list)
+    # Why the fold with custom layers replaced by their traced graphs was given up for
+    # one that keeps them (None when it was not tried, or it passed).
+    inline_fallback: str | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -69,6 +72,7 @@ class FoldResult:
             "file_max_rel_err": self.file_check.max_rel_err if self.file_check else None,
             "reload_error": self.reload_error,
             "build_configs_dropped": self.build_configs_dropped,
+            "inline_fallback": self.inline_fallback,
             "verification": v.to_dict(),
             "timings_s": self.timings_s,
         }
@@ -83,6 +87,7 @@ def fold_to_file(
     atol: float = options.ATOL,
     rtol: float = options.RTOL,
     safe_mode: bool = True,
+    inline: bool = True,
 ) -> FoldResult:
     """Fold `model`'s BatchNormalization layers and write the result to `path` (.keras).
 
@@ -106,11 +111,29 @@ def fold_to_file(
         atol, rtol: The tolerances above.
         safe_mode: How the written file is loaded back for its check (False where the
             model holds Lambda layers the user trusted).
+        inline: Replace custom layers that hold BNs by their traced graphs so those
+            BNs fold (`fold_batchnorms`); False keeps every custom layer's class.
 
     Returns:
         A FoldResult. Nothing is written when the fold fails both checks, when the file
-        does not load back (`reload_error`) or when it computes something else.
+        does not load back (`reload_error`) or when it computes something else. Where
+        that happens with custom layers replaced by their traced graphs
+        (`fold_batchnorms(inline=True)`), the fold is done again keeping them, and
+        `inline_fallback` says why.
     """
+    result = _fold_to_file(model, path, exclude=exclude, samples=samples, atol=atol, rtol=rtol,
+                           safe_mode=safe_mode, inline=inline)
+    if result.passed or not result.fold.inlined:
+        return result
+    why = result.reload_error or "the folded model did not pass verification"
+    n_inlined = len(result.fold.inlined)
+    result = _fold_to_file(model, path, exclude=exclude, samples=samples, atol=atol, rtol=rtol,
+                           safe_mode=safe_mode, inline=False)
+    result.inline_fallback = f"with {n_inlined} custom layers replaced by their graphs: {why}"
+    return result
+
+
+def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inline) -> FoldResult:
     import time
 
     timings: dict[str, float] = {}
@@ -121,7 +144,7 @@ def fold_to_file(
         timings[name] = round(time.perf_counter() - start, 4)
         return value
 
-    folded, report = timed("fold", lambda: fold_batchnorms(model, exclude=exclude))
+    folded, report = timed("fold", lambda: fold_batchnorms(model, exclude=exclude, inline=inline))
     # One set of seeded batches for every check; each model runs on them once.
     batches = [random_inputs(model, batch_size=options.VERIFY_BATCH, seed=i) for i in range(samples)]
     names = output_names(model)
