@@ -75,6 +75,7 @@ def sweep_one(source: str, name: str, build) -> dict:
                 bn_counted=report.bn_total,
                 bn_folded=report.bn_folded,
                 kept=dict(collections.Counter(_reason_kind(k.reason) for k in report.kept)),
+                inlined=len(report.inlined),
                 fold_max_rel_err=result.verification.max_rel_err,
                 fold_float64=result.exact.to_dict() if result.exact else None,
                 reload_error=result.reload_error,
@@ -90,6 +91,7 @@ def sweep_one(source: str, name: str, build) -> dict:
             row["onnx_unoptimized_max_rel_err"] = (
                 verification.unoptimized.max_rel_err if verification.unoptimized else None)
             row["onnx_bn_ops"] = export.op_counts.get("BatchNormalization", 0)
+            row["onnx_guards"] = len(export.guards)
             ok = result.passed and verification.passed and row["bn_counted"] == row["bn_total"]
             row["status"] = "ok" if ok else "ERROR: verification failed or BNs uncounted"
             if verification.unoptimized is not None and verification.unoptimized.passed:
@@ -138,13 +140,18 @@ def write_markdown(result: dict, path: Path) -> None:
         "this purpose: the fold is run in float64 too and passes when it changes the function less "
         "than float32 rounding already does in the original; the ONNX outputs pass when their error "
         "is within 4x the Keras float32 model's own. The brackets give those float64 errors: model = "
-        "the float32 original, this = the folded model in float64 / the ONNX outputs.",
+        "the float32 original, this = the folded model in float64 / the ONNX outputs. "
+        "Custom layers that hold BNs and whose call() traces symbolically are replaced by their "
+        "graph (`folding.inline`) and their BNs fold; the others are kept with the reason. Every "
+        "ONNX file is guarded against onnxruntime's Pad_Fusion (a zero Pad before a MaxPool).",
         "",
         "| source | model | input | BN total | folded | kept, by reason | fold rel err | ONNX rel err | s | status |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         kept = "; ".join(f"{v}× {k}" for k, v in r.get("kept", {}).items()) or "–"
+        if r.get("inlined"):
+            kept += f" ({r['inlined']} custom layer{'s' if r['inlined'] != 1 else ''} replaced by their graph)"
 
         lines.append(
             f"| {r['source']} | {r['model']} | {'×'.join(map(str, r.get('input', [])))} | {r.get('bn_total', '–')} | "
@@ -202,7 +209,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", default=[], metavar="NAME", help="only these models; repeatable")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--render", action="store_true", help="only rewrite ZOO.md from the zoo.json in --out")
     args = parser.parse_args(argv)
+    if args.render:
+        write_markdown(json.loads((Path(args.out) / "zoo.json").read_text()), Path(args.out) / "ZOO.md")
+        return 0
     candidates = _candidates()
     if args.one:
         source, name, build = next(c for c in candidates if c[1] == args.one)
