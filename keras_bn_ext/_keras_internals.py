@@ -17,6 +17,7 @@ __all__ = [
     "functional_graph",
     "is_functional",
     "graph_nodes",
+    "node_call_args",
     "node_call_kwargs",
     "producer_of",
     "inputs_struct",
@@ -48,6 +49,11 @@ def graph_nodes(graph) -> list:
     operations, not their calls: a shared layer has one entry but several nodes."""
     by_depth = graph._nodes_by_depth
     return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+
+
+def node_call_args(node) -> tuple:
+    """Positional arguments of one call (tensors in their structure); no public accessor."""
+    return node.arguments.args
 
 
 def node_call_kwargs(node) -> dict:

@@ -215,6 +215,11 @@ def kerashub_backbones() -> dict:
             image_shape=(64, 64, 3), depths=[1, 1], hidden_sizes=[64, 128],
             stackwise_stage_filters=[[32, 16, 64, 1, 1, 3], [64, 32, 128, 1, 1, 3]],
             apply_downsample=[False, True], use_lightweight_conv_block=[False, True]),
+        "RetinaNetBackbone (FPN with BN)": lambda: m.RetinaNetBackbone(
+            image_encoder=m.ResNetBackbone(
+                input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 16, 16, 16],
+                stackwise_num_blocks=[1, 1, 1, 1], stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block"),
+            min_level=3, max_level=5, use_p5=False, use_fpn_batch_norm=True, image_shape=(64, 64, 3)),
         "DeepLabV3Backbone": lambda: m.DeepLabV3Backbone(
             image_encoder=m.ResNetBackbone(
                 input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 16, 16],

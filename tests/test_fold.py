@@ -540,3 +540,39 @@ def test_float64_twin_computes_the_same_function_in_float64():
         assert keras.backend.standardize_dtype(exact[key].dtype) == "float64"
         # float32 against float64 on a shallow model: rounding only, ~1e-7 relative.
         assert_close(ours[key], exact[key], rtol=1e-5, what=key)
+
+
+@keras.saving.register_keras_serializable(package="keras_bn_ext_tests")
+class _ConfigDoesNotRoundTrip(layers.Layer):
+    """get_config() returns a key __init__ rejects (keras_hub's MiT encoder layers do)."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], 3), initializer="glorot_uniform")
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.w)
+
+    def get_config(self):
+        return {**super().get_config(), "made_by_parent": True}
+
+
+def test_a_layer_its_config_cannot_recreate_is_used_as_it_is(tmp_path):
+    # Folding and export work; a saved file would not load, and fold_to_file says which layer.
+    from keras_bn_ext.export.onnx.convert import export_onnx
+    from keras_bn_ext.export.onnx.verify import verify_onnx
+    from keras_bn_ext.folding.save import fold_to_file
+
+    inputs = keras.Input((6,))
+    x = BatchNormalization(name="bn")(layers.Dense(4, name="d")(inputs))
+    model = keras.Model(inputs, _ConfigDoesNotRoundTrip(name="odd")(x))
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    assert report.bn_folded == 1 and report.not_recreated == ["odd (_ConfigDoesNotRoundTrip)"]
+    assert folded.get_layer("odd") is model.get_layer("odd")
+    assert compare_models(model, folded, atol=0.0, rtol=RTOL).passed
+    result = fold_to_file(model, tmp_path / "f.keras")
+    assert result.output is None and "odd (_ConfigDoesNotRoundTrip)" in result.reload_error
+    assert not (tmp_path / "f.keras").exists()
+    if keras.backend.backend() == "tensorflow":
+        export_onnx(model, tmp_path / "m.onnx")
+        assert verify_onnx(model, tmp_path / "m.onnx", provider="cpu").passed

@@ -83,6 +83,21 @@ class ValueBranch(layers.Layer):
         return x
 
 
+@keras.saving.register_keras_serializable(package=PKG)
+class Pyramid(layers.Layer):
+    """Called on a dict of tensors, as a feature pyramid is."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.convs = {k: layers.Conv2D(4, 1, name=f"conv_{k}") for k in ("fine", "coarse")}
+        self.bns = {k: layers.BatchNormalization(name=f"bn_{k}") for k in ("fine", "coarse")}
+
+    def call(self, levels):
+        up = layers.UpSampling2D(2)
+        coarse = self.bns["coarse"](self.convs["coarse"](levels["coarse"]))
+        return {"fine": self.bns["fine"](self.convs["fine"](levels["fine"])) + up(coarse), "coarse": coarse}
+
+
 def _model(block):
     inputs = keras.Input((6, 6, 4), name="pixels")
     x = layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
@@ -135,7 +150,7 @@ def test_custom_layers_inside_custom_layers_are_replaced_too():
 
 
 @pytest.mark.parametrize("block,why", [
-    (OwnScale(name="own"), "weights are not weights of the layers its call() runs"),
+    (OwnScale(name="own"), "its call() computes with 1 variables of its own through raw operations"),
     (ValueBranch(name="value"), "its call() does not trace symbolically"),
 ])
 def test_a_layer_that_is_not_a_graph_of_layers_stays_with_its_reason(block, why):
@@ -145,6 +160,18 @@ def test_a_layer_that_is_not_a_graph_of_layers_stays_with_its_reason(block, why)
     (kept,) = report.kept
     assert f"inside custom layer '{block.name}'" in kept.reason and why in kept.reason
     assert compare_models(model, folded, atol=0.0, rtol=RTOL).passed
+
+
+def test_a_layer_called_on_a_dict_of_tensors_is_replaced():
+    inputs = keras.Input((8, 8, 3))
+    fine = layers.Conv2D(4, 3, padding="same", name="f")(inputs)
+    coarse = layers.MaxPooling2D(2, name="pool")(fine)
+    out = Pyramid(name="fpn")({"fine": fine, "coarse": coarse})
+    model = keras.Model(inputs, [out["fine"], out["coarse"]])
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    assert report.inlined == ["fpn (Pyramid)"] and report.bn_folded == report.bn_total == 2
+    assert compare_models(model, folded, samples=2, atol=0.0, rtol=RTOL).passed
 
 
 def test_a_layer_called_twice_stays():

@@ -74,7 +74,8 @@ def sweep_one(source: str, name: str, build) -> dict:
             row.update(
                 bn_counted=report.bn_total,
                 bn_folded=report.bn_folded,
-                kept=dict(collections.Counter(_reason_kind(k.reason) for k in report.kept)),
+                kept=dict(collections.Counter(_reason_kind(k.reason) for k in report.kept)
+                          + collections.Counter("unused: never called in the graph" for _ in report.unused)),
                 inlined=len(report.inlined),
                 fold_max_rel_err=result.verification.max_rel_err,
                 fold_float64=result.exact.to_dict() if result.exact else None,
@@ -206,7 +207,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the subset CI runs")
     parser.add_argument("--out", default=str(REPO / "docs"), help="folder for ZOO.md and zoo.json (default: docs/)")
-    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="only these models; repeatable")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="only these models; repeatable. Where --out holds a sweep, its other rows are kept")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--render", action="store_true", help="only rewrite ZOO.md from the zoo.json in --out")
@@ -228,12 +230,22 @@ def main(argv=None) -> int:
     result = {"date": datetime.date.today().isoformat(), "quick": args.quick,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": _versions(),
               "rows": [], "seconds": 0.0}
+    previous = out / "zoo.json"
+    order = [c[1] for c in _candidates()]
+    if args.only and previous.exists():
+        # Rerun these rows inside the existing sweep; the others stay as they were.
+        earlier = json.loads(previous.read_text())
+        result["rows"] = [r for r in earlier["rows"] if r["model"] not in args.only and r["model"] in order]
+        result["quick"] = earlier.get("quick", False)
+    earlier_seconds = sum(r["seconds"] for r in result["rows"])
     started = time.perf_counter()
     for source, name, _ in candidates:
         row = _in_child(name)
         row["source"] = source
         result["rows"].append(row)
-        result["seconds"] = time.perf_counter() - started
+        if args.only:
+            result["rows"].sort(key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
+        result["seconds"] = earlier_seconds + time.perf_counter() - started
         # Written after every model: a sweep that is stopped keeps what it measured.
         (out / "zoo.json").write_text(json.dumps(result, indent=2))
         write_markdown(result, out / "ZOO.md")

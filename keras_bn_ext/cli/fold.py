@@ -83,6 +83,8 @@ def _print_summary(result: dict, outcome) -> None:
         table.add_row(f.bn, f.into, f.direction)
     for k in report.kept:
         table.add_row(k.bn, "[yellow]kept[/yellow]", k.reason)
+    for k in report.unused:
+        table.add_row(k.bn, "[dim]unused[/dim]", k.reason)
     if report.bn_total:
         console.print(table)
     if report.inlined:

@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, field
 import keras
 import numpy as np
 
+from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.folding import rules
-from keras_bn_ext.folding.affine import bn_affine
+from keras_bn_ext.folding.affine import bn_affine, is_batchnorm
 from keras_bn_ext.folding.graph import analyze
 from keras_bn_ext.folding.inline import InlineReport, inline_traceable_layers
 from keras_bn_ext.folding.rebuild import RebuildPlan, rebuild
@@ -35,14 +36,20 @@ class FoldReport:
 
     folded: list[FoldedBN] = field(default_factory=list)
     kept: list[KeptBN] = field(default_factory=list)
+    # BNs the model holds (e.g. in a KerasHub image encoder) but its graph never calls:
+    # they compute nothing, and the folded model, built from the graph, has none of them.
+    unused: list[KeptBN] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
     # Custom layers replaced by the graph their call() traces (`folding.inline`).
     inlined: list[str] = field(default_factory=list)
+    # Layers the folded model uses as they are, because their config does not recreate
+    # them (a keras_hub bug, say): inference and export work, a saved file would not load.
+    not_recreated: list[str] = field(default_factory=list)
 
     @property
     def bn_total(self) -> int:
-        return len(self.folded) + len(self.kept)
+        return len(self.folded) + len(self.kept) + len(self.unused)
 
     @property
     def bn_folded(self) -> int:
@@ -138,6 +145,13 @@ def fold_batchnorms(
         plan.force_bias.add(id(d.into))  # the folded weights always carry a bias
         prefix = d.path[: len(d.path) - len(d.bn.name)]
         report.folded.append(FoldedBN(bn=d.path, into=prefix + d.into.name, direction=d.direction))
-    folded = rebuild(source, plan)
+    decided = {id(d.bn) for d in decisions}
+    for layer in internals.all_sublayers(model):
+        if is_batchnorm(layer) and id(layer) not in decided:
+            decided.add(id(layer))
+            report.unused.append(KeptBN(bn=layer.name, reason=(
+                "held by the model but never called in its graph: it computes nothing, and the "
+                "folded model (built from the graph) does not hold it")))
+    folded = rebuild(source, plan, shared=report.not_recreated)
     report.params_after = folded.count_params()
     return folded, report

@@ -127,8 +127,8 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "",
 def _hidden_batchnorms(layer, prefix: str, why: str | None = None) -> list[BNDecision]:
     """BNs held inside a custom layer (or a subclassed model): Keras records no node for
     them in this graph, so they are listed as kept, never silently left out."""
-    reason = (f"inside custom layer '{layer.name}' ({type(layer).__name__}): its call() is "
-              "opaque to the graph" + (f": {why}" if why else ""))
+    where = f"inside custom layer '{layer.name}' ({type(layer).__name__})"
+    reason = f"{where}: not replaced by its graph: {why}" if why else f"{where}: its call() is opaque to the graph"
     return [
         BNDecision(bn=inner, path=f"{prefix}{layer.name}/{inner.name}", reason=reason)
         for inner in internals.all_sublayers(layer)

@@ -10,12 +10,13 @@ under the layer's name, and the BNs inside fold by the usual rules.
 A layer is replaced only when the replacement is the same computation, as far as can be
 checked without running it:
 
-- it is called once in the model, on one tensor, with no mask and no `training=True`;
+- it is called once in the model, on one tensor or one list/dict of tensors, with no
+  mask and no `training=True`;
 - its call() traces without error on a symbolic input of the same shape and dtype;
 - the traced outputs have the shapes and dtypes the layer's node had;
 - every weight the layer holds is a weight of some layer in the traced graph (a call()
-  that computes with the layer's own variables through raw ops, or skips a sublayer,
-  is not replaced), and so is every BN it holds;
+  that computes with the layer's own variables through raw ops, or leaves a sublayer
+  uncalled, is not replaced), and so is every BN it holds;
 - every layer of the traced graph is recreated by its own config (one that its parent
   creates from non-serializable arguments, or whose get_config() its __init__ does
   not accept, could be saved only inside its parent).
@@ -56,14 +57,19 @@ def _trace(layer, node, calls: int) -> keras.Model:
     """The Functional graph of `layer.call` at this node; ValueError saying why not."""
     if calls > 1:
         raise ValueError("it is called more than once")
-    args, kwargs = node.arguments.args, internals.node_call_kwargs(node)
-    if len(args) != 1 or len(node.input_tensors) != 1 or args[0] is not node.input_tensors[0]:
-        raise ValueError("it is called on more than one tensor")
+    args, kwargs = internals.node_call_args(node), internals.node_call_kwargs(node)
+    if len(args) != 1:
+        raise ValueError("it is called with more than one positional argument")
+    flat = keras.tree.flatten(args[0])
+    if [id(t) for t in flat] != [id(t) for t in node.input_tensors]:
+        raise ValueError("its argument holds more than tensors")
     extra = {k: v for k, v in kwargs.items() if v is not None and not (k == "training" and v is False)}
     if extra:
         raise ValueError(f"it is called with {sorted(extra)}")
-    tensor = node.input_tensors[0]
-    symbolic = keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype)
+    # One tensor, or one list/dict of tensors (a feature pyramid's levels, say).
+    names = sorted(args[0]) if isinstance(args[0], dict) and len(flat) == len(args[0]) else [None] * len(flat)
+    symbolic = keras.tree.pack_sequence_as(  # a flat dict's inputs named by their keys, as Keras asks
+        args[0], [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=n) for t, n in zip(flat, names)])
     try:
         outputs = layer.call(symbolic)
         sub = keras.Model(symbolic, outputs, name=layer.name)
@@ -74,11 +80,18 @@ def _trace(layer, node, calls: int) -> keras.Model:
     if len(traced) != len(expected) or any(
             tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype for a, b in zip(traced, expected)):
         raise ValueError("its traced outputs differ in shape or dtype from its node's")
-    held = {id(v) for v in layer.weights}
     reached = {id(v) for v in sub.weights}
-    if held != reached:
-        raise ValueError(f"{len(held - reached)} of its weights are not weights of the layers its call() "
-                         "runs (raw computation with its own variables)")
+    sublayers = internals.all_sublayers(layer)
+    of_sublayers = {id(v) for inner in sublayers for v in inner.weights}
+    own = [v for v in layer.weights if id(v) not in of_sublayers and id(v) not in reached]
+    if own:
+        raise ValueError(f"its call() computes with {len(own)} variables of its own through raw operations")
+    uncalled = [inner.name for inner in sublayers
+                if inner.weights and not any(id(v) in reached for v in inner.weights)]
+    if uncalled or not {id(v) for v in layer.weights} <= reached:
+        names = ", ".join(uncalled[:3]) + (f" and {len(uncalled) - 3} more" if len(uncalled) > 3 else "")
+        raise ValueError(f"its call() leaves sublayers holding weights uncalled ({names or 'some variables'}); "
+                         "the graph would lose them")
     for inner in sub.layers:
         if is_rebuildable_model(inner) or type(inner) is keras.layers.Identity:
             continue  # the rebuild recreates these without their config

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from keras_bn_ext import _keras_internals as internals
+from keras_bn_ext.errors import UnsupportedModelError
 from keras_bn_ext.folding import rules
 from keras_bn_ext.folding.graph import graph_of, is_rebuildable_model
 
@@ -59,6 +60,7 @@ class _Rebuilder:
         self.plan = plan
         self.copies: dict[int, object] = {}  # id(original op) -> new op (shared stays shared)
         self.pending: list[tuple[keras.layers.Layer, list]] = []
+        self.shared: list[str] = []  # layers used as they are: their config does not recreate them
 
     def copy_layer(self, layer):
         key = id(layer)
@@ -67,7 +69,7 @@ class _Rebuilder:
         if key in self.plan.drop:
             new = _named_identity(layer.name) if key in self.plan.named_identity else _identity
         elif is_rebuildable_model(layer):
-            new = self.model(layer)
+            new = self._copy_untouched_model(layer) or self.model(layer)
         elif not isinstance(layer, keras.layers.Layer):
             new = _copy_operation(layer)
         elif type(layer) is keras.layers.Identity:
@@ -75,12 +77,17 @@ class _Rebuilder:
             # hold (keras_hub's HGNetV2 layers do), so it is made afresh.
             new = keras.layers.Identity(name=layer.name, dtype=self.plan.dtype or layer.dtype_policy.name)
         else:
-            config = layer.get_config()
-            if key in self.plan.force_bias:
-                config = rules.with_bias(layer, config)
-            if self.plan.dtype and "dtype" in config:
-                config["dtype"] = self.plan.dtype
-            new = type(layer).from_config(config)
+            try:
+                config = layer.get_config()
+                if key in self.plan.force_bias:
+                    config = rules.with_bias(layer, config)
+                if self.plan.dtype and "dtype" in config:
+                    config["dtype"] = self.plan.dtype
+                new = type(layer).from_config(config)
+            except Exception as exc:  # noqa: BLE001 - a config that does not recreate its layer
+                new = self._same_instance(layer, exc)
+                self.copies[key] = new
+                return new
             weights = self.plan.new_weights.get(key)
             weights = weights if weights is not None else layer.get_weights()
             if self.plan.dtype:
@@ -88,6 +95,39 @@ class _Rebuilder:
                            else w for w in weights]
             self.pending.append((new, weights))
         self.copies[key] = new
+        return new
+
+    def _same_instance(self, layer, exc: Exception):
+        """A layer whose config does not recreate it (a keras_hub class whose get_config()
+        returns keys its __init__ rejects, say): the folded model uses the same instance
+        when the plan leaves it unchanged. Inference is the same; such a model can be
+        exported, but a saved file holding it would not load (fold_to_file checks)."""
+        key = id(layer)
+        if self.plan.dtype or key in self.plan.new_weights or key in self.plan.force_bias:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise UnsupportedModelError(
+                f"layer '{layer.name}' ({type(layer).__name__}) cannot be recreated from its config "
+                f"({type(exc).__name__}: {first})"
+            ) from None
+        self.shared.append(f"{layer.name} ({type(layer).__name__})")
+        return layer
+
+    def _copy_untouched_model(self, model):
+        """A nested model the plan leaves alone, copied as keras.saving would copy it: by
+        its own class's config, then its weights. It keeps its class (a KerasHub image
+        encoder stays a `MiTBackbone`), and the layers its constructor makes need not be
+        recreated from their own configs (some of keras_hub's cannot be). None when the
+        plan changes it, for a dtype twin, or when its config does not recreate it."""
+        if self.plan.dtype:
+            return None
+        changed = self.plan.drop | set(self.plan.new_weights) | self.plan.force_bias
+        if any(id(inner) in changed for inner in internals.all_sublayers(model)):
+            return None
+        try:
+            new = type(model).from_config(model.get_config())
+            new.set_weights(model.get_weights())
+        except Exception:  # noqa: BLE001 - rebuild it node by node instead
+            return None
         return new
 
     def _new_inputs(self, graph):
@@ -135,8 +175,9 @@ class _Rebuilder:
         self.pending = waiting
 
 
-def rebuild(model: keras.Model, plan: RebuildPlan) -> keras.Model:
-    """A new model with the plan applied; `model` itself is never changed.
+def rebuild(model: keras.Model, plan: RebuildPlan, *, shared: list | None = None) -> keras.Model:
+    """A new model with the plan applied; `model` itself is never changed. `shared`, if
+    given, receives the layers used as they are (their config does not recreate them).
 
     Layers are copied from objects already in memory, not from an untrusted file: the
     choice of safe mode was made when `model` was loaded, so a Lambda layer that is
@@ -146,6 +187,8 @@ def rebuild(model: keras.Model, plan: RebuildPlan) -> keras.Model:
         rebuilder = _Rebuilder(plan)
         new = rebuilder.model(model)
         rebuilder._assign_weights(all_=True)
+        if shared is not None:
+            shared.extend(rebuilder.shared)
         return new
 
 

@@ -175,6 +175,11 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
                 result.reload_error = (
                     f"the folded model was saved but does not load back: {type(exc).__name__}: {first}"
                 )
+                if report.not_recreated:
+                    names = ", ".join(report.not_recreated[:3])
+                    more = f" and {len(report.not_recreated) - 3} more" if len(report.not_recreated) > 3 else ""
+                    result.reload_error += (f" (layers whose config does not recreate them, which only their "
+                                            f"parent's constructor can make: {names}{more})")
                 raise _Abandon() from None
             # The same float32 graph and weights: only a kernel's choice of summation
             # order could differ, so the file must match the verified model to 1e-6.
