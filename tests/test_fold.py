@@ -576,3 +576,17 @@ def test_a_layer_its_config_cannot_recreate_is_used_as_it_is(tmp_path):
     if keras.backend.backend() == "tensorflow":
         export_onnx(model, tmp_path / "m.onnx")
         assert verify_onnx(model, tmp_path / "m.onnx", provider="cpu").passed
+
+
+def test_a_bn_the_model_holds_but_never_calls_is_counted_as_unused():
+    # As BASNet holds its whole image encoder but calls only some of its layers.
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, BatchNormalization(name="bn")(layers.Dense(4, name="d")(inputs)))
+    model.spare = layers.BatchNormalization(name="spare_bn")
+    model.spare.build((None, 4))
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    assert count_batchnorms(model) == report.bn_total == 2 and report.bn_folded == 1
+    assert [u.bn for u in report.unused] == ["spare_bn"] and "never called" in report.unused[0].reason
+    assert count_batchnorms(folded) == 0
+    assert compare_models(model, folded, atol=0.0, rtol=RTOL).passed
