@@ -30,3 +30,6 @@ def test_bench_quick_runs_and_writes_reports(tmp_path):
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "Training step" in text and "folded/twin" in text and "bn-fold" in text and "Start-up" in text
     assert report["startup"]["seconds"]["bn-fold --help"]["median"] > 0
+    # Section 6: the guarded export agrees with Keras on a default onnxruntime session.
+    guard = report["pad_guard"]
+    assert guard["guards"] == 1 and guard["max_rel_err"]["guarded"] <= 1e-5 and "Pad_Fusion" in text

@@ -181,6 +181,46 @@ def bench_inference(quick: bool, repeats: int, threads: int) -> list[dict]:
     return rows
 
 
+# -- 6. the ONNX Pad guard ----------------------------------------------------------------
+
+def bench_pad_guard(quick: bool, repeats: int, threads: int) -> dict:
+    """What the export's guard against onnxruntime's Pad_Fusion costs: ResNet50V2 (a zero
+    Pad before its stem MaxPool), folded, as tf2onnx converts it (onnxruntime fuses the
+    Pad, wrongly) and as export_onnx writes it (the Pad stays), on a default session."""
+    import onnx
+    import onnxruntime as ort
+
+    from keras_bn_ext.export.onnx.convert import to_onnx_proto
+    from keras_bn_ext.export.onnx.guards import guard_pad_into_maxpool
+
+    size = 96 if quick else 224
+    model = keras.applications.ResNet50V2(weights=None, input_shape=(size, size, 3), classifier_activation=None)
+    randomize_batchnorms(model)
+    folded, _ = fold_batchnorms(model)
+    unguarded = to_onnx_proto(folded)
+    guarded = onnx.ModelProto()
+    guarded.CopyFrom(unguarded)
+    guards = guard_pad_into_maxpool(guarded)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = {name: ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                for name, proto in (("unguarded", unguarded), ("guarded", guarded), ("guarded_again", guarded))}
+    in_name = sessions["guarded"].get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype("float32")
+    reference = keras.ops.convert_to_numpy(folded(x))
+    errors = {name: float(np.max(np.abs(s.run(None, {in_name: x})[0] - reference)) / float(np.max(np.abs(reference))))
+              for name, s in sessions.items()}
+    t = interleaved_timings({name: (lambda s=s: s.run(None, {in_name: x})) for name, s in sessions.items()},
+                            repeats=repeats, warmup=3)
+    return {
+        "date": datetime.date.today().isoformat(), "model": f"ResNet50V2 {size}x{size}", "batch": 1,
+        "guards": len(guards), "timings": {k: v.to_dict() for k, v in t.items()},
+        "guarded_over_unguarded": t["guarded"].median_ms / t["unguarded"].median_ms,
+        "aa_guarded_again_over_guarded": t["guarded_again"].median_ms / t["guarded"].median_ms,
+        "max_rel_err": errors,
+    }
+
+
 # -- 4. tools -------------------------------------------------------------------------
 
 PLAIN_TF2ONNX = """
@@ -372,6 +412,23 @@ def write_markdown(result: dict, path: Path) -> None:
             target = f"≤ 0.5 s: {_mark(t['median'] <= TARGETS['help_seconds'])}" if "--help" in key else ""
             lines.append(f"| `{key}` | {t['median']:.3f} ({t['min']:.3f}–{t['max']:.3f}) | {target} |")
         lines.append("")
+    guard = result.get("pad_guard")
+    if guard:
+        t, err = guard["timings"], guard["max_rel_err"]
+        lines += [
+            f"## 6. The export's guard against onnxruntime's Pad_Fusion ({guard['model']}, batch 1, folded; "
+            f"onnxruntime CPU, default session; measured {guard['date']})",
+            "",
+            "| graph | median ms (min–max) | max rel err vs Keras |",
+            "|---|---|---|",
+        ]
+        for key, label in (("unguarded", "as tf2onnx writes it (onnxruntime fuses the zero Pad into the MaxPool)"),
+                           ("guarded", f"as export_onnx writes it ({guard['guards']} Pad guarded)"),
+                           ("guarded_again", "the same, second session (A/A)")):
+            lines.append(f"| {label} | {t[key]['median_ms']:.2f} ({t[key]['min_ms']:.2f}–{t[key]['max_ms']:.2f}) "
+                         f"| {err[key]:.1e} |")
+        lines += ["", f"guarded/unguarded {guard['guarded_over_unguarded']:.3f}; A/A "
+                      f"{guard['aa_guarded_again_over_guarded']:.3f}.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -383,6 +440,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only-train", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--only-startup", action="store_true",
                         help="measure section 5 only and update it in the existing bench.json/BENCHMARKS.md")
+    parser.add_argument("--only-pad-guard", action="store_true",
+                        help="measure section 6 only and update it in bench.json/BENCHMARKS.md")
     parser.add_argument("--only-training", action="store_true",
                         help="measure section 1 (every backend) only and update it in bench.json/BENCHMARKS.md")
     args = parser.parse_args(argv)
@@ -397,6 +456,13 @@ def main(argv=None) -> int:
         result["train_jax"] = bench_train_jax(repeats)
         result["train_torch"] = bench_train_jax(repeats, "torch")
         result["train_date"] = datetime.date.today().isoformat()
+        (out / "bench.json").write_text(json.dumps(result, indent=2))
+        write_markdown(result, out / "BENCHMARKS.md")
+        print((out / "BENCHMARKS.md").read_text())
+        return 0
+    if args.only_pad_guard:
+        result = json.loads((out / "bench.json").read_text())
+        result["pad_guard"] = bench_pad_guard(args.quick, repeats, os.cpu_count() or 1)
         (out / "bench.json").write_text(json.dumps(result, indent=2))
         write_markdown(result, out / "BENCHMARKS.md")
         print((out / "BENCHMARKS.md").read_text())
@@ -421,6 +487,8 @@ def main(argv=None) -> int:
     tools = bench_tools(args.quick, rounds=1 if args.quick else 3)
     print("5. start-up ...", flush=True)
     startup = bench_startup(rounds=3 if args.quick else 10)
+    print("6. ONNX Pad guard ...", flush=True)
+    pad_guard = bench_pad_guard(args.quick, repeats, threads)
     import onnxruntime
     import tensorflow as tf
     import tf2onnx
@@ -440,6 +508,7 @@ def main(argv=None) -> int:
         "inference": inference,
         "tools": tools,
         "startup": startup,
+        "pad_guard": pad_guard,
         "seconds": time.perf_counter() - started,
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
