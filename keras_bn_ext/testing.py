@@ -82,23 +82,19 @@ def residual_branch_batchnorms(model: keras.Model) -> list[keras.layers.Layer]:
     several tensors (an `Add` layer or a `+` on symbolic tensors): the last BN of a
     residual branch, and of a projection shortcut (ResNet's `_0_bn`). Looks into
     nested Functional/Sequential models, whose outputs may be summed by their caller."""
-    from keras_bn_ext.folding.graph import graph_of, is_rebuildable_model
+    from keras_bn_ext.folding.graph import GraphIndex, graph_of, is_rebuildable_model
 
     found = []
 
     def visit(graph, outputs_reach_sum=()):
-        consumers: dict[int, list] = {}
-        nodes = internals.graph_nodes(graph)
-        for node in nodes:
-            for tensor in node.input_tensors:
-                consumers.setdefault(id(tensor), []).append(node)
+        index = GraphIndex(graph)
         # A nested model's output that its caller adds to something.
         summed_outputs = {id(t) for t, summed in zip(graph.outputs, outputs_reach_sum) if summed}
 
         def reaches_sum(tensor) -> bool:
             if id(tensor) in summed_outputs:
                 return True
-            for node in consumers.get(id(tensor), ()):
+            for node in index.consumers.get(id(tensor), ()):
                 kind = type(node.operation).__name__
                 if kind == "Add" and len(node.input_tensors) > 1:
                     return True
@@ -106,7 +102,7 @@ def residual_branch_batchnorms(model: keras.Model) -> list[keras.layers.Layer]:
                     return True
             return False
 
-        for node in nodes:
+        for node in index.nodes:
             layer = node.operation
             if layer is None or node.is_input:
                 continue

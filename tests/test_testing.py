@@ -5,7 +5,7 @@ import numpy as np
 from keras import layers
 
 from keras_bn_ext import BatchNormalization
-from keras_bn_ext.testing import randomize_batchnorms, residual_branch_batchnorms
+from keras_bn_ext.testing import batchnorm_layers, randomize_batchnorms, residual_branch_batchnorms
 
 
 def _residual_model():
@@ -33,8 +33,9 @@ def test_residual_gamma_is_drawn_from_its_own_range():
     model = _residual_model()
     randomize_batchnorms(model, residual_gamma=(0.05, 0.25))
     closing = {layer.name for layer in residual_branch_batchnorms(model)}
-    for layer in model.layers + model.layers[-2].layers:
-        if isinstance(layer, (layers.BatchNormalization, BatchNormalization)):
-            gamma = np.asarray(layer.gamma)
-            low, high = (0.05, 0.25) if layer.name in closing else (0.5, 1.5)
-            assert low <= gamma.min() and gamma.max() <= high, layer.name
+    bns = batchnorm_layers(model)  # nested ones too
+    assert len(bns) == 5
+    for layer in bns:
+        gamma = np.asarray(layer.gamma)
+        low, high = (0.05, 0.25) if layer.name in closing else (0.5, 1.5)
+        assert low <= gamma.min() and gamma.max() <= high, layer.name

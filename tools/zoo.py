@@ -217,6 +217,7 @@ def main(argv=None) -> int:
         write_markdown(json.loads((Path(args.out) / "zoo.json").read_text()), Path(args.out) / "ZOO.md")
         return 0
     candidates = _candidates()
+    order = [c[1] for c in candidates]  # the sweep's row order, before any filter
     if args.one:
         source, name, build = next(c for c in candidates if c[1] == args.one)
         Path(args.row).write_text(json.dumps(sweep_one(source, name, build)))
@@ -231,7 +232,6 @@ def main(argv=None) -> int:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": _versions(),
               "rows": [], "seconds": 0.0}
     previous = out / "zoo.json"
-    order = [c[1] for c in _candidates()]
     if args.only and previous.exists():
         # Rerun these rows inside the existing sweep; the others stay as they were.
         earlier = json.loads(previous.read_text())

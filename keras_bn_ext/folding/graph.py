@@ -15,7 +15,7 @@ from keras_bn_ext.errors import UnsupportedModelError
 from keras_bn_ext.folding.affine import is_batchnorm
 from keras_bn_ext.folding.rules import describe, rule_for, why_not_target
 
-__all__ = ["BNDecision", "analyze", "graph_of", "is_rebuildable_model"]
+__all__ = ["BNDecision", "GraphIndex", "analyze", "graph_of", "is_rebuildable_model"]
 
 
 @dataclass
@@ -61,8 +61,9 @@ def is_rebuildable_model(layer) -> bool:
     )
 
 
-class _Graph:
-    """Call counts and consumers of every tensor of one Functional graph."""
+class GraphIndex:
+    """Call counts and consumers of every tensor of one Functional graph (folding's
+    analysis, the inliner and `testing.residual_branch_batchnorms` read it)."""
 
     def __init__(self, graph):
         self.nodes = internals.graph_nodes(graph)
@@ -85,7 +86,7 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "",
     """Decide for every BN node of `model` (and of models nested in it) whether it folds.
     `opaque`: id(custom layer) -> why its call() could not be replaced by its graph."""
     opaque = opaque or {}
-    g = _Graph(graph_of(model))
+    g = GraphIndex(graph_of(model))
     decisions: list[BNDecision] = []
     seen: set[int] = set()  # models and custom layers already visited (shared ones once)
     for node in g.nodes:
@@ -136,7 +137,7 @@ def _hidden_batchnorms(layer, prefix: str, why: str | None = None) -> list[BNDec
     ]
 
 
-def _bn_blocker(bn, node, g: _Graph, exclude) -> str | None:
+def _bn_blocker(bn, node, g: GraphIndex, exclude) -> str | None:
     """Reasons that rule out folding this BN in either direction."""
     if bn.name in exclude:
         return "excluded by the caller"
@@ -149,7 +150,7 @@ def _bn_blocker(bn, node, g: _Graph, exclude) -> str | None:
     return None
 
 
-def _backward_blocker(bn, node, g: _Graph) -> str | None:
+def _backward_blocker(bn, node, g: GraphIndex) -> str | None:
     """Why the BN cannot fold into the layer that feeds it, or None."""
     tensor = node.input_tensors[0]
     producer = internals.producer_of(tensor)
@@ -178,7 +179,7 @@ def _backward_blocker(bn, node, g: _Graph) -> str | None:
 _PASS_THROUGH = (keras.layers.Dropout, keras.layers.Flatten)  # identity in inference / a reshape
 
 
-def _forward_target(bn, node, g: _Graph):
+def _forward_target(bn, node, g: GraphIndex):
     """The layer that BN's output feeds, through Dropout/Flatten, if folding the BN into
     its input side is exact. Returns (target, through, None) or (None, (), reason)."""
     tensor = node.output_tensors[0]

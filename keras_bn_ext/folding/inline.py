@@ -16,7 +16,7 @@ checked without running it:
 - the traced outputs have the shapes and dtypes the layer's node had;
 - every weight the layer holds is a weight of some layer in the traced graph (a call()
   that computes with the layer's own variables through raw ops, or leaves a sublayer
-  uncalled, is not replaced), and so is every BN it holds;
+  uncalled, is not replaced; a BN always holds weights, so every BN is called);
 - every layer of the traced graph is recreated by its own config (one that its parent
   creates from non-serializable arguments, or whose get_config() its __init__ does
   not accept, could be saved only inside its parent).
@@ -33,7 +33,7 @@ import keras
 
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.folding.affine import is_batchnorm
-from keras_bn_ext.folding.graph import graph_of, is_rebuildable_model
+from keras_bn_ext.folding.graph import GraphIndex, graph_of, is_rebuildable_model
 
 __all__ = ["InlineReport", "inline_traceable_layers"]
 
@@ -101,22 +101,15 @@ def _trace(layer, node, calls: int) -> keras.Model:
         except Exception:  # noqa: BLE001 - NotImplementedError, TypeError, whatever it raises
             raise ValueError(f"layer '{inner.name}' ({type(inner).__name__}) in it is not recreated by its "
                              "config: outside its parent it could be neither copied nor saved") from None
-    bns = {id(inner) for inner in internals.all_sublayers(layer) if is_batchnorm(inner)}
-    if not bns <= {id(inner) for inner in internals.all_sublayers(sub)}:
-        raise ValueError("its call() does not call every BN it holds")
     return sub
 
 
 def _inline(model: keras.Model, report: InlineReport, prefix: str) -> keras.Model | None:
     """`model` with its traceable custom layers replaced (recursively), or None if none."""
     graph = graph_of(model)
-    nodes = internals.graph_nodes(graph)
-    calls: dict[int, int] = {}
-    for node in nodes:
-        if node.operation is not None and not node.is_input:
-            calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+    index = GraphIndex(graph)
     replacements: dict[int, keras.Model] = {}
-    for node in nodes:
+    for node in index.nodes:
         op = node.operation
         if op is None or node.is_input or id(op) in replacements:
             continue
@@ -126,7 +119,7 @@ def _inline(model: keras.Model, report: InlineReport, prefix: str) -> keras.Mode
                 replacements[id(op)] = inner
         elif _is_custom_layer(op) and _holds_batchnorm(op):
             try:
-                sub = _trace(op, node, calls[id(op)])
+                sub = _trace(op, node, index.calls[id(op)])
             except ValueError as exc:
                 report.not_traced[id(op)] = str(exc)
                 continue
