@@ -3,14 +3,16 @@
 `batch_norm` keeps the seed notebook's signature and behaviour (2-D dense inputs
 normalized over the batch, 4-D NCHW conv inputs normalized per channel over
 N, H and W) and generalizes it with a keyword-only `axis`. `batch_renorm` is one
-training step of batch renormalization (Ioffe 2017) as Keras 3 implements it.
+training step of batch renormalization (Ioffe 2017) as Keras 3 implements it;
+`ghost_batch_norm` one training step of ghost batch normalization (Hoffer et al.
+2017) as tf-keras 2.x implements `virtual_batch_size`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["batch_norm", "batch_renorm"]
+__all__ = ["batch_norm", "batch_renorm", "ghost_batch_norm"]
 
 
 def _channel_axis(ndim: int, axis: int | None) -> int:
@@ -168,3 +170,53 @@ def batch_renorm(
     }
     out_dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float64
     return y.astype(out_dtype), new_state
+
+
+def ghost_batch_norm(
+    X,
+    gamma,
+    beta,
+    running_mean,
+    running_var,
+    *,
+    virtual_batch_size: int,
+    axis: int = -1,
+    eps: float,
+    momentum: float,
+):
+    """One training step of ghost batch normalization, in float64, by a loop over the
+    sub-batches (the layer reshapes instead).
+
+    A batch of N is split into G = N / virtual_batch_size sub-batches the way tf-keras
+    2.x splits it: sub-batch j holds samples j, j + G, j + 2G, ... Each is normalized
+    with its own mean and biased variance; gamma and beta are shared. The running
+    statistics are updated once, with the mean over the sub-batches of their means and
+    of their variances.
+
+    Returns:
+        `(Y, running_mean, running_var)`, the statistics as 1-D arrays.
+    """
+    X = np.asarray(X)
+    n = X.shape[0]
+    if virtual_batch_size <= 0 or n % virtual_batch_size:
+        raise ValueError(
+            "virtual_batch_size must be positive and divide the batch size. "
+            f"Received: virtual_batch_size={virtual_batch_size}, batch size={n}"
+        )
+    groups = n // virtual_batch_size
+    ch = _channel_axis(X.ndim, axis)
+    y = np.empty(X.shape, np.float64)
+    means, variances = [], []
+    for j in range(groups):
+        index = np.arange(j, n, groups)
+        out, mean, var = batch_norm(True, X[index].astype(np.float64), gamma, beta,
+                                    np.zeros(X.shape[ch]), np.zeros(X.shape[ch]), eps, 0.0, axis=ch)
+        y[index] = out
+        means.append(mean)
+        variances.append(var)
+    mean, var = np.mean(means, axis=0), np.mean(variances, axis=0)
+    old_mean = np.asarray(running_mean, np.float64).reshape(-1)
+    old_var = np.asarray(running_var, np.float64).reshape(-1)
+    out_dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float64
+    return (y.astype(out_dtype), momentum * old_mean + (1.0 - momentum) * mean,
+            momentum * old_var + (1.0 - momentum) * var)

@@ -69,6 +69,21 @@ class BatchNormalization(keras.layers.Layer):
             under `tf.distribute` (see above).
         momentum: Keras's name for `decay`. Give one of the two, or both with
             the same value.
+        renorm: If True, batch renormalization (Ioffe 2017) in training, as
+            Keras's layer does it; inference is plain BN.
+        renorm_clipping: Dict with optional keys `rmax`, `rmin`, `dmax` that
+            clip renorm's corrections.
+        renorm_momentum: Momentum of renorm's own mean and stddev.
+        virtual_batch_size: Ghost batch normalization (Hoffer et al. 2017), as
+            tf-keras 2.x had it: in training, a batch of N is normalized in
+            N / virtual_batch_size sub-batches of `virtual_batch_size` samples,
+            each with its own statistics; gamma and beta are shared, and the
+            moving statistics are updated once per batch with the mean over
+            the sub-batches of their means and variances. As in tf-keras, the
+            sub-batches are strided: sub-batch j holds samples j, j + G,
+            j + 2G, ... with G = N / virtual_batch_size. It must divide every
+            training batch size. Inference is unchanged (folds and exports).
+            None (default): ordinary batch statistics.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, `trainable`).
 
     Call arguments:
@@ -100,6 +115,7 @@ class BatchNormalization(keras.layers.Layer):
         renorm: bool = False,
         renorm_clipping: dict | None = None,
         renorm_momentum: float = 0.99,
+        virtual_batch_size: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -161,6 +177,17 @@ class BatchNormalization(keras.layers.Layer):
                 )
         self.renorm_clipping = renorm_clipping
         self.renorm_momentum = float(renorm_momentum)
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, int)
+            or virtual_batch_size <= 0
+        ):
+            raise ValueError(
+                "`virtual_batch_size` must be a positive integer that divides the "
+                "true batch size of the input tensor. "
+                f"Received: virtual_batch_size={virtual_batch_size!r}"
+            )
+        self.virtual_batch_size = virtual_batch_size
         self.gamma = None
         self.beta = None
         self.moving_mean = None
@@ -212,6 +239,11 @@ class BatchNormalization(keras.layers.Layer):
     def build(self, input_shape):
         rank = len(input_shape)
         channel_axis = self._channel_axis(rank)
+        if self.virtual_batch_size is not None and channel_axis == 0:
+            raise ValueError(
+                "When using `virtual_batch_size`, the batch dimension must be 0 and "
+                f"thus axis cannot include 0. Received: axis={self.axis}"
+            )
         channels = input_shape[channel_axis]
         if channels is None:
             raise ValueError(
@@ -372,7 +404,13 @@ class BatchNormalization(keras.layers.Layer):
 
         if training and self.trainable:
             weights = None if mask is None else self._mask_weights(x, mask)
-            mean, variance = self._moments(x, weights)
+            if self.virtual_batch_size is not None:
+                # Per-ghost statistics normalize; their means update the moving ones.
+                x, ghost_mean, ghost_variance, ghost_shape = self._ghost_moments(x, weights)
+                mean = ops.mean(ghost_mean, axis=0)
+                variance = ops.mean(ghost_variance, axis=0)
+            else:
+                mean, variance = self._moments(x, weights)
             if self.renorm:
                 r, d, stddev = self._renorm_corrections(mean, variance, work_dtype)
                 # (x_hat * r + d) * gamma + beta = x_hat * (r * gamma) + (d * gamma + beta)
@@ -393,18 +431,60 @@ class BatchNormalization(keras.layers.Layer):
             mean = ops.cast(self.moving_mean, work_dtype)
             variance = ops.cast(self.moving_variance, work_dtype)
 
+        if training and self.trainable and self.virtual_batch_size is not None:
+            outputs = self._normalize(x, ghost_mean, ghost_variance, gamma, beta, ghost_shape)
+            outputs = ops.reshape(outputs, ops.shape(inputs))
+        else:
+            outputs = self._normalize(x, mean, variance, gamma, beta, self._broadcast_shape)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _normalize(self, x, mean, variance, gamma, beta, shape):
         # y = (x - mean) * inv + beta with inv = gamma / sqrt(var + eps),
         # computed as x * inv + (beta - mean * inv): one multiply-add per element.
+        # mean and variance are (channels,), or (sub-batches, channels) for ghost BN.
         inv = ops.rsqrt(variance + self.epsilon)
         if gamma is not None:
             inv = inv * gamma
         shift = -mean * inv
         if beta is not None:
             shift = shift + beta
-        outputs = x * ops.reshape(inv, self._broadcast_shape) + ops.reshape(
-            shift, self._broadcast_shape
-        )
-        return ops.cast(outputs, self.compute_dtype)
+        return x * ops.reshape(inv, shape) + ops.reshape(shift, shape)
+
+    def _ghost_moments(self, x, weights):
+        """Reshape a batch of N into (virtual_batch_size, N / virtual_batch_size, ...)
+        as tf-keras does (sub-batch j holds samples j, j + G, ...) and return it with
+        the mean and biased variance of each sub-batch, shaped (G, channels), and the
+        shape that broadcasts those against it."""
+        vbs = self.virtual_batch_size
+        batch = x.shape[0]
+        if batch is not None and batch % vbs:
+            raise ValueError(
+                "`virtual_batch_size` must divide the batch size of the inputs. "
+                f"Received: virtual_batch_size={vbs}, inputs.shape={tuple(x.shape)}"
+            )
+        shape = ops.shape(x)
+        ghost_shape = (vbs, -1) + tuple(shape[1:])
+        x = ops.reshape(x, ghost_shape)
+        # Reduce over the virtual-batch axis 0 and every non-channel axis, keep axis 1.
+        axes = [0] + [a + 1 for a in self._reduction_axes if a != 0]
+        if weights is None:
+            mean = ops.mean(x, axes, keepdims=True)
+            centred = x - ops.stop_gradient(mean)
+            variance = ops.mean(ops.square(centred), axes, keepdims=True)
+        else:
+            weights = ops.reshape(weights, ghost_shape)
+            # As Keras's masked moments: a fully masked sub-batch has mean 0.
+            count = ops.sum(weights, axes, keepdims=True) + keras.backend.epsilon()
+            mean = ops.sum(x * weights, axes, keepdims=True) / count
+            centred = (x - mean) * weights
+            variance = ops.sum(ops.square(centred), axes, keepdims=True) / count
+        rank = len(self._broadcast_shape)
+        channels = self._broadcast_shape[self.axis % rank]
+        broadcast = [1] * (rank + 1)
+        broadcast[1] = -1
+        broadcast[self.axis % rank + 1] = channels
+        return (x, ops.reshape(mean, (-1, channels)), ops.reshape(variance, (-1, channels)),
+                tuple(broadcast))
 
     def get_config(self):
         config = {
@@ -430,5 +510,6 @@ class BatchNormalization(keras.layers.Layer):
             "renorm": self.renorm,
             "renorm_clipping": self.renorm_clipping,
             "renorm_momentum": self.renorm_momentum,
+            "virtual_batch_size": self.virtual_batch_size,
         }
         return {**super().get_config(), **config}
