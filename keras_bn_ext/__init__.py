@@ -4,6 +4,7 @@
 - `reference.batch_norm`: the numpy reference it is tested against.
 - `fold_batchnorms`: fold trained BN into conv/dense weights; `compare_models` proves it.
 - `export_onnx` / `verify_onnx`: ONNX through tf2onnx, checked on onnxruntime.
+- `recalibrate_batchnorms`: re-estimate BN statistics from data (exact, or update_bn's running).
 - `testing`: make BN statistics non-trivial, count BNs, to check a pipeline.
 
 Every name is imported on first use (PEP 562), so `import keras_bn_ext` imports
@@ -29,6 +30,8 @@ _EXPORTS = {
     "VerificationReport": "keras_bn_ext.export.onnx.verify",
     "verify_onnx": "keras_bn_ext.export.onnx.verify",
     "lenet_bn": "keras_bn_ext.lenet",
+    "RecalibrationReport": "keras_bn_ext.recalibration",
+    "recalibrate_batchnorms": "keras_bn_ext.recalibration",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -13,7 +13,7 @@ from tests.helpers import REPO
 
 
 LAYER_TESTS = ["tests/test_batch_normalization.py", "tests/test_serialization.py",
-               "tests/test_ghost_batch_normalization.py",
+               "tests/test_ghost_batch_normalization.py", "tests/test_recalibration.py",
                "tests/test_keras_batch_normalization_port.py"]
 
 

@@ -1,0 +1,115 @@
+"""Data for a model's inputs: arrays keyed by input name (an .npz file, a dict, a list or
+one array), checked against the model before any work, and cut into batches.
+
+Random inputs are for checking that two computations agree; what statistics (and
+later calibration) are estimated on must be real data, given through here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import keras
+import numpy as np
+
+from keras_bn_ext.compare import input_specs, shape_fits
+from keras_bn_ext.errors import InputDataError
+
+__all__ = ["load_npz", "model_arrays", "array_batches", "dataset_batches", "is_array_data"]
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, by name. Pickled objects are never loaded."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except FileNotFoundError as exc:
+        raise InputDataError(f"no such data file: {path}") from exc
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise InputDataError(
+                f"data file {path} holds Python objects (pickled arrays), which are never "
+                "loaded; save plain numeric arrays with numpy.savez"
+            ) from exc
+        raise InputDataError(f"cannot read data file {path}: {exc}") from exc
+    except (OSError, EOFError) as exc:
+        raise InputDataError(f"cannot read data file {path}: {exc}") from exc
+
+
+def is_array_data(data) -> bool:
+    """An array, or a list/tuple/dict of arrays (as opposed to a dataset of batches)."""
+    if isinstance(data, np.ndarray):
+        return True
+    if isinstance(data, Mapping):
+        return all(isinstance(v, np.ndarray) for v in data.values())
+    if isinstance(data, (list, tuple)):
+        return bool(data) and all(isinstance(v, np.ndarray) for v in data)
+    return False
+
+
+def model_arrays(model: keras.Model, data, *, source: str = "data") -> list[np.ndarray]:
+    """The arrays for each model input, in `model.inputs` order, checked: every input
+    present, shapes and dtypes that fit, one sample count, at least one sample, no NaN
+    or infinity. `data`: one array, a list in input order, or a dict by input name (an
+    .npz may hold other arrays too, such as labels). Raises InputDataError."""
+    specs = _specs(model, data)
+    if isinstance(data, Mapping):
+        missing = [name for name, _, _ in specs if name not in data]
+        if missing:
+            raise InputDataError(
+                f"{source} has no array '{missing[0]}' for the model input of that name "
+                f"(has: {', '.join(sorted(data)) or 'nothing'})"
+            )
+        arrays = [np.asarray(data[name]) for name, _, _ in specs]
+    else:
+        arrays = [np.asarray(a) for a in (data if isinstance(data, (list, tuple)) else [data])]
+        if len(arrays) != len(specs):
+            raise InputDataError(f"the model takes {len(specs)} inputs, {source} gives {len(arrays)} arrays")
+    counts = {len(a) if a.ndim else 0 for a in arrays}
+    for (name, shape, dtype), array in zip(specs, arrays):
+        if shape is not None and not shape_fits(shape, tuple(array.shape)):
+            raise InputDataError(
+                f"input '{name}': the model expects shape {shape}, {source} holds {tuple(array.shape)}"
+            )
+        if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+            raise InputDataError(f"input '{name}': {source} holds {array.dtype} values, not numbers")
+        if dtype is not None and np.issubdtype(array.dtype, np.floating) != ("float" in dtype):
+            raise InputDataError(f"input '{name}': the model expects {dtype}, {source} holds {array.dtype}")
+        if array.ndim == 0 or len(array) == 0:
+            raise InputDataError(f"input '{name}': {source} holds no samples (shape {tuple(array.shape)})")
+        if np.issubdtype(array.dtype, np.floating):
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                raise InputDataError(f"input '{name}': {source} holds {bad} NaN or infinite values")
+    if len(counts) > 1:
+        raise InputDataError(f"{source}: the inputs hold different numbers of samples ({sorted(counts)})")
+    return [a.astype(dtype) if dtype is not None else a for a, (_, _, dtype) in zip(arrays, specs)]
+
+
+def _specs(model, data) -> list[tuple[str, tuple | None, str | None]]:
+    """(name, shape, dtype) per input; a subclassed model declares none, so its data is
+    taken as given (one array or a list)."""
+    try:
+        return input_specs(model)
+    except (AttributeError, ValueError):
+        if isinstance(data, Mapping):
+            return [(name, None, None) for name in data]
+        count = len(data) if isinstance(data, (list, tuple)) else 1
+        return [(f"input_{i}", None, None) for i in range(count)]
+
+
+def array_batches(arrays: Sequence[np.ndarray], batch_size: int) -> Iterator[list[np.ndarray]]:
+    """Consecutive batches of `batch_size` samples (the last may be smaller)."""
+    for start in range(0, len(arrays[0]), batch_size):
+        yield [a[start:start + batch_size] for a in arrays]
+
+
+def dataset_batches(model: keras.Model, dataset: Iterable) -> Iterator[list[np.ndarray]]:
+    """The batches of a tf.data.Dataset, a keras.utils.PyDataset or any iterable of
+    batches, each checked like `model_arrays`. An element is `x` or `(x, y[, weights])`,
+    unpacked as Keras's fit() unpacks it."""
+    for index, element in enumerate(dataset):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(element)
+        x = keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), x)
+        yield model_arrays(model, x, source=f"batch {index} of the dataset")
