@@ -30,8 +30,8 @@ _EXPORTS = {
     "VerificationReport": "keras_bn_ext.export.onnx.verify",
     "verify_onnx": "keras_bn_ext.export.onnx.verify",
     "lenet_bn": "keras_bn_ext.lenet",
-    "RecalibrationReport": "keras_bn_ext.recalibration",
-    "recalibrate_batchnorms": "keras_bn_ext.recalibration",
+    "RecalibrationReport": "keras_bn_ext.recalibration.statistics",
+    "recalibrate_batchnorms": "keras_bn_ext.recalibration.statistics",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

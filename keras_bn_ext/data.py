@@ -8,6 +8,7 @@ later calibration) are estimated on must be real data, given through here.
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import keras
@@ -21,6 +22,9 @@ __all__ = ["load_npz", "model_arrays", "array_batches", "dataset_batches", "is_a
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every array of an .npz file, by name. Pickled objects are never loaded."""
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        # np.load would take it for a pickle (and refuse it as one): say what it is not.
+        raise InputDataError(f"cannot read data file {path}: not an .npz archive (numpy.savez writes one)")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}

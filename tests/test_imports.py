@@ -26,8 +26,9 @@ def test_the_layer_imports_keras_but_no_export_stack():
 
 def test_cli_help_imports_nothing_heavy():
     code = (
-        "from keras_bn_ext.cli import fold, export_onnx\n"
-        "fold.build_parser().format_help(); export_onnx.build_parser().format_help()"
+        "from keras_bn_ext.cli import fold, export_onnx, recalibrate\n"
+        "fold.build_parser().format_help(); export_onnx.build_parser().format_help()\n"
+        "recalibrate.build_parser().format_help()"
     )
     assert _loaded_after(code) == set()
 

@@ -43,9 +43,7 @@ def add_common_arguments(
 ) -> None:
     """The flags both tools share. atol/rtol None: the tool picks defaults after parsing
     (described by tolerance_help)."""
-    parser.add_argument("model", help="the .keras model file, or a legacy Keras .h5/.hdf5 one (never modified)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    add_model_arguments(parser)
     parser.add_argument("--samples", type=positive_int, default=3,
                         help=samples_help)
     parser.add_argument("--atol", type=non_negative_float, default=atol,
@@ -55,16 +53,63 @@ def add_common_arguments(
                              + (f" (default: {rtol:g})" if rtol is not None else "")
                              + "; an output passes when max|a-b| <= atol + rtol * max|reference|"
                              + tolerance_help)
+    parser.add_argument("--exclude", action="append", default=[], metavar="NAME",
+                        help="keep the BatchNormalization layer NAME unfolded; repeatable")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every tool that reads one model file and writes one output."""
+    parser.add_argument("model", help="the .keras model file, or a legacy Keras .h5/.hdf5 one (never modified)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--custom-module", action="append", default=[], metavar="MOD",
                         help="import MOD (a module name or a .py file) first, to register "
                              "custom layers; repeatable")
     parser.add_argument("--unsafe", action="store_true",
                         help="load with safe_mode=False (allows Lambda layers: runs code "
                              "stored in the file; only for files you trust)")
-    parser.add_argument("--exclude", action="append", default=[], metavar="NAME",
-                        help="keep the BatchNormalization layer NAME unfolded; repeatable")
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks and TensorFlow's own log lines")
+
+
+def add_recalibration_arguments(parser: argparse.ArgumentParser, *, flag: str, data_help: str,
+                                prefix: str = "") -> None:
+    """The flags of recalibration: bn-recalibrate --data ..., and bn-fold --recalibrate
+    with the same options under `prefix` (--recalibrate-mode, ...)."""
+    from keras_bn_ext.recalibration.options import BATCH_SIZE, MODES
+
+    group = parser.add_argument_group("recalibration of BN statistics")
+    group.add_argument(flag, metavar="DATA.npz", dest="data", required=flag == "--data", help=data_help)
+    group.add_argument(f"--{prefix}data-key", dest="data_key", metavar="KEY",
+                        help="for a one-input model: the array of DATA.npz to use (default: the one named "
+                             "after the model's input)")
+    group.add_argument(f"--{prefix}mode", dest="mode", choices=MODES, default="exact",
+                        help="exact (default): each BN's statistics are those of its own inputs over all "
+                             "the data, in inference, BNs before it already recalibrated (one pass per "
+                             "level of BNs); running: one pass, each BN normalizes each batch with its own "
+                             "statistics and keeps their average (PyTorch's update_bn)")
+    group.add_argument(f"--{prefix}batch-size", dest="batch_size", type=positive_int, default=BATCH_SIZE,
+                        help=f"samples per forward pass (default: {BATCH_SIZE})")
+    group.add_argument(f"--{prefix}keep-frozen", dest="keep_frozen", action="store_true",
+                        help="leave BNs with trainable=False as they are (default: recalibrate them too)")
+
+
+def recalibration_data(model, args) -> list:
+    """The arrays of the --data/--recalibrate file for `model`'s inputs, checked (errors
+    name the file)."""
+    from keras_bn_ext.data import load_npz, model_arrays
+    from keras_bn_ext.errors import InputDataError
+
+    data = load_npz(args.data)
+    if args.data_key is not None:
+        inputs = len(getattr(model, "inputs", None) or [None])
+        if inputs != 1:
+            raise InputDataError(f"the data key is for one-input models; this one has {inputs} inputs")
+        if args.data_key not in data:
+            raise InputDataError(f"data file {args.data} has no array '{args.data_key}' "
+                                 f"(has: {', '.join(sorted(data))})")
+        data = data[args.data_key]
+    return model_arrays(model, data, source=str(args.data))
 
 
 def load_input_model(args, output, *, other_inputs: Sequence[str] = ()):

@@ -12,6 +12,7 @@ from keras_bn_ext.cli._common import (
     EXIT_OK,
     EXIT_VERIFY_FAILED,
     add_common_arguments,
+    add_recalibration_arguments,
     fmt,
     load_input_model,
     run,
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-custom-layers", action="store_true",
                         help="keep each custom layer's class; by default one that holds BNs and whose call() "
                              "traces symbolically is replaced by that graph, so its BNs fold")
+    add_recalibration_arguments(
+        parser, flag="--recalibrate", prefix="recalibrate-",
+        data_help="first set every BN's statistics from these real inputs (AdaBN, as bn-recalibrate "
+                  "does: an .npz with one array per model input, named after it), then fold; the fold "
+                  "is verified against the recalibrated model")
     return parser
 
 
@@ -56,15 +62,31 @@ def _work(args) -> int:
     output = Path(args.output) if args.output else default_output(args.model)
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
-        model = load_input_model(args, output)
+        model = load_input_model(args, output, other_inputs=[args.data] if args.data else [])
+    recalibration = None
+    if args.data:
+        from keras_bn_ext.cli._common import recalibration_data
+        from keras_bn_ext.recalibration import recalibrate_batchnorms
+
+        with timed(seconds, "recalibrate"):
+            recalibration = recalibrate_batchnorms(
+                model, recalibration_data(model, args), mode=args.mode, batch_size=args.batch_size,
+                include_frozen=not args.keep_frozen)
     result = fold_to_file(model, output, exclude=args.exclude, samples=args.samples,
                           atol=args.atol, rtol=args.rtol, safe_mode=not args.unsafe,
                           inline=not args.keep_custom_layers)
     result.timings_s = {**seconds, **result.timings_s}
-    report = {"input": str(args.model), **result.to_dict()}
+    report = {"input": str(args.model), **result.to_dict(),
+              "recalibration": recalibration.to_dict() if recalibration else None}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        if recalibration is not None:
+            from rich.console import Console
+
+            from keras_bn_ext.cli.recalibrate import print_recalibration
+
+            print_recalibration(Console(), recalibration)
         _print_summary(report, result)
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 

@@ -37,10 +37,10 @@ from keras_bn_ext.data import array_batches, dataset_batches, is_array_data, mod
 from keras_bn_ext.errors import InputDataError
 from keras_bn_ext.folding.affine import is_batchnorm
 from keras_bn_ext.folding.graph import graph_of, is_rebuildable_model
+from keras_bn_ext.recalibration.options import BATCH_SIZE, MODES
 
-__all__ = ["recalibrate_batchnorms", "RecalibrationReport", "BNRecalibration", "MODES"]
-
-MODES = ("exact", "running")
+__all__ = ["recalibrate_batchnorms", "RecalibrationReport", "BNRecalibration", "SkippedBN", "Batches",
+           "bn_layers", "statistics_of"]
 
 
 @dataclass
@@ -118,7 +118,7 @@ def recalibrate_batchnorms(
     data,
     *,
     mode: str = "exact",
-    batch_size: int = 32,
+    batch_size: int = BATCH_SIZE,
     include_frozen: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> RecalibrationReport:
@@ -154,8 +154,8 @@ def recalibrate_batchnorms(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Argument `batch_size` must be a positive integer. Received: batch_size={batch_size!r}")
     start = time.perf_counter()
-    batches = _Batches(model, data, batch_size, one_pass=mode == "running")
-    bns = [layer for layer in _unique([model, *internals.all_sublayers(model)]) if is_batchnorm(layer)]
+    batches = Batches(model, data, batch_size, one_pass=mode == "running")
+    bns = bn_layers(model)
     snapshot = {id(bn): [np.array(keras.ops.convert_to_numpy(v)) for v in bn.non_trainable_weights] for bn in bns}
     report = RecalibrationReport(mode=mode, samples=0, batch_size=batches.batch_size, batches=0,
                                  levels=0, passes=0)
@@ -200,7 +200,7 @@ def recalibrate_batchnorms(
 
 # -- the data ---------------------------------------------------------------
 
-class _Batches:
+class Batches:
     """The data as a re-iterable sequence of batches (lists of arrays in input order)."""
 
     def __init__(self, model, data, batch_size: int, *, one_pass: bool):
@@ -448,6 +448,16 @@ def _restore(bns, snapshot) -> None:
     for bn in bns:
         for variable, value in zip(bn.non_trainable_weights, snapshot[id(bn)]):
             variable.assign(value)
+
+
+def bn_layers(model) -> list:
+    """Every BN layer of `model` (itself included), at any depth, each once."""
+    return [layer for layer in _unique([model, *internals.all_sublayers(model)]) if is_batchnorm(layer)]
+
+
+def statistics_of(model) -> list[np.ndarray]:
+    """The moving mean and variance of every BN of `model`, in `bn_layers` order."""
+    return [_numpy(v) for bn in bn_layers(model) for v in (bn.moving_mean, bn.moving_variance)]
 
 
 def _numpy(variable) -> np.ndarray:
