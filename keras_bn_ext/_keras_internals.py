@@ -23,6 +23,8 @@ __all__ = [
     "inputs_struct",
     "outputs_struct",
     "run_through_graph",
+    "in_inference",
+    "standardized_inputs",
     "all_sublayers",
     "unsafe_deserialization",
     "traceable_convolutions",
@@ -85,6 +87,21 @@ def run_through_graph(graph, inputs, operation_fn: Callable):
     equivalent, but it refuses Sequential models, renames input layers, and returns a
     list named after the previous layer when a skipped BN produced a dict output."""
     return graph._run_through_graph(inputs, operation_fn=operation_fn)
+
+
+def in_inference(operation):
+    """`operation` as a Functional model's call(training=False) runs it: the training flag
+    injected where its call() takes one. Keras does this with a private helper of its
+    functional module; replaying a graph with `run_through_graph` needs the same."""
+    from keras.src.models.functional import operation_fn
+
+    return operation_fn(operation, training=False)
+
+
+def standardized_inputs(graph, inputs):
+    """The inputs in the flat order the graph's input tensors have, converted as
+    Functional.call converts them (dtype, dict keys, a single tensor)."""
+    return graph._standardize_inputs(inputs)
 
 
 def all_sublayers(model) -> list:

@@ -295,3 +295,30 @@ def test_lagging_statistics_of_a_trained_lenet_are_repaired():
     print(f"test accuracy: training mode {in_training:.4f}, inference before {before:.4f}, after {after:.4f}")
     assert after >= in_training - 0.01, (before, after, in_training)
     assert after > before
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="graph logic, backend-independent: once, on TensorFlow (eager JAX is slow on it)")
+def test_replay_with_kept_activations_equals_recomputing_every_pass(monkeypatch):
+    """Exact mode on a graph reuses final activations between levels; on a model nobody
+    here wrote it must give bit for bit what recomputing the whole prefix every pass
+    gives, and its last BN must hold the numpy statistics of its own inputs."""
+    import keras_bn_ext.recalibration.statistics as statistics
+
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35)
+    randomize_batchnorms(model)
+    start = model.get_weights()
+    x = RNG.random((12, 32, 32, 3)).astype("float32")
+    report = recalibrate_batchnorms(model, x, batch_size=5)
+    replayed = model.get_weights()
+    assert report.levels > 40 and report.kept_peak_mb > 0
+    last = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)][-1]
+    h = _np(keras.Model(model.inputs, last.input)(x))
+    assert_close(last.moving_variance, h.reshape(-1, h.shape[-1]).var(0), what="last BN variance")
+
+    model.set_weights(start)
+    monkeypatch.setattr(statistics._GraphReplay, "forward",
+                        lambda self, level, index, batch: statistics._call(model, batch))
+    recalibrate_batchnorms(model, x, batch_size=5)
+    for a, b in zip(replayed, model.get_weights()):
+        np.testing.assert_array_equal(a, b)

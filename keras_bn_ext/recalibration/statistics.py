@@ -89,6 +89,8 @@ class RecalibrationReport:
     batches: int  # batches per pass
     levels: int
     passes: int  # passes over the data (exact: one per level, each stopping early)
+    # Exact mode on a graph: the most activations kept between passes at once (MiB).
+    kept_peak_mb: float | None = None
     batchnorms: list[BNRecalibration] = field(default_factory=list)
     skipped: list[SkippedBN] = field(default_factory=list)
     seconds: float = 0.0
@@ -101,6 +103,7 @@ class RecalibrationReport:
             "batches": self.batches,
             "levels": self.levels,
             "passes": self.passes,
+            "kept_peak_mb": self.kept_peak_mb,
             "bn_recalibrated": len(self.batchnorms),
             "batchnorms": [b.to_dict() for b in self.batchnorms],
             "skipped": [asdict(s) for s in self.skipped],
@@ -176,8 +179,14 @@ def recalibrate_batchnorms(
                     report.skipped.append(SkippedBN(path, "frozen", "trainable=False and include_frozen=False"))
                 else:
                     chosen.append(bn)
-            if mode == "exact":
-                levels = _levels(model, chosen, order)
+            if mode == "exact" and is_rebuildable_model(model):
+                replay = _GraphReplay(model, chosen, order)
+                levels = replay.levels(first)
+                results = _exact(model, chosen, levels, calls, batches, interceptor, report, progress,
+                                 forward=replay.forward)
+                report.kept_peak_mb = round(replay.peak_bytes / 2**20, 1)
+            elif mode == "exact":
+                levels = _sequential_levels(chosen, order)
                 results = _exact(model, chosen, levels, calls, batches, interceptor, report, progress)
             else:
                 levels = {id(bn): 1 for bn in chosen}
@@ -336,7 +345,10 @@ class _Moments:
                 int(self.count.min()) if self.count.size else 0)
 
 
-def _exact(model, chosen, levels, calls, batches, interceptor, report, progress):
+def _exact(model, chosen, levels, calls, batches, interceptor, report, progress, forward=None):
+    """One pass over the data per level; `forward(level, batch_index, batch)` runs one
+    batch (default: the whole model, stopped after the level's last BN)."""
+    forward = forward or (lambda level, index, batch: _call(model, batch))
     results = {}
     by_level: dict[int, list] = {}
     for bn in chosen:
@@ -363,7 +375,7 @@ def _exact(model, chosen, levels, calls, batches, interceptor, report, progress)
                 samples += len(batch[0])
                 seen.clear()
                 try:
-                    _call(model, batch)
+                    forward(level, count - 1, batch)
                 except _StopForward:
                     pass
                 if progress:
@@ -475,51 +487,138 @@ def _unique(layers) -> list:
 
 # -- levels: which BNs can be estimated in the same pass --------------------------
 
-def _levels(model, chosen, order: dict[int, int]) -> dict[int, int]:
-    """Level of each chosen BN: 1 + the highest level of the chosen BNs its input depends
-    on, read from the Functional graph (nested models included). BNs inside layers whose
-    call() the graph does not show, and every BN of a subclassed model, are taken one
-    after another in the order the forward pass calls them: correct whatever they depend
-    on, at the cost of one pass each."""
-    wanted = {id(bn) for bn in chosen}
-    levels: dict[int, int] = {}
+def _sequential_levels(chosen, order: dict[int, int]) -> dict[int, int]:
+    """A subclassed model shows no graph: one level per BN, in the order the forward pass
+    calls them (correct whatever they depend on, at the cost of one pass each)."""
+    ranked = sorted(chosen, key=lambda bn: order.get(id(bn), 0))
+    return {id(bn): number for number, bn in enumerate(ranked, start=1)}
 
-    def set_level(bn, level):
-        levels[id(bn)] = max(levels.get(id(bn), 0), level)
 
-    def walk(graph, input_levels: list[int]) -> list[int]:
-        at = {id(t): level for t, level in zip(graph.inputs, input_levels)}
-        for node in internals.graph_nodes(graph):
-            op = node.operation
-            if op is None or node.is_input:
-                continue
-            before = max((at.get(id(t), 0) for t in node.input_tensors), default=0)
-            if is_batchnorm(op):
-                after = before + 1 if id(op) in wanted else before
-                if id(op) in wanted:
-                    set_level(op, after)
-                out = [after] * len(node.output_tensors)
-            elif is_rebuildable_model(op) and len(graph_of(op).inputs) == len(node.input_tensors):
-                out = walk(graph_of(op), [at.get(id(t), 0) for t in node.input_tensors])
-            else:
-                hidden = sorted((layer for layer in internals.all_sublayers(op) if id(layer) in wanted),
-                                key=lambda layer: order.get(id(layer), 0)) if isinstance(op, keras.layers.Layer) else []
-                for k, bn in enumerate(_unique(hidden), start=1):
-                    set_level(bn, before + k)
-                out = [before + len(_unique(hidden))] * len(node.output_tensors)
-            for tensor, level in zip(node.output_tensors, out):
-                at[id(tensor)] = level
-        return [at.get(id(t), 0) for t in graph.outputs]
+class _Gone:
+    """Stands for outputs nothing will read again (every reader's outputs are kept)."""
 
-    if is_rebuildable_model(model):
-        graph = graph_of(model)
-        walk(graph, [0] * len(graph.inputs))
-    # Whatever the graph did not place (a subclassed model): one level each, in call order.
-    top = max(levels.values(), default=0)
-    for bn in sorted((bn for bn in chosen if id(bn) not in levels), key=lambda b: order.get(id(b), 0)):
-        top += 1
-        levels[id(bn)] = top
-    return levels
+
+class _GraphReplay:
+    """Exact mode on a Functional or Sequential model: its graph replayed call by call
+    with Keras's own runner (nested models entered), in inference as Functional.call
+    runs it. Each call is keyed by (operation, occurrence in the pass), so the passes
+    agree on keys.
+
+    Levels: a call's outputs carry the highest level of the recalibrated BNs they
+    depend on; a BN's call is one more than its inputs'; BNs inside a layer whose call()
+    the graph does not show are taken one after another in call order.
+
+    Reuse: a call whose outputs depend only on BNs already recalibrated is final; its
+    outputs are kept per batch and returned in later passes instead of recomputed, and
+    released once every call that reads them is kept too. A pass therefore computes only
+    what the new level changes (and stops after its last BN): the whole recalibration
+    costs about one forward pass, plus the memory of the activations between levels
+    for every sample (`peak_bytes`)."""
+
+    def __init__(self, model, chosen, order: dict[int, int]):
+        self.graph = graph_of(model)
+        self.chosen = {id(bn) for bn in chosen}
+        self.order = order
+        self.out_level: dict[tuple, int] = {}
+        self.n_outputs: dict[tuple, int] = {}
+        self.readers: dict[tuple, set] = {}
+        self.bn_level: dict[int, int] = {}
+        self.kept: dict[int, dict] = {}  # batch index -> key -> outputs
+        self.gone: dict[int, set] = {}
+        self.peak_bytes = 0
+
+    def _run(self, batch, fn):
+        occurrences: dict[int, int] = {}
+
+        def visit(op):
+            if is_rebuildable_model(op):
+                inner = graph_of(op)
+
+                def nested(*args, **kwargs):
+                    # Already tensors (or _Gone): the runner only flattens them.
+                    return internals.run_through_graph(inner, args[0] if len(args) == 1 else list(args), visit)
+
+                return nested
+
+            def call(*args, **kwargs):
+                n = occurrences.get(id(op), 0)
+                occurrences[id(op)] = n + 1
+                return fn(op, (id(op), n), args, kwargs, lambda: internals.in_inference(op)(*args, **kwargs))
+
+            return call
+
+        x = batch if len(batch) > 1 else batch[0]
+        return internals.run_through_graph(self.graph, internals.standardized_inputs(self.graph, x), visit)
+
+    def levels(self, batch) -> dict[int, int]:
+        """Propagate levels over one batch; again while a shared BN's level (the highest of
+        its calls) changes what follows it."""
+        for _ in range(len(self.chosen) + 2):
+            before = dict(self.bn_level)
+            self._propagate(batch)
+            if self.bn_level == before:
+                break
+        return {key: level for key, level in self.bn_level.items() if key in self.chosen}
+
+    def _propagate(self, batch) -> None:
+        level_of: dict[int, int] = {}
+        producer: dict[int, tuple] = {}
+
+        def fn(op, key, args, kwargs, compute):
+            leaves = keras.tree.flatten((args, kwargs))
+            level = max((level_of.get(id(t), 0) for t in leaves), default=0)
+            for t in leaves:
+                if id(t) in producer:
+                    self.readers.setdefault(producer[id(t)], set()).add(key)
+            if id(op) in self.chosen:
+                level = max(level + 1, self.bn_level.get(id(op), 0))
+                self.bn_level[id(op)] = level
+            elif isinstance(op, keras.layers.Layer) and not is_batchnorm(op):
+                hidden = sorted(_unique(bn for bn in internals.all_sublayers(op) if id(bn) in self.chosen),
+                                key=lambda bn: self.order.get(id(bn), 0))
+                for k, bn in enumerate(hidden, start=1):
+                    self.bn_level[id(bn)] = max(self.bn_level.get(id(bn), 0), level + k)
+                level += len(hidden)
+            outputs = compute()
+            flat = keras.tree.flatten(outputs)
+            self.out_level[key], self.n_outputs[key] = level, len(flat)
+            for t in flat:
+                level_of[id(t)] = level
+                producer[id(t)] = key
+            return outputs
+
+        self._run(batch, fn)
+
+    def forward(self, level: int, index: int, batch) -> None:
+        """One batch of the pass for `level`, reusing and keeping final outputs."""
+        kept = self.kept.setdefault(index, {})
+        gone = self.gone.setdefault(index, set())
+
+        def fn(op, key, args, kwargs, compute):
+            if key in kept:
+                return kept[key]
+            if key in gone:
+                n = self.n_outputs.get(key, 1)
+                return _Gone() if n == 1 else [_Gone() for _ in range(n)]
+            outputs = compute()
+            if self.out_level.get(key, level) < level:
+                kept[key] = outputs
+            return outputs
+
+        try:
+            self._run(batch, fn)
+        finally:
+            for key in list(kept):
+                if all(r in kept or r in gone for r in self.readers.get(key, ())):
+                    del kept[key]
+                    gone.add(key)
+            self.peak_bytes = max(self.peak_bytes, sum(
+                _nbytes(v) for batch_kept in self.kept.values() for v in batch_kept.values()))
+
+
+def _nbytes(outputs) -> int:
+    return sum(int(np.prod(t.shape)) * np.dtype(keras.backend.standardize_dtype(t.dtype)).itemsize
+               for t in keras.tree.flatten(outputs) if hasattr(t, "shape") and hasattr(t, "dtype"))
 
 
 def _paths(model) -> dict[int, str]:
