@@ -33,3 +33,7 @@ def test_bench_quick_runs_and_writes_reports(tmp_path):
     # Section 6: the guarded export agrees with Keras on a default onnxruntime session.
     guard = report["pad_guard"]
     assert guard["guards"] == 1 and guard["max_rel_err"]["guarded"] <= 1e-5 and "Pad_Fusion" in text
+    # Section 7: both recalibration modes ran; exact mode repaired the lagging LeNet.
+    recal = report["recalibration"]
+    assert recal["bn"] == 53 and recal["levels"] == 49 and "BN recalibration" in text
+    assert recal["lenet"]["exact"] > recal["lenet"]["inference_before"]

@@ -37,6 +37,8 @@ def test_one_epoch_end_to_end_offline(tmp_path):
         assert f"{run['test_accuracy']:.4f}" in out  # what is printed is what is reported
     assert len(report["first_bn"]["keras_bn_ext"]["gamma"]) == 6
     assert report["fold"]["bn_folded"] == 4 and report["fold"]["verification"]["passed"]
+    recal = report["recalibration"]  # the keras.layers run, its lagging statistics re-estimated
+    assert recal["bn_recalibrated"] == 4 and f"{recal['test_accuracy']:.4f}" in out
     assert report["onnx"]["verification"]["passed"]
     assert report["onnx"]["verification"]["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
     assert set(report["latency_ms"]) == {"1", "8"}

@@ -13,6 +13,10 @@ Sections:
 3. onnxruntime CPU latency of the exported folded model vs Keras on the folded model.
 4. Wall time and peak memory of bn-fold and bn-export-onnx, and of plain tf2onnx
    (from_function), as separate processes.
+5. Start-up of the CLIs. 6. The export's guard against onnxruntime's Pad_Fusion.
+7. BN recalibration: both modes on ResNet50 224x224 over 512 real images (MNIST digits
+   resized to RGB), beside one compiled and one eager forward pass over the same images;
+   and exact vs running on a trained ReLU LeNet whose moving statistics lag.
 """
 
 from __future__ import annotations
@@ -218,6 +222,87 @@ def bench_pad_guard(quick: bool, repeats: int, threads: int) -> dict:
         "guarded_over_unguarded": t["guarded"].median_ms / t["unguarded"].median_ms,
         "aa_guarded_again_over_guarded": t["guarded_again"].median_ms / t["guarded"].median_ms,
         "max_rel_err": errors,
+    }
+
+
+# -- 7. recalibration ------------------------------------------------------------------
+
+def _digits(n: int, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(REPO / "tools" / "data" / "mnist-10k.npz") as d:
+        x, y = d["x_train"][:n, :, :, None].astype("float32") / 255.0, d["y_train"][:n]
+    if size:
+        x = np.concatenate([keras.ops.convert_to_numpy(keras.ops.image.resize(x[i:i + 64], (size, size)))
+                            for i in range(0, n, 64)])
+        x = np.repeat(x, 3, axis=-1) * 255.0 - 127.5  # ResNet-like input range
+    return x, y
+
+
+def _lagging_lenet(epochs: int = 3):
+    """The recalibration issue's ReLU LeNet: Keras BN (momentum 0.99), Adam, 3 epochs."""
+    layers = keras.layers
+    x, y = _digits(8000)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1), name="image")
+    h = inputs
+    for filters in (16, 32, 32):
+        h = layers.MaxPooling2D()(layers.ReLU()(layers.BatchNormalization()(layers.Conv2D(filters, 3, padding="same")(h))))
+    h = layers.ReLU()(layers.BatchNormalization()(layers.Dense(64)(layers.Flatten()(h))))
+    model = keras.Model(inputs, layers.Dense(10)(h))
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=64, epochs=epochs, verbose=0)
+    return model, x
+
+
+def bench_recalibration(quick: bool) -> dict:
+    from keras_bn_ext.recalibration import recalibrate_batchnorms
+
+    with np.load(REPO / "tools" / "data" / "mnist-10k.npz") as d:
+        x_test, y_test = d["x_test"][..., None].astype("float32") / 255.0, d["y_test"]
+
+    def accuracy(model, training=False):
+        logits = np.concatenate([keras.ops.convert_to_numpy(model(x_test[i:i + 500], training=training))
+                                 for i in range(0, len(x_test), 500)])
+        return float((logits.argmax(1) == y_test).mean())
+
+    lenet, x_train = _lagging_lenet(1 if quick else 3)
+    start = lenet.get_weights()
+    lenet_result = {"training_mode": accuracy(lenet, True), "inference_before": accuracy(lenet)}
+    variances = {}
+    for mode in ("exact", "running"):
+        lenet.set_weights(start)
+        report = recalibrate_batchnorms(lenet, {"image": x_train[:2000]}, mode=mode)
+        lenet_result[mode] = accuracy(lenet)
+        lenet_result[f"{mode}_seconds"] = report.seconds
+        variances[mode] = [np.asarray(b.new_variance) for b in report.batchnorms]
+    lenet_result["max_rel_variance_diff"] = max(
+        float(np.max(np.abs(r - e) / np.maximum(e, 1e-12))) for e, r in zip(variances["exact"], variances["running"]))
+
+    size, n = (64, 64) if quick else (224, 512)
+    images, _ = _digits(n, size)
+    model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))
+    randomize_batchnorms(model)
+    start = model.get_weights()
+    seconds = {}
+    t = time.perf_counter()
+    model.predict(images[:32], batch_size=32, verbose=0)  # compile once
+    t = time.perf_counter()
+    model.predict(images, batch_size=32, verbose=0)
+    seconds["compiled forward pass (model.predict)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(0, n, 32):
+        model(images[i:i + 32], training=False)
+    seconds["eager forward pass"] = time.perf_counter() - t
+    reports = {}
+    for mode in ("exact", "running"):
+        model.set_weights(start)
+        t = time.perf_counter()
+        reports[mode] = recalibrate_batchnorms(model, images, mode=mode, batch_size=32)
+        seconds[f"recalibrate_batchnorms(mode='{mode}')"] = time.perf_counter() - t
+    return {
+        "date": datetime.date.today().isoformat(), "model": f"ResNet50 {size}x{size}", "images": n, "batch": 32,
+        "seconds": seconds, "levels": reports["exact"].levels, "passes": reports["exact"].passes,
+        "kept_peak_mb": reports["exact"].kept_peak_mb, "bn": len(reports["exact"].batchnorms),
+        "lenet": lenet_result,
     }
 
 
@@ -429,6 +514,35 @@ def write_markdown(result: dict, path: Path) -> None:
                          f"| {err[key]:.1e} |")
         lines += ["", f"guarded/unguarded {guard['guarded_over_unguarded']:.3f}; A/A "
                       f"{guard['aa_guarded_again_over_guarded']:.3f}.", ""]
+    recal = result.get("recalibration")
+    if recal:
+        sec = recal["seconds"]
+        eager = sec["eager forward pass"]
+        lines += [
+            f"## 7. BN recalibration ({recal['model']}, {recal['images']} real images (MNIST digits resized to "
+            f"RGB), batches of {recal['batch']}, {recal['bn']} BN; measured {recal['date']})",
+            "",
+            "| what | seconds | / eager forward pass |",
+            "|---|---|---|",
+        ]
+        for key, value in sec.items():
+            lines.append(f"| {key} | {value:.1f} | {value / eager:.2f} |")
+        le = recal["lenet"]
+        lines += [
+            "",
+            f"Exact mode: {recal['levels']} levels, {recal['passes']} passes (discovery and level propagation "
+            f"included), at most {recal['kept_peak_mb']:.0f} MiB of activations kept between passes.",
+            "",
+            "Exact vs running on a trained ReLU LeNet (Keras BN, momentum 0.99, Adam, 3 epochs on the 8,000 "
+            "training digits; recalibrated on 2,000 of them; accuracy on the 2,000 test digits):",
+            "",
+            "| training mode | inference before | after exact | after running | max rel variance exact vs running |",
+            "|---|---|---|---|---|",
+            f"| {le['training_mode']:.4f} | {le['inference_before']:.4f} | {le['exact']:.4f} "
+            f"({le['exact_seconds']:.1f} s) | {le['running']:.4f} ({le['running_seconds']:.1f} s) | "
+            f"{le['max_rel_variance_diff']:.2g} |",
+            "",
+        ]
     path.write_text("\n".join(lines))
 
 
@@ -444,6 +558,8 @@ def main(argv=None) -> int:
                         help="measure section 6 only and update it in bench.json/BENCHMARKS.md")
     parser.add_argument("--only-training", action="store_true",
                         help="measure section 1 (every backend) only and update it in bench.json/BENCHMARKS.md")
+    parser.add_argument("--only-recalibration", action="store_true",
+                        help="measure section 7 only and update it in bench.json/BENCHMARKS.md")
     args = parser.parse_args(argv)
     repeats = args.repeats or (10 if args.quick else 50)
     if args.only_train:
@@ -456,6 +572,13 @@ def main(argv=None) -> int:
         result["train_jax"] = bench_train_jax(repeats)
         result["train_torch"] = bench_train_jax(repeats, "torch")
         result["train_date"] = datetime.date.today().isoformat()
+        (out / "bench.json").write_text(json.dumps(result, indent=2))
+        write_markdown(result, out / "BENCHMARKS.md")
+        print((out / "BENCHMARKS.md").read_text())
+        return 0
+    if args.only_recalibration:
+        result = json.loads((out / "bench.json").read_text())
+        result["recalibration"] = bench_recalibration(args.quick)
         (out / "bench.json").write_text(json.dumps(result, indent=2))
         write_markdown(result, out / "BENCHMARKS.md")
         print((out / "BENCHMARKS.md").read_text())
@@ -489,6 +612,8 @@ def main(argv=None) -> int:
     startup = bench_startup(rounds=3 if args.quick else 10)
     print("6. ONNX Pad guard ...", flush=True)
     pad_guard = bench_pad_guard(args.quick, repeats, threads)
+    print("7. recalibration ...", flush=True)
+    recalibration = bench_recalibration(args.quick)
     import onnxruntime
     import tensorflow as tf
     import tf2onnx
@@ -509,6 +634,7 @@ def main(argv=None) -> int:
         "tools": tools,
         "startup": startup,
         "pad_guard": pad_guard,
+        "recalibration": recalibration,
         "seconds": time.perf_counter() - started,
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
