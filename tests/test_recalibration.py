@@ -322,3 +322,20 @@ def test_replay_with_kept_activations_equals_recomputing_every_pass(monkeypatch)
     recalibrate_batchnorms(model, x, batch_size=5)
     for a, b in zip(replayed, model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_two_inputs_dict_outputs_and_dict_inputs():
+    from tests.helpers import two_input_dict_model
+
+    model = two_input_dict_model()
+    data = {"image": RNG.random((20, 8, 8, 3)).astype("float32"), "meta": RNG.random((20, 5)).astype("float32")}
+    report = recalibrate_batchnorms(model, data, batch_size=7)
+    assert {b.bn: b.level for b in report.batchnorms} == {"bn1": 1, "bn2": 1}  # independent: one pass
+    assert_close(model.get_layer("bn2").moving_variance, _np(model.get_layer("d")(data["meta"])).var(0),
+                 what="bn2 variance")
+    a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
+    bn = layers.BatchNormalization(name="bn")
+    keyed = keras.Model({"a": a, "b": b}, bn(layers.Add()([a, b])))
+    xa, xb = RNG.normal(size=(9, 4)).astype("float32"), RNG.normal(size=(9, 4)).astype("float32")
+    recalibrate_batchnorms(keyed, {"b": xb, "a": xa}, batch_size=4)
+    assert_close(bn.moving_mean, (xa.astype(np.float64) + xb).mean(0), what="mean")

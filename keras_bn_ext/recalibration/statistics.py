@@ -234,8 +234,16 @@ class Batches:
         return dataset_batches(self.model, self.dataset)
 
 
+def _model_inputs(model, batch):
+    """A batch (arrays in `model.inputs` order) in the structure the model was built with
+    (a dict keeps its keys), as Keras wants it without a warning."""
+    if is_rebuildable_model(model):
+        return keras.tree.pack_sequence_as(internals.inputs_struct(graph_of(model)), list(batch))
+    return batch if len(batch) > 1 else batch[0]
+
+
 def _call(model, batch):
-    return model(batch if len(batch) > 1 else batch[0], training=False)
+    return model(_model_inputs(model, batch), training=False)
 
 
 # -- reading BN inputs --------------------------------------------------------
@@ -547,7 +555,7 @@ class _GraphReplay:
 
             return call
 
-        x = batch if len(batch) > 1 else batch[0]
+        x = keras.tree.pack_sequence_as(internals.inputs_struct(self.graph), list(batch))
         return internals.run_through_graph(self.graph, internals.standardized_inputs(self.graph, x), visit)
 
     def levels(self, batch) -> dict[int, int]:
