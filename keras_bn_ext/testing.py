@@ -20,6 +20,7 @@ __all__ = [
     "batchnorm_layers",
     "count_batchnorms",
     "kerashub_backbones",
+    "wrapper_models",
     "randomize_batchnorms",
     "residual_branch_batchnorms",
 ]
@@ -223,3 +224,38 @@ def kerashub_backbones() -> dict:
             low_level_feature_key="P2", spatial_pyramid_pooling_key="P4", dilation_rates=[6, 12],
             upsampling_size=4, image_shape=(64, 64, 3)),
     }
+
+
+def wrapper_models() -> dict:
+    """Sequence and video models of Keras layers around TimeDistributed, as name ->
+    zero-argument builder (BN statistics left at their initial values): where BNs fold
+    through a wrapper."""
+    layers = keras.layers
+
+    def deepspeech():
+        # Conv1D -> BN -> ReLU -> GRU -> BN -> TimeDistributed(Dense) -> BN -> ReLU -> Dense.
+        inputs = keras.Input((20, 13), name="features")
+        h = layers.ReLU()(layers.BatchNormalization(name="bn_conv")(layers.Conv1D(16, 5, name="conv")(inputs)))
+        h = layers.BatchNormalization(name="bn_gru")(layers.GRU(12, return_sequences=True, name="gru")(h))
+        h = layers.TimeDistributed(layers.Dense(24), name="td_dense")(h)
+        h = layers.ReLU()(layers.BatchNormalization(name="bn_td")(h))
+        return keras.Model(inputs, layers.Dense(10, name="logits")(h), name="deepspeech_like")
+
+    def video(wrapped_bn: bool):
+        # TimeDistributed(Conv2D) -> BN -> ReLU -> TimeDistributed(Conv2D) -> BN (or a
+        # TimeDistributed(BN)) -> ReLU -> per-frame pooling -> LSTM -> Dense.
+        inputs = keras.Input((4, 12, 12, 3), name="clip")
+        h = layers.TimeDistributed(layers.Conv2D(6, 3), name="td_c1")(inputs)
+        h = layers.ReLU()(layers.BatchNormalization(name="bn1")(h))
+        h = layers.TimeDistributed(layers.Conv2D(8, 3), name="td_c2")(h)
+        bn = layers.BatchNormalization(name="bn2")
+        h = layers.ReLU()((layers.TimeDistributed(bn, name="td_bn2") if wrapped_bn else bn)(h))
+        h = layers.TimeDistributed(layers.GlobalAveragePooling2D(), name="td_pool")(h)
+        return keras.Model(inputs, layers.Dense(3, name="action")(layers.LSTM(6, name="lstm")(h)), name="video")
+
+    return {
+        "DeepSpeech-like (GRU, TimeDistributed(Dense))": deepspeech,
+        "Video (TimeDistributed(Conv2D), BN)": lambda: video(False),
+        "Video (TimeDistributed(Conv2D), TimeDistributed(BN))": lambda: video(True),
+    }
+

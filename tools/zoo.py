@@ -41,6 +41,7 @@ from keras_bn_ext.testing import (  # noqa: E402
     count_batchnorms,
     kerashub_backbones,
     randomize_batchnorms,
+    wrapper_models,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -166,6 +167,7 @@ def write_markdown(result: dict, path: Path) -> None:
 
 def _candidates() -> list:
     candidates = [("keras.applications", n, lambda n=n: application_model(n)) for n in APPLICATIONS]
+    candidates += [("Keras layers", n, b) for n, b in wrapper_models().items()]
     try:
         candidates += [("KerasHub", n, b) for n, b in kerashub_backbones().items()]
     except ImportError:

@@ -8,13 +8,33 @@ import numpy as np
 from keras_bn_ext.errors import InvalidBatchNormError
 from keras_bn_ext.layers.batch_normalization import BatchNormalization
 
-__all__ = ["BN_CLASSES", "is_batchnorm", "bn_affine"]
+__all__ = ["BN_CLASSES", "is_batchnorm", "batchnorm_of", "is_batchnorm_call", "bn_axis", "bn_affine"]
 
 BN_CLASSES = (keras.layers.BatchNormalization, BatchNormalization)
 
 
 def is_batchnorm(layer) -> bool:
     return isinstance(layer, BN_CLASSES)
+
+
+def batchnorm_of(layer):
+    """The BN a graph node computes: the layer itself, or the BN a TimeDistributed wraps
+    (per-frame BN: in inference the same affine map on every frame); else None."""
+    while isinstance(layer, keras.layers.TimeDistributed):
+        layer = layer.layer
+    return layer if is_batchnorm(layer) else None
+
+
+def is_batchnorm_call(layer) -> bool:
+    return batchnorm_of(layer) is not None
+
+
+def bn_axis(layer, rank: int) -> int:
+    """The channel axis, non-negative, of a BN node on inputs of `rank` (a wrapped BN
+    sees one axis less: its axes are one further right)."""
+    if isinstance(layer, keras.layers.TimeDistributed):
+        return bn_axis(layer.layer, rank - 1) + 1
+    return layer.axis % rank
 
 
 def _values(variable) -> np.ndarray:
@@ -27,6 +47,7 @@ def bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
     Raises InvalidBatchNormError for a negative or non-finite variance, or
     non-finite gamma, beta or mean.
     """
+    bn = batchnorm_of(bn)
     mean = _values(bn.moving_mean)
     var = _values(bn.moving_variance)
     gamma = _values(bn.gamma) if bn.scale else np.ones_like(mean)

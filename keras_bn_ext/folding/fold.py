@@ -9,7 +9,7 @@ import numpy as np
 
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.folding import rules
-from keras_bn_ext.folding.affine import bn_affine, is_batchnorm
+from keras_bn_ext.folding.affine import batchnorm_of, bn_affine, bn_axis, is_batchnorm
 from keras_bn_ext.folding.graph import analyze
 from keras_bn_ext.folding.inline import InlineReport, inline_traceable_layers
 from keras_bn_ext.folding.rebuild import RebuildPlan, rebuild
@@ -71,7 +71,7 @@ def _input_layout(d, scale, shift):
     if not flattens:
         return scale, shift
     shape = tuple(d.feature_shape)
-    axis = d.bn.axis % (len(shape) + 1) - 1  # axis within one example
+    axis = bn_axis(d.bn, len(shape) + 1) - 1  # axis within one example
     bshape = [1] * len(shape)
     bshape[axis] = shape[axis]
 
@@ -145,7 +145,7 @@ def fold_batchnorms(
         plan.force_bias.add(id(d.into))  # the folded weights always carry a bias
         prefix = d.path[: len(d.path) - len(d.bn.name)]
         report.folded.append(FoldedBN(bn=d.path, into=prefix + d.into.name, direction=d.direction))
-    decided = {id(d.bn) for d in decisions}
+    decided = {id(d.bn) for d in decisions} | {id(batchnorm_of(d.bn)) for d in decisions}
     for layer in internals.all_sublayers(model):
         if is_batchnorm(layer) and id(layer) not in decided:
             decided.add(id(layer))

@@ -12,8 +12,8 @@ import keras
 
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.errors import UnsupportedModelError
-from keras_bn_ext.folding.affine import is_batchnorm
-from keras_bn_ext.folding.rules import describe, rule_for, why_not_target
+from keras_bn_ext.folding.affine import bn_axis, is_batchnorm, is_batchnorm_call
+from keras_bn_ext.folding.rules import describe, rule_for, unwrap, why_not_target
 
 __all__ = ["BNDecision", "GraphIndex", "analyze", "graph_of", "is_rebuildable_model"]
 
@@ -98,7 +98,7 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "",
                 seen.add(id(op))
                 decisions += analyze(op, exclude=exclude, prefix=f"{prefix}{op.name}/", opaque=opaque)
             continue
-        if not is_batchnorm(op):
+        if not is_batchnorm_call(op):
             if isinstance(op, keras.layers.Layer) and id(op) not in seen:
                 seen.add(id(op))
                 decisions += _hidden_batchnorms(op, prefix, opaque.get(id(op)))
@@ -162,7 +162,7 @@ def _backward_blocker(bn, node, g: GraphIndex) -> str | None:
         return f"producer {pname} {reason}"
     if g.calls[id(producer)] > 1:
         return f"producer {pname} is shared (called {g.calls[id(producer)]} times)"
-    act = keras.activations.serialize(producer.activation)
+    act = keras.activations.serialize(unwrap(producer).activation)
     if act != "linear":
         return f"producer {pname} has activation '{act}' before the BN"
     if g.n_consumers(tensor) > 1:
@@ -171,8 +171,8 @@ def _backward_blocker(bn, node, g: GraphIndex) -> str | None:
         return f"the output of {pname} is also a model output"
     rank = len(tensor.shape)
     channel = rule_for(producer).output_axis(producer, rank)
-    if bn.axis % rank != channel:
-        return f"BN axis {bn.axis} is not the channel axis ({channel}) of {pname}"
+    if bn_axis(bn, rank) != channel:
+        return f"BN axis {bn_axis(bn, rank)} is not the channel axis ({channel}) of {pname}"
     return None
 
 
@@ -214,7 +214,7 @@ def _forward_target(bn, node, g: GraphIndex):
             return None, (), f"{uname} follows a Flatten"
         return user, tuple(through), None
     axis = rule.input_axis(user, rank)
-    if bn.axis % rank != axis:
+    if bn_axis(bn, rank) != axis:
         what = "the last axis that" if axis == rank - 1 else f"the input channel axis ({axis}) of"
-        return None, (), f"BN axis {bn.axis} is not {what} {uname} reads"
+        return None, (), f"BN axis {bn_axis(bn, rank)} is not {what} {uname} reads"
     return user, tuple(through), None

@@ -4,7 +4,8 @@ A rule says where the layer's channels are, how its kernels change when a per-ch
 affine map (scale, shift) follows it (a *backward* fold: layer -> BN) or precedes it
 (a *forward* fold: BN -> layer), and what rules a forward fold out. Adding a foldable
 layer class is one entry in `RULES` plus its tests; graph analysis and the rebuild
-read everything from here.
+read everything from here. A wrapper (TimeDistributed) takes the rule of the layer it
+wraps, every axis one further right: one entry in `WRAPPERS`, not one per pair.
 
 Exact classes only: a subclass may change `call`, and folding into it would be a
 guess. All arithmetic is float64; results are cast back to each variable's dtype.
@@ -19,7 +20,8 @@ from typing import Callable
 import keras
 import numpy as np
 
-__all__ = ["FoldRule", "RULES", "rule_for", "why_not_target", "fold_backward", "fold_forward", "with_bias"]
+__all__ = ["FoldRule", "RULES", "WRAPPERS", "rule_for", "unwrap", "why_not_target", "fold_backward", "fold_forward",
+           "with_bias"]
 
 Kernels = list  # the layer's weight arrays before its bias, in float64
 
@@ -216,13 +218,58 @@ RULES: dict[type, FoldRule] = {
 }
 
 
+# --- wrappers: a layer applied to every step of one more batch-like axis ------------------
+
+# TimeDistributed(layer) runs `layer` on (batch * time, ...): its kernels are the wrapped
+# layer's, and every channel axis is one further right. Its rule is the wrapped layer's,
+# shifted; no entry per pair.
+WRAPPERS = (keras.layers.TimeDistributed,)
+
+
+def unwrap(layer):
+    """The layer a wrapper applies (through nested wrappers), or `layer` itself."""
+    while type(layer) in WRAPPERS:
+        layer = layer.layer
+    return layer
+
+
+def _shifted(axis_fn):
+    return lambda layer, rank: axis_fn(layer.layer, rank - 1) + 1
+
+
+def _wrapped_rule(inner: FoldRule) -> FoldRule:
+    def add_bias(layer, config):
+        wrapped = config["layer"]
+        return {**config, "layer": {**wrapped, "config": with_bias(layer.layer, wrapped["config"])}}
+
+    return FoldRule(
+        output_axis=_shifted(inner.output_axis),
+        scale_output=lambda layer, kernels, scale: inner.scale_output(layer.layer, kernels, scale),
+        input_axis=_shifted(inner.input_axis) if inner.input_axis is not None else None,
+        absorb_input=(lambda layer, kernels, scale, shift: inner.absorb_input(layer.layer, kernels, scale, shift))
+        if inner.absorb_input is not None else None,
+        forward_blocker=lambda layer: inner.forward_blocker(layer.layer),
+        through_flatten=False,
+        n_kernels=inner.n_kernels,
+        unsupported=lambda layer: why_not_target(layer.layer),
+        add_bias=add_bias,
+    )
+
+
 def rule_for(layer) -> FoldRule | None:
-    """The rule of `layer`'s exact class, or None."""
-    return RULES.get(type(layer))
+    """The rule of `layer`'s exact class (a wrapper: its wrapped layer's, shifted), or None."""
+    rule = RULES.get(type(layer))
+    if rule is None and type(layer) in WRAPPERS:
+        inner = rule_for(layer.layer)
+        rule = _wrapped_rule(inner) if inner is not None else None
+    return rule
 
 
 def describe(layer) -> str:
-    return f"'{layer.name}' ({type(layer).__name__})"
+    kind = type(layer).__name__
+    if type(layer) in WRAPPERS:
+        kind = f"{kind}({type(unwrap(layer)).__name__})"
+    return f"'{layer.name}' ({kind})"
 
 
 def why_not_target(layer) -> str | None:
