@@ -78,6 +78,7 @@ def _sequence_oracle(model, ids):
 def test_exact_matches_numpy_statistics_with_masks_nesting_and_a_frozen_bn(batch_size):
     model = _sequence_model()
     ids = _sequence_data()
+    start = _np(model.get_layer("bn_a").moving_mean)
     report = recalibrate_batchnorms(model, {"ids": ids}, batch_size=batch_size)
     oracle = _sequence_oracle(model, ids)
     bns = {"bn_a": model.get_layer("bn_a"), "bn_b": model.get_layer("inner").get_layer("bn_b"),
@@ -92,7 +93,9 @@ def test_exact_matches_numpy_statistics_with_masks_nesting_and_a_frozen_bn(batch
     assert report.levels == 3 and report.samples == 70 and report.batches == -(-70 // batch_size)
     kept = int((ids != 0).sum())
     assert by_name["bn_a"].values_per_channel == kept  # padded positions never counted
-    assert by_name["bn_a"].old_mean != by_name["bn_a"].new_mean
+    np.testing.assert_array_equal(by_name["bn_a"].old_mean, start)  # the statistics before, as they were
+    assert_close(by_name["bn_a"].new_mean, oracle["bn_a"][0], what="reported new mean")
+    assert by_name["bn_a"].mean_shift > 0.1  # randomized statistics were far from the data's
 
 
 @pytest.mark.filterwarnings("ignore:Layer 'inner'")

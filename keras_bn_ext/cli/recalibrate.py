@@ -72,7 +72,7 @@ def print_recalibration(console, report) -> None:
     from rich.table import Table
 
     table = Table(title=f"BatchNormalization statistics ({report.mode} mode)")
-    table.add_column("BN")
+    table.add_column("BN", overflow="fold")
     table.add_column("level", justify="right")
     table.add_column("values / channel", justify="right")
     table.add_column("max mean shift (new std)", justify="right")

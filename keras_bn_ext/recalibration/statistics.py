@@ -160,6 +160,7 @@ def recalibrate_batchnorms(
     batches = Batches(model, data, batch_size, one_pass=mode == "running")
     bns = bn_layers(model)
     snapshot = {id(bn): [np.array(keras.ops.convert_to_numpy(v)) for v in bn.non_trainable_weights] for bn in bns}
+    before = {id(bn): (_numpy(bn.moving_mean), _numpy(bn.moving_variance)) for bn in bns}
     report = RecalibrationReport(mode=mode, samples=0, batch_size=batches.batch_size, batches=0,
                                  levels=0, passes=0)
     try:
@@ -193,8 +194,7 @@ def recalibrate_batchnorms(
                 results = _running(model, chosen, batches, interceptor, report, progress)
         for bn in chosen:
             mean, variance, samples, values = results[id(bn)]
-            old_mean = _numpy(bn.moving_mean)
-            old_variance = _numpy(bn.moving_variance)
+            old_mean, old_variance = before[id(bn)]
             report.batchnorms.append(BNRecalibration(
                 bn=paths.get(id(bn), bn.name), level=levels[id(bn)], calls=calls[id(bn)],
                 samples=samples, values_per_channel=values,
