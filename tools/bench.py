@@ -237,10 +237,10 @@ def _digits(n: int, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _lagging_lenet(epochs: int = 3):
+def _lagging_lenet(epochs: int = 3, samples: int = 8000):
     """The recalibration issue's ReLU LeNet: Keras BN (momentum 0.99), Adam, 3 epochs."""
     layers = keras.layers
-    x, y = _digits(8000)
+    x, y = _digits(samples)
     keras.utils.set_random_seed(0)
     inputs = keras.Input((28, 28, 1), name="image")
     h = inputs
@@ -264,7 +264,7 @@ def bench_recalibration(quick: bool) -> dict:
                                  for i in range(0, len(x_test), 500)])
         return float((logits.argmax(1) == y_test).mean())
 
-    lenet, x_train = _lagging_lenet(1 if quick else 3)
+    lenet, x_train = _lagging_lenet(*((1, 2000) if quick else (3, 8000)))
     start = lenet.get_weights()
     lenet_result = {"training_mode": accuracy(lenet, True), "inference_before": accuracy(lenet)}
     variances = {}
@@ -277,7 +277,7 @@ def bench_recalibration(quick: bool) -> dict:
     lenet_result["max_rel_variance_diff"] = max(
         float(np.max(np.abs(r - e) / np.maximum(e, 1e-12))) for e, r in zip(variances["exact"], variances["running"]))
 
-    size, n = (64, 64) if quick else (224, 512)
+    size, n = (32, 32) if quick else (224, 512)
     images, _ = _digits(n, size)
     model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))
     randomize_batchnorms(model)
