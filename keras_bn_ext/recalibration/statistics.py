@@ -312,7 +312,22 @@ class _Moments:
         self.count = self.mean = self.m2 = None
         self.samples = 0
 
-    def add(self, x: np.ndarray, mask: np.ndarray | None) -> None:
+    def add(self, x: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Merge one batch in; return that batch's own mean and biased variance."""
+        count, mean, m2 = self._batch(x, mask)
+        self.samples += x.shape[0]
+        if self.count is None:
+            self.count, self.mean, self.m2 = count, mean, m2
+        else:
+            total = self.count + count
+            safe = np.where(total > 0, total, 1.0)
+            delta = mean - self.mean
+            self.mean = self.mean + delta * count / safe
+            self.m2 = self.m2 + m2 + delta ** 2 * self.count * count / safe
+            self.count = total
+        return mean, m2 / np.where(count > 0, count, 1.0)
+
+    def _batch(self, x, mask):
         ch = self.axis % x.ndim
         axes = tuple(i for i in range(x.ndim) if i != ch)
         shape = [1] * x.ndim
@@ -320,30 +335,11 @@ class _Moments:
         if mask is None:
             count = np.full(x.shape[ch], x.size // max(x.shape[ch], 1), np.float64)
             mean = x.mean(axis=axes)
-            m2 = np.square(x - mean.reshape(shape)).sum(axis=axes)
-        else:
-            w = np.broadcast_to(mask[..., None], x.shape).astype(np.float64)
-            count = w.sum(axis=axes)
-            mean = np.divide((w * x).sum(axis=axes), count, out=np.zeros_like(count), where=count > 0)
-            m2 = (w * np.square(x - mean.reshape(shape))).sum(axis=axes)
-        self.samples += x.shape[0]
-        if self.count is None:
-            self.count, self.mean, self.m2 = count, mean, m2
-            return
-        total = self.count + count
-        safe = np.where(total > 0, total, 1.0)
-        delta = mean - self.mean
-        self.mean = self.mean + delta * count / safe
-        self.m2 = self.m2 + m2 + delta ** 2 * self.count * count / safe
-        self.count = total
-
-    def batch_statistics(self, x, mask):
-        """Mean and biased variance of this batch alone (running mode); the batch is
-        added to this accumulator too, which then counts the data that reached it."""
-        single = _Moments(self.axis)
-        single.add(x, mask)
-        self.add(x, mask)
-        return single.mean, single.m2 / np.where(single.count > 0, single.count, 1.0)
+            return count, mean, np.square(x - mean.reshape(shape)).sum(axis=axes)
+        w = np.broadcast_to(mask[..., None], x.shape).astype(np.float64)
+        count = w.sum(axis=axes)
+        mean = np.divide((w * x).sum(axis=axes), count, out=np.zeros_like(count), where=count > 0)
+        return count, mean, (w * np.square(x - mean.reshape(shape))).sum(axis=axes)
 
     def result(self, old_mean: np.ndarray, old_variance: np.ndarray):
         """(mean, variance); channels that saw no value keep their old statistics."""
@@ -407,7 +403,7 @@ def _running(model, chosen, batches, interceptor, report, progress):
         if id(bn) not in targets:
             return original(*args, **kwargs)
         x, mask = _bn_input(args, kwargs)
-        mean, variance = totals[id(bn)].batch_statistics(x, mask)
+        mean, variance = totals[id(bn)].add(x, mask)  # this batch's, and counted in the totals
         means[id(bn)].append(mean)
         variances[id(bn)].append(variance)
         return _normalized(bn, args[0] if args else kwargs["inputs"], mean, variance)
