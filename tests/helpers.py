@@ -114,3 +114,17 @@ def two_input_dict_model():
                                         "class_logits": layers.Dense(3, name="c")(both)})
     randomize_batchnorms(model)
     return model
+
+
+INT8_FIXTURES = os.path.join(REPO, "tests", "fixtures", "int8")  # trained by tools/make_int8_fixtures.py
+
+
+def mnist_digits():
+    """((x_train, y_train), (x_test, y_test)) of the shipped sample, as the INT8 fixtures take them."""
+    with np.load(os.path.join(REPO, "tools", "data", "mnist-10k.npz")) as d:
+        return ((d["x_train"][..., None].astype("float32") / 255.0, d["y_train"].astype("int64")),
+                (d["x_test"][..., None].astype("float32") / 255.0, d["y_test"].astype("int64")))
+
+
+def int8_fixture(name: str) -> keras.Model:
+    return keras.saving.load_model(os.path.join(INT8_FIXTURES, f"{name}.keras"))

@@ -14,6 +14,7 @@ from keras_bn_ext.cli._common import (
     add_common_arguments,
     fmt,
     load_input_model,
+    non_negative_float,
     positive_int,
     run,
     timed,
@@ -64,11 +65,58 @@ def build_parser() -> argparse.ArgumentParser:
                         help="float16 weights and arithmetic, float32 inputs and outputs "
                              "(verified with float16 tolerances)")
     parser.add_argument("--benchmark", action="store_true",
-                        help="also report median latency of Keras (tf.function) and onnxruntime")
+                        help="also report median latency of Keras (tf.function) and onnxruntime "
+                             "(with --int8: of the float and the INT8 file on onnxruntime's CPU provider)")
+    _add_int8_arguments(parser)
     return parser
 
 
+def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
+    from keras_bn_ext.quantization import cpu
+    from keras_bn_ext.quantization import options as q
+
+    group = parser.add_argument_group(
+        "INT8 (onnxruntime static quantization, QDQ: u8 activations, s8 weights; verified on real data "
+        "against the float Keras model on onnxruntime's CPU provider)")
+    group.add_argument("--int8", metavar="CALIB.npz",
+                       help="write an INT8 model (default MODEL.int8.onnx) calibrated on these real samples "
+                            "(arrays keyed by input name, samples on axis 0, as --inputs)")
+    group.add_argument("--eval", metavar="EVAL.npz", dest="eval_data",
+                       help="held-out real samples to measure the INT8 model on (keyed by input name; an "
+                            "optional 'labels' array of integer class ids adds accuracy). Default: the last "
+                            f"{q.HOLDOUT_FRACTION:.0%} of CALIB.npz, held out of the calibration (and its "
+                            "'labels', if any)")
+    group.add_argument("--per-tensor", action="store_true",
+                       help="one weight scale per tensor (default: per output channel)")
+    group.add_argument("--calibration-method", choices=q.METHODS, default=q.DEFAULT_METHOD,
+                       help=f"how activation ranges are chosen (default: {q.DEFAULT_METHOD})")
+    group.add_argument("--calibration-batch-size", type=positive_int, default=q.CALIBRATION_BATCH_SIZE,
+                       metavar="N", help=f"samples per calibration batch (default: {q.CALIBRATION_BATCH_SIZE})")
+    group.add_argument("--target-cpu", choices=cpu.TARGETS, default="auto",
+                       help="the CPU the file will run on: auto = this one. Without VNNI (avx2, avx512) "
+                            "weights get 7 bits (reduce_range) so onnxruntime's int16 sums cannot saturate; "
+                            "vnni and arm64 keep 8 bits")
+    group.add_argument("--equalize", choices=q.EQUALIZE_CHOICES, default="auto",
+                       help="cross-layer equalization before quantizing (an exact transform, verified): "
+                            "auto = on with --per-tensor (default)")
+    group.add_argument("--relu6-to-relu", action="store_true",
+                       help="let equalization replace ReLU6 by ReLU (CHANGES the function: ReLU6 is not "
+                            "positively homogeneous, so those pairs are otherwise left alone)")
+    group.add_argument("--min-top1-agreement", type=float, default=q.MIN_TOP1_AGREEMENT, metavar="F",
+                       help="a classifier output must agree with the float model's top-1 class on this share "
+                            f"of the samples (default: {q.MIN_TOP1_AGREEMENT})")
+    group.add_argument("--max-accuracy-drop", type=non_negative_float, default=q.MAX_ACCURACY_DROP, metavar="PT",
+                       help=f"with labels: at most this many points of accuracy lost (default: {q.MAX_ACCURACY_DROP})")
+    group.add_argument("--min-sqnr-db", type=float, default=q.MIN_SQNR_DB, metavar="DB",
+                       help=f"other outputs: at least this SQNR (default: {q.MIN_SQNR_DB:g} dB)")
+    group.add_argument("--fallback-budget", type=int, default=q.FALLBACK_BUDGET, metavar="N",
+                       help="when a criterion is missed, keep up to N quantized nodes in float, worst first "
+                            f"(default: {q.FALLBACK_BUDGET}; 0: no fallback)")
+
+
 def _work(args) -> int:
+    if args.int8:
+        return _work_int8(args)
     from keras_bn_ext.errors import InputDataError
     from keras_bn_ext.export.onnx.pipeline import export_verified
     from keras_bn_ext.export.onnx.verify import load_inputs_npz
@@ -159,8 +207,104 @@ def _print_summary(result: dict) -> None:
             console.print(f"  {result['diagnosis']}")
 
 
+def _work_int8(args) -> int:
+    from keras_bn_ext.data import load_npz
+    from keras_bn_ext.export.onnx.int8 import export_int8
+    from keras_bn_ext.quantization.fidelity import Criteria
+
+    output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.onnx")
+    seconds: dict[str, float] = {}
+    others = [args.int8] + ([args.eval_data] if args.eval_data else [])
+    with timed(seconds, "load"):
+        model = load_input_model(args, output, other_inputs=others)
+    calibration = load_npz(args.int8)
+    evaluation = load_npz(args.eval_data) if args.eval_data else None
+    labels = (evaluation if evaluation is not None else calibration).get("labels")
+    result = export_int8(
+        model, output, calibration, eval_data=evaluation, labels=labels, exclude=args.exclude, opset=args.opset,
+        batch_size=args.batch_size, per_channel=not args.per_tensor, method=args.calibration_method,
+        target_cpu=args.target_cpu, equalize=args.equalize, relu6_to_relu=args.relu6_to_relu,
+        criteria=Criteria(min_top1_agreement=args.min_top1_agreement, max_accuracy_drop=args.max_accuracy_drop,
+                          min_sqnr_db=args.min_sqnr_db),
+        fallback_budget=args.fallback_budget, calibration_batch_size=args.calibration_batch_size,
+        benchmark=args.benchmark,
+    )
+    result.timings_s = {**seconds, **result.timings_s}
+    report = {"input": str(args.model), "calibration_file": args.int8, "eval_file": args.eval_data,
+              "int8": result.to_dict(), "passed": result.passed}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_int8(report["int8"])
+    return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
+
+
+def _print_int8(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"folded {r['bn_folded']} of {r['bn_total']} BatchNormalization layers")
+    eq = r["equalization"]
+    if eq:
+        console.print(f"cross-layer equalization: {len(eq['pairs'])} pairs ({eq['sweeps']} sweeps), "
+                      f"{len(eq['skipped'])} left alone; verified exact to {fmt(r['equalization_max_rel_err'])} "
+                      "relative")
+        for s in eq["skipped"]:
+            console.print(f"  left alone [{s['code']}]: {s['reason']}")
+        if eq["relu6_replaced"]:
+            console.print(f"  [yellow]ReLU6 replaced by ReLU (the function changed): "
+                          f"{', '.join(eq['relu6_replaced'])}[/yellow]")
+    cpu, cal, ev = r["target_cpu"], r["calibration"], r["evaluation"]
+    console.print(f"target CPU {cpu['name']} ({'this machine' if cpu['detected'] else 'given'}): "
+                  f"reduce_range={r['reduce_range']}: {cpu['reason']}")
+    console.print(f"QDQ u8/s8, {'per-channel' if r['per_channel'] else 'per-tensor'} weights; calibrated with "
+                  f"{cal['method']} on {cal['samples']} samples ({cal['batches']} batches of {cal['batch_size']}); "
+                  f"evaluated on {ev['samples']} samples ({ev['source']})")
+    for s in r["fallback"]["steps"]:
+        what = "tried equalization" if s["action"] == "equalize" else             f"kept {s['op_type']} '{s['node']}' in float (it lost {s['added_db']:.1f} dB)"
+        console.print(f"  fallback: {what}: {'passes' if s['passed'] else 'still short'}")
+    table = Table(title=f"INT8 vs the float Keras model ({r['fidelity']['samples']} samples)")
+    for column in ("output", "SQNR dB", "max rel err", "mean rel err", "top-1 agreement", "accuracy float -> INT8",
+                   "result"):
+        table.add_column(column)
+    for o in r["fidelity"]["outputs"]:
+        acc = (f"{o['accuracy_float']:.4f} -> {o['accuracy_quantized']:.4f} ({-o['accuracy_drop_pt']:+.2f} pt)"
+               if o["accuracy_float"] is not None else "-")
+        agree = f"{o['top1_agreement']:.4f}" if o["top1_agreement"] is not None else "-"
+        table.add_row(o["name"], f"{o['sqnr_db']:.1f}", fmt(o["max_rel_err"]), fmt(o["mean_rel_err"]), agree, acc,
+                      verdict(o["passed"], "FAILED: " + ", ".join(o["failed"])))
+    console.print(table)
+    size = r["size_bytes"]
+    console.print(f"wrote {r['output']}: {size['int8']:,} bytes ({size['ratio']:.2f}x the float "
+                  f"{size['float']:,}); float ONNX vs Keras on the same data {fmt(r['float_onnx_max_rel_err'])} "
+                  "relative")
+    if r["kept_in_float"]:
+        console.print(f"kept in float: {', '.join(r['kept_in_float'])}")
+    if r["latency_ms"]:
+        for bs, ms in r["latency_ms"]["int8"].items():
+            f = r["latency_ms"]["float"].get(bs)
+            console.print(f"onnxruntime CPU, batch {bs}: float {f:.3f} ms, INT8 {ms:.3f} ms ({ms / f:.2f}x)")
+    if not r["passed"]:
+        console.print(f"[red]INT8 criteria missed; {r['output']} is kept for inspection[/red]")
+
+
+def _int8_usage_errors(args) -> str | None:
+    if not args.int8:
+        return "--eval needs --int8" if args.eval_data else None
+    for flag, value in (("--no-fold", args.no_fold), ("--fp16", args.fp16), ("--inputs", args.inputs),
+                        ("--require-gpu", args.require_gpu), ("--require-all-gpu", args.require_all_gpu)):
+        if value:
+            return f"--int8 cannot be combined with {flag}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _int8_usage_errors(args)
+    if problem:
+        parser.error(problem)
     return run(PROG, lambda: _work(args), debug=args.debug)
 
 

@@ -65,23 +65,14 @@ class FoldReport:
 
 def _input_layout(d, scale, shift):
     """Per-channel scale/shift laid out as the forward target sees its input: per channel
-    for a conv or a Dense on the last axis; per feature after a Flatten, in the Flatten's
-    order (channels_first Flatten moves the channel axis last first, as Keras does)."""
+    for a conv or a Dense on the last axis; per feature after a Flatten, in its order."""
     flattens = [t for t in d.through if isinstance(t, keras.layers.Flatten)]
     if not flattens:
         return scale, shift
     shape = tuple(d.feature_shape)
     axis = bn_axis(d.bn, len(shape) + 1) - 1  # axis within one example
-    bshape = [1] * len(shape)
-    bshape[axis] = shape[axis]
-
-    def flatten(values):
-        x = np.broadcast_to(values.reshape(bshape), shape)
-        if flattens[0].data_format == "channels_first" and x.ndim > 1:
-            x = np.moveaxis(x, 0, -1)
-        return np.ascontiguousarray(x).reshape(-1)
-
-    return flatten(scale), flatten(shift)
+    return (rules.per_feature(scale, shape, axis, flattens[0].data_format),
+            rules.per_feature(shift, shape, axis, flattens[0].data_format))
 
 
 def fold_batchnorms(

@@ -15,7 +15,7 @@ from keras_bn_ext.errors import UnsupportedModelError
 from keras_bn_ext.folding.affine import bn_axis, is_batchnorm, is_batchnorm_call
 from keras_bn_ext.folding.rules import describe, rule_for, unwrap, why_not_target
 
-__all__ = ["BNDecision", "GraphIndex", "analyze", "graph_of", "is_rebuildable_model"]
+__all__ = ["BNDecision", "GraphIndex", "analyze", "graph_of", "is_rebuildable_model", "single_path_consumer"]
 
 
 @dataclass
@@ -179,27 +179,36 @@ def _backward_blocker(bn, node, g: GraphIndex) -> str | None:
 _PASS_THROUGH = (keras.layers.Dropout, keras.layers.Flatten)  # identity in inference / a reshape
 
 
+def single_path_consumer(tensor, g: GraphIndex, passes):
+    """Follow `tensor` through layers that `passes(op, node)` accepts, each the only
+    consumer of the one before, to the first layer it does not accept. Returns
+    `(layer, [accepted layers], None)`, or `(None, [], reason)` when the path forks, reaches
+    a model output or a shared layer (equalization walks this path too)."""
+    through = []
+    while True:
+        if id(tensor) in g.output_ids:
+            return None, [], "its output is a model output"
+        users = g.consumers.get(id(tensor), [])
+        if len(users) != 1:
+            return None, [], f"its output feeds {len(users)} layers"
+        user = users[0].operation
+        if g.calls.get(id(user), 0) > 1:
+            return None, [], f"{describe(user)} is shared"
+        if not passes(user, users[0]):
+            return user, through, None
+        through.append(user)
+        tensor = users[0].output_tensors[0]
+
+
 def _forward_target(bn, node, g: GraphIndex):
     """The layer that BN's output feeds, through Dropout/Flatten, if folding the BN into
     its input side is exact. Returns (target, through, None) or (None, (), reason)."""
     tensor = node.output_tensors[0]
     rank = len(tensor.shape)
-    through = []
-    while True:
-        if id(tensor) in g.output_ids:
-            return None, (), "its output is a model output"
-        users = g.consumers.get(id(tensor), [])
-        if len(users) != 1:
-            return None, (), f"its output feeds {len(users)} layers"
-        user = users[0].operation
-        uname = describe(user)
-        if g.calls.get(id(user), 0) > 1:
-            return None, (), f"{uname} is shared"
-        if type(user) in _PASS_THROUGH:
-            through.append(user)
-            tensor = users[0].output_tensors[0]
-            continue
-        break
+    user, through, reason = single_path_consumer(tensor, g, lambda op, _node: type(op) in _PASS_THROUGH)
+    if reason is not None:
+        return None, (), reason
+    uname = describe(user)
     flattened = any(isinstance(t, keras.layers.Flatten) for t in through)
     if flattened and any(d is None for d in node.output_tensors[0].shape[1:]):
         return None, (), "its output has unknown dimensions before a Flatten"

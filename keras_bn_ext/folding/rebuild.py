@@ -28,6 +28,7 @@ class RebuildPlan:
     new_weights: dict[int, list] = field(default_factory=dict)  # id(layer) -> weights
     force_bias: set[int] = field(default_factory=set)  # id(layer): rebuilt with a bias
     named_identity: set[int] = field(default_factory=set)  # id(bn) in drop: an Identity takes its name
+    configs: dict[int, dict] = field(default_factory=dict)  # id(layer) -> the config it is rebuilt from
     dtype: str | None = None  # every float layer, input and weight in this dtype (a float64 twin)
 
 
@@ -78,7 +79,7 @@ class _Rebuilder:
             new = keras.layers.Identity(name=layer.name, dtype=self.plan.dtype or layer.dtype_policy.name)
         else:
             try:
-                config = layer.get_config()
+                config = self.plan.configs.get(key) or layer.get_config()
                 if key in self.plan.force_bias:
                     config = rules.with_bias(layer, config)
                 if self.plan.dtype and "dtype" in config:
@@ -103,7 +104,7 @@ class _Rebuilder:
         when the plan leaves it unchanged. Inference is the same; such a model can be
         exported, but a saved file holding it would not load (fold_to_file checks)."""
         key = id(layer)
-        if self.plan.dtype or key in self.plan.new_weights or key in self.plan.force_bias:
+        if self.plan.dtype or key in self.plan.new_weights or key in self.plan.force_bias or key in self.plan.configs:
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise UnsupportedModelError(
                 f"layer '{layer.name}' ({type(layer).__name__}) cannot be recreated from its config "
@@ -120,7 +121,7 @@ class _Rebuilder:
         plan changes it, for a dtype twin, or when its config does not recreate it."""
         if self.plan.dtype:
             return None
-        changed = self.plan.drop | set(self.plan.new_weights) | self.plan.force_bias
+        changed = self.plan.drop | set(self.plan.new_weights) | self.plan.force_bias | set(self.plan.configs)
         if any(id(inner) in changed for inner in internals.all_sublayers(model)):
             return None
         try:

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 __all__ = ["FoldRule", "RULES", "WRAPPERS", "rule_for", "unwrap", "why_not_target", "fold_backward", "fold_forward",
-           "with_bias"]
+           "with_bias", "per_feature"]
 
 Kernels = list  # the layer's weight arrays before its bias, in float64
 
@@ -303,6 +303,18 @@ def _split(layer, weights):
 
 def _join(kernels, dtypes, bias, bias_dtype) -> list[np.ndarray]:
     return [k.astype(d) for k, d in zip(kernels, dtypes)] + [bias.astype(bias_dtype)]
+
+
+def per_feature(values: np.ndarray, feature_shape: tuple, axis: int, data_format: str) -> np.ndarray:
+    """Per-channel `values` laid out per feature of a Flatten of a `feature_shape` tensor
+    (one example; channels on `axis`), in the Flatten's order: a channels_first Flatten
+    moves the channel axis last first, as Keras does."""
+    bshape = [1] * len(feature_shape)
+    bshape[axis] = feature_shape[axis]
+    x = np.broadcast_to(values.reshape(bshape), feature_shape)
+    if data_format == "channels_first" and x.ndim > 1:
+        x = np.moveaxis(x, 0, -1)
+    return np.ascontiguousarray(x).reshape(-1)
 
 
 def fold_backward(layer, scale: np.ndarray, shift: np.ndarray, weights=None) -> list[np.ndarray]:

@@ -1,0 +1,325 @@
+"""`export_int8`: fold, equalize, export, quantize with onnxruntime, and prove the accuracy.
+
+1. Calibration and evaluation data are checked against the model's inputs (and labels
+   against its classifier output) before any work. Without evaluation data, the last
+   share of the calibration samples is held out for it (and not calibrated on).
+2. BNs are folded; cross-layer equalization (`quantization.equalize`) is applied when
+   asked (by default with per-tensor weights) and verified exact against the model in
+   float (<= 1e-5, like a fold).
+3. The float graph is exported with tf2onnx and quantized by onnxruntime (QDQ, u8
+   activations, s8 weights), calibrated batch by batch; `reduce_range` follows the CPU
+   the file is for (`quantization.cpu`).
+4. The INT8 file runs on onnxruntime's CPU provider over the evaluation data and is
+   compared with the *original* float Keras model (`quantization.fidelity`).
+5. When a criterion is missed: equalization is tried if it was off, then the quantized
+   nodes are ranked by the SQNR they lose beyond their inputs and the worst kept in float
+   one by one (`nodes_to_exclude`) until the criteria pass or the budget is spent.
+6. The file is written through a temporary name, run once more from there (its outputs
+   must equal the measured ones), then renamed: also when a criterion is missed (exit 1,
+   kept for inspection, as the float export does).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from keras_bn_ext.compare import compare_models, input_specs, keras_outputs, output_names
+from keras_bn_ext.data import array_batches, model_arrays
+from keras_bn_ext.errors import InputDataError, VerificationError
+from keras_bn_ext.export.onnx import options as onnx_options
+from keras_bn_ext.export.onnx.convert import export_onnx
+from keras_bn_ext.export.onnx.quantize import quantize_onnx, rank_nodes
+from keras_bn_ext.export.onnx.verify import run_onnxruntime
+from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
+from keras_bn_ext.model_io import atomic_output
+from keras_bn_ext.quantization import options
+from keras_bn_ext.quantization.cpu import CpuTarget, cpu_target
+from keras_bn_ext.quantization.equalize import EqualizationReport, equalize_model
+from keras_bn_ext.quantization.fidelity import Criteria, FidelityReport, check_labels, is_classifier_output, measure
+
+__all__ = ["Int8Result", "export_int8"]
+
+_EVAL_BATCH = 256  # samples per onnxruntime / Keras call during evaluation
+_RANK_SAMPLES = 256  # evaluation samples the fallback ranks nodes on
+
+
+@dataclass
+class FallbackStep:
+    action: str  # "equalize" | "keep_in_float"
+    node: str | None
+    op_type: str | None
+    added_db: float | None  # SQNR its quantization lost beyond its inputs (the ranking)
+    score: float  # FidelityReport.score() after the step
+    passed: bool
+
+
+@dataclass
+class Int8Result:
+    path: str
+    calibration: dict  # {"samples", "batch_size", "batches", "method", "source"}
+    evaluation: dict  # {"samples", "source", "labels"}
+    per_channel: bool
+    reduce_range: bool
+    target_cpu: CpuTarget
+    fold: FoldReport
+    equalization: EqualizationReport | None
+    equalize_requested: str
+    kept_in_float: list[str]
+    fallback: list[FallbackStep]
+    fallback_budget: int
+    fidelity: FidelityReport
+    float_onnx_max_rel_err: float  # the float ONNX graph against the original Keras model, same data
+    equalization_max_rel_err: float | None  # the equalized Keras model against the folded one
+    size_bytes: dict  # {"float", "int8", "ratio"}
+    onnxruntime_version: str
+    latency_ms: dict = field(default_factory=dict)
+    timings_s: dict = field(default_factory=dict)
+    opset: int = onnx_options.DEFAULT_OPSET
+    op_counts: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.fidelity.passed
+
+    def to_dict(self) -> dict:
+        return {
+            "output": self.path,
+            "format": "QDQ",
+            "activation_type": "uint8",
+            "weight_type": "int8",
+            "per_channel": self.per_channel,
+            "reduce_range": self.reduce_range,
+            "target_cpu": self.target_cpu.to_dict(),
+            "calibration": self.calibration,
+            "evaluation": self.evaluation,
+            "equalize": self.equalize_requested,
+            "equalization": self.equalization.to_dict() if self.equalization else None,
+            "equalization_max_rel_err": self.equalization_max_rel_err,
+            "kept_in_float": self.kept_in_float,
+            "fallback": {"budget": self.fallback_budget, "steps": [vars(s) for s in self.fallback]},
+            "fidelity": self.fidelity.to_dict(),
+            "float_onnx_max_rel_err": self.float_onnx_max_rel_err,
+            "size_bytes": self.size_bytes,
+            "onnxruntime_version": self.onnxruntime_version,
+            "opset": self.opset,
+            "op_counts": self.op_counts,
+            "bn_folded": self.fold.bn_folded,
+            "bn_total": self.fold.bn_total,
+            "latency_ms": self.latency_ms,
+            "timings_s": self.timings_s,
+            "passed": self.passed,
+        }
+
+
+def _predict(model: keras.Model, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    per_batch = [keras_outputs(model, b) for b in array_batches(arrays, _EVAL_BATCH)]
+    return [np.concatenate([b[j] for b in per_batch]) for j in range(len(per_batch[0]))]
+
+
+def _run_file(path, arrays, names, model) -> tuple[list[np.ndarray], dict]:
+    feeds = [dict(zip(names, b)) for b in array_batches(arrays, _EVAL_BATCH)]
+    got, meta = run_onnxruntime(path, feeds, provider="cpu")
+    order = {n: i for i, n in enumerate(meta["output_names"])}
+    keras_names = output_names(model)
+    if set(order) != set(keras_names):
+        raise VerificationError(f"ONNX outputs {meta['output_names']} do not match the Keras outputs {keras_names}")
+    return [np.concatenate([b[order[n]] for b in got]) for n in keras_names], meta
+
+
+def _max_rel(reference, got) -> float:
+    worst = 0.0
+    for r, g in zip(reference, got):
+        top = float(np.max(np.abs(r))) or 1.0
+        worst = max(worst, float(np.max(np.abs(np.asarray(r, np.float64) - g))) / top)
+    return worst
+
+
+def _split_data(model, calibration, eval_data, labels):
+    calib = model_arrays(model, calibration, source="calibration data")
+    if eval_data is not None:
+        evaluation = model_arrays(model, eval_data, source="evaluation data")
+        source = "evaluation data"
+    else:
+        n = len(calib[0])
+        held = max(1, int(round(n * options.HOLDOUT_FRACTION)))
+        if n - held < 1:
+            raise InputDataError(f"calibration data holds {n} sample(s): at least 2 are needed to hold some out for "
+                                 "the evaluation (or give evaluation data)")
+        evaluation = [a[n - held:] for a in calib]
+        calib = [a[: n - held] for a in calib]
+        source = f"held out: the last {held} of {n} calibration samples (not calibrated on)"
+        if labels is not None and len(np.asarray(labels)) == n:
+            labels = np.asarray(labels)[n - held:]
+    return calib, evaluation, source, labels
+
+
+def export_int8(
+    model: keras.Model,
+    path: str | os.PathLike,
+    calibration,
+    *,
+    eval_data=None,
+    labels=None,
+    exclude: Sequence[str] = (),
+    opset: int = onnx_options.DEFAULT_OPSET,
+    batch_size: int | None = None,
+    per_channel: bool = True,
+    method: str = options.DEFAULT_METHOD,
+    target_cpu: str = "auto",
+    equalize: str = "auto",
+    relu6_to_relu: bool = False,
+    criteria: Criteria = Criteria(),
+    fallback_budget: int = options.FALLBACK_BUDGET,
+    calibration_batch_size: int = options.CALIBRATION_BATCH_SIZE,
+    benchmark: bool = False,
+) -> Int8Result:
+    """Quantize `model` to an INT8 ONNX file at `path` and measure it against the float model.
+
+    Args:
+        model: The float Keras model (TensorFlow backend). Never changed.
+        path: The .onnx file to write.
+        calibration: Real input samples: an array, a list in input order, or a dict by
+            input name (samples on axis 0).
+        eval_data: Held-out real samples, the same forms; None holds out the last
+            `options.HOLDOUT_FRACTION` of `calibration`.
+        labels: Integer class ids of the evaluation samples (of the calibration samples
+            when the evaluation is held out of them), for accuracy.
+        per_channel: One weight scale per output channel (else one per tensor).
+        method: Calibration method, one of `options.METHODS`.
+        target_cpu: The CPU the file is for ("auto": this one; see `quantization.cpu`).
+        equalize: "auto" (on with per-tensor weights), "on" or "off".
+        relu6_to_relu: Let equalization replace ReLU6 by ReLU (changes the function).
+        criteria: What the INT8 model must reach (`quantization.fidelity.Criteria`).
+        fallback_budget: Nodes the fallback may keep in float (0: no fallback).
+        benchmark: Also time the float and INT8 files on onnxruntime's CPU provider.
+
+    Raises:
+        InputDataError, ExportError, VerificationError, ValueError (an argument).
+    """
+    if method not in options.METHODS:
+        raise ValueError(f"method must be one of {options.METHODS}. Received: method={method!r}")
+    if equalize not in options.EQUALIZE_CHOICES:
+        raise ValueError(f"equalize must be one of {options.EQUALIZE_CHOICES}. Received: equalize={equalize!r}")
+    if fallback_budget < 0:
+        raise ValueError(f"fallback_budget must be >= 0. Received: fallback_budget={fallback_budget}")
+    target = cpu_target(target_cpu)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    calib, evaluation, eval_source, labels = _split_data(model, calibration, eval_data, labels)
+    reference = _predict(model, evaluation)
+    if labels is not None:
+        classes = next((int(r.shape[1]) for r in reference if is_classifier_output(r)), None)
+        labels = check_labels(labels, len(evaluation[0]), classes)
+    timings["reference"] = round(time.perf_counter() - start, 4)
+
+    start = time.perf_counter()
+    folded, fold_report = fold_batchnorms(model, exclude=exclude)
+    timings["fold"] = round(time.perf_counter() - start, 4)
+    names = [n for n, _, _ in input_specs(model)]
+    use_equalize = equalize == "on" or (equalize == "auto" and not per_channel)
+    first = [a[: min(64, len(a))] for a in evaluation]
+
+    def equalized():
+        eq, eq_report = equalize_model(folded, relu6_to_relu=relu6_to_relu)
+        base = equalize_model(folded, relu6_to_relu=True, scale=False)[0] if eq_report.relu6_replaced else folded
+        check = compare_models(base, eq, inputs=first)
+        if not check.passed:
+            raise VerificationError(f"cross-layer equalization changed the model's outputs by {check.max_rel_err:.3g} "
+                                    "relative (an exact transform should not): please report it")
+        return eq, eq_report, check.max_rel_err
+
+    with tempfile.TemporaryDirectory(prefix="keras_bn_ext_int8_") as work:
+        work = Path(work)
+        calib_npz, rank_npz = work / "calibration.npz", work / "rank.npz"
+        np.savez(calib_npz, **dict(zip(names, calib)))
+        np.savez(rank_npz, **{n: a[:_RANK_SAMPLES] for n, a in zip(names, evaluation)})
+        calibration_info = {"samples": int(len(calib[0])), "batch_size": calibration_batch_size,
+                            "batches": -(-len(calib[0]) // calibration_batch_size), "method": method}
+
+        def attempt(candidate, tag: str, excluded: Sequence[str], cache):
+            float_path, int8_path = work / f"{tag}.float.onnx", work / f"{tag}.int8.onnx"
+            if not float_path.exists():
+                export_onnx(candidate, float_path, fold=False, opset=opset, batch_size=batch_size)
+            meta = quantize_onnx(float_path, int8_path, calib_npz, names, per_channel=per_channel,
+                                 reduce_range=target.reduce_range, method=method, batch_size=calibration_batch_size,
+                                 nodes_to_exclude=excluded, cache=cache)
+            got, _ = _run_file(int8_path, evaluation, names, model)
+            fidelity = measure(reference, got, output_names(model), labels=labels, criteria=criteria)
+            return float_path, int8_path, got, fidelity, meta
+
+        start = time.perf_counter()
+        eq_report, eq_err, candidate = None, None, folded
+        if use_equalize:
+            candidate, eq_report, eq_err = equalized()
+        tag = "eq" if use_equalize else "plain"
+        float_path, int8_path, got, fidelity, meta = attempt(candidate, tag, [], work / f"{tag}.cache.json")
+        steps: list[FallbackStep] = []
+        excluded: list[str] = []
+        if not fidelity.passed and fallback_budget and not use_equalize:
+            eq, eq_rep, err = equalized()
+            if eq_rep.pairs:
+                tried = attempt(eq, "eq", [], work / "eq.cache.json")
+                steps.append(FallbackStep("equalize", None, None, None, tried[3].score(), tried[3].passed))
+                if tried[3].score() > fidelity.score():
+                    candidate, eq_report, eq_err, tag = eq, eq_rep, err, "eq"
+                    float_path, int8_path, got, fidelity, meta = tried
+        if not fidelity.passed and fallback_budget:
+            ranking = rank_nodes(float_path, int8_path, rank_npz, names, batch_size=_EVAL_BATCH, workdir=work)
+            best = (float_path, int8_path, got, fidelity, meta, list(excluded))
+            for entry in ranking[:fallback_budget]:
+                excluded.append(entry["node"])
+                tried = attempt(candidate, tag, excluded, work / f"{tag}.cache.json")
+                # Each attempt writes the same name: keep the best one's file aside.
+                kept = work / f"best.{len(excluded)}.int8.onnx"
+                shutil.copyfile(tried[1], kept)
+                steps.append(FallbackStep("keep_in_float", entry["node"], entry["op_type"], entry["added_db"],
+                                          tried[3].score(), tried[3].passed))
+                if tried[3].score() >= best[3].score():
+                    best = (tried[0], kept, tried[2], tried[3], tried[4], list(excluded))
+                if tried[3].passed:
+                    break
+            float_path, int8_path, got, fidelity, meta, excluded = best
+        timings["quantize"] = round(time.perf_counter() - start, 4)
+
+        start = time.perf_counter()
+        float_got, _ = _run_file(float_path, evaluation, names, model)
+        float_err = _max_rel(reference, float_got)
+        latency = {}
+        if benchmark:
+            feed = [dict(zip(names, [a[:8] for a in evaluation]))]
+            for label, file in (("float", float_path), ("int8", int8_path)):
+                _, m = run_onnxruntime(file, feed, provider="cpu", repeats=30)
+                latency[label] = m["latency_ms"]
+        with atomic_output(path) as tmp:
+            shutil.copyfile(int8_path, tmp)
+            # What is written is what was measured: the file run again from where it lies.
+            again, _ = _run_file(tmp, [a[:_EVAL_BATCH] for a in evaluation], names, model)
+            if any(not np.array_equal(a, g[:_EVAL_BATCH]) for a, g in zip(again, got)):
+                raise VerificationError(f"the written INT8 file {tmp} does not reproduce the measured outputs")
+        timings["verify"] = round(time.perf_counter() - start, 4)
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        op_counts = {}
+        for node in proto.graph.node:
+            op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
+        sizes = {"float": os.path.getsize(float_path), "int8": os.path.getsize(path)}
+        sizes["ratio"] = round(sizes["int8"] / sizes["float"], 4)
+    return Int8Result(
+        path=str(path), calibration=calibration_info,
+        evaluation={"samples": int(len(evaluation[0])), "source": eval_source, "labels": labels is not None},
+        per_channel=per_channel, reduce_range=target.reduce_range, target_cpu=target, fold=fold_report,
+        equalization=eq_report, equalize_requested=equalize, kept_in_float=excluded, fallback=steps,
+        fallback_budget=fallback_budget, fidelity=fidelity, float_onnx_max_rel_err=float_err,
+        equalization_max_rel_err=eq_err, size_bytes=sizes, onnxruntime_version=meta.get("version", ""),
+        latency_ms=latency, timings_s=timings, opset=opset, op_counts=dict(sorted(op_counts.items())),
+    )

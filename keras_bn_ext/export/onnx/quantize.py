@@ -1,0 +1,68 @@
+"""onnxruntime's static quantization of an ONNX file (QDQ, u8 activations, s8 weights), and
+the ranking of quantized nodes by the error they add, each run in a child process
+(`_quantize_worker`: onnxruntime and TensorFlow never share a process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from keras_bn_ext.errors import ExportError
+from keras_bn_ext.export.onnx import _quantize_worker
+
+__all__ = ["quantize_onnx", "rank_nodes"]
+
+
+def _run(request: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="keras_bn_ext_quant_") as tmp:
+        req, res = os.path.join(tmp, "request.json"), os.path.join(tmp, "response.json")
+        with open(req, "w", encoding="utf-8") as f:
+            json.dump(request, f)
+        proc = subprocess.run([sys.executable, _quantize_worker.__file__, req, res], capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ExportError(f"onnxruntime quantization ({request['action']}) failed on {request['model']}: "
+                              f"{last[:400]}")
+        with open(res, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def quantize_onnx(
+    float_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    calibration_npz: str | os.PathLike,
+    input_names: Sequence[str],
+    *,
+    per_channel: bool,
+    reduce_range: bool,
+    method: str,
+    batch_size: int,
+    nodes_to_exclude: Sequence[str] = (),
+    cache: str | os.PathLike | None = None,
+) -> dict:
+    """`onnxruntime.quantization.quantize_static` of `float_path` into `out_path`, calibrated
+    on the arrays of `calibration_npz` (keyed by input name), streamed `batch_size` at a
+    time. `cache`: a calibration-range cache file (written on the first run, read after)."""
+    return _run({
+        "action": "quantize", "model": str(Path(float_path).resolve()), "output": str(Path(out_path).resolve()),
+        "calibration": str(calibration_npz), "input_names": list(input_names), "batch_size": int(batch_size),
+        "per_channel": bool(per_channel), "reduce_range": bool(reduce_range), "method": method,
+        "nodes_to_exclude": list(nodes_to_exclude), "cache": str(cache) if cache else None,
+    })
+
+
+def rank_nodes(float_path, quantized_path, samples_npz, input_names: Sequence[str], *, batch_size: int,
+               workdir: str | os.PathLike) -> list[dict]:
+    """The float model's nodes, the one whose quantized output loses the most SQNR against
+    the float model beyond what its inputs already lost first (onnxruntime's
+    qdq_loss_debug activations on `samples_npz`)."""
+    return _run({
+        "action": "rank", "model": str(Path(float_path).resolve()), "quantized": str(Path(quantized_path).resolve()),
+        "samples": str(samples_npz), "input_names": list(input_names), "batch_size": int(batch_size),
+        "workdir": str(workdir),
+    })["ranking"]

@@ -1,0 +1,27 @@
+"""INT8 choices and defaults shared by the library and `bn-export-onnx --int8` (this module
+imports nothing heavy: the CLI prints these in --help)."""
+
+# onnxruntime's calibration methods (CalibrationMethod names). Measured on the trained nets of
+# tests/fixtures/int8 (BENCHMARKS.md section 8): Percentile was never worse than MinMax or
+# Entropy and best on the depthwise-separable net, so it is the default.
+METHODS = ("Percentile", "MinMax", "Entropy")
+DEFAULT_METHOD = "Percentile"
+# Samples per calibration batch (onnxruntime collects ranges batch by batch).
+CALIBRATION_BATCH_SIZE = 32
+# Without --eval, this share of the calibration samples (at least 1, the last ones) is held
+# out for the fidelity check instead of calibrating on it.
+HOLDOUT_FRACTION = 0.2
+
+# Pass criteria. A classifier output (rank 2, >= 2 classes) must agree with the float
+# model's top-1 class on this share of the samples; with labels, its accuracy may drop by
+# at most this many points; any other output needs this SQNR (20 dB: the noise power is 1%
+# of the signal's).
+MIN_TOP1_AGREEMENT = 0.98
+MAX_ACCURACY_DROP = 0.5  # percentage points
+MIN_SQNR_DB = 20.0
+# Accuracy-driven fallback: at most this many quantized nodes are kept in float.
+FALLBACK_BUDGET = 5
+
+# --equalize: auto = on with per-tensor weights (where one range must serve every channel),
+# off with per-channel; on / off force it.
+EQUALIZE_CHOICES = ("auto", "on", "off")
