@@ -4,7 +4,6 @@ the caller asks for ReLU."""
 
 import keras
 import numpy as np
-import pytest
 
 from keras_bn_ext import compare_models, fold_batchnorms
 from keras_bn_ext.quantization.equalize import equalize_model

@@ -110,7 +110,8 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-sqnr-db", type=float, default=q.MIN_SQNR_DB, metavar="DB",
                        help=f"other outputs: at least this SQNR (default: {q.MIN_SQNR_DB:g} dB)")
     group.add_argument("--fallback-budget", type=int, default=q.FALLBACK_BUDGET, metavar="N",
-                       help="when a criterion is missed, keep up to N quantized nodes in float, worst first "
+                       help="when a criterion is missed, keep up to N quantized segments (a conv and its "
+                            "fused activation) in float, worst first "
                             f"(default: {q.FALLBACK_BUDGET}; 0: no fallback)")
 
 
@@ -262,7 +263,7 @@ def _print_int8(r: dict) -> None:
                   f"{cal['method']} on {cal['samples']} samples ({cal['batches']} batches of {cal['batch_size']}); "
                   f"evaluated on {ev['samples']} samples ({ev['source']})")
     for s in r["fallback"]["steps"]:
-        what = "tried equalization" if s["action"] == "equalize" else             f"kept {s['op_type']} '{s['node']}' in float (it lost {s['added_db']:.1f} dB)"
+        what = "tried equalization" if s["action"] == "equalize" else             f"kept {'+'.join(s['op_types'])} '{s['nodes'][0]}' in float (it lost {s['added_db']:.1f} dB)"
         console.print(f"  fallback: {what}: {'passes' if s['passed'] else 'still short'}")
     table = Table(title=f"INT8 vs the float Keras model ({r['fidelity']['samples']} samples)")
     for column in ("output", "SQNR dB", "max rel err", "mean rel err", "top-1 agreement", "accuracy float -> INT8",
@@ -279,6 +280,7 @@ def _print_int8(r: dict) -> None:
     console.print(f"wrote {r['output']}: {size['int8']:,} bytes ({size['ratio']:.2f}x the float "
                   f"{size['float']:,}); float ONNX vs Keras on the same data {fmt(r['float_onnx_max_rel_err'])} "
                   "relative")
+    console.print(f"equalization: {'applied' if r['equalization'] else 'not applied'} (--equalize {r['equalize']})")
     if r["kept_in_float"]:
         console.print(f"kept in float: {', '.join(r['kept_in_float'])}")
     if r["latency_ms"]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import keras
-import numpy as np
 
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.folding import rules

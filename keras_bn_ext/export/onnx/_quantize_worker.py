@@ -11,8 +11,9 @@ see _ort_worker). REQUEST is a JSON file:
      "batch_size", "workdir"}
 
 RESPONSE (JSON): quantize -> {"quantized_nodes": [...], "version"}; rank -> {"ranking":
-[{"node", "op_type", "added_db", "sqnr_db"}], ...} with the nodes whose output loses the
-most SQNR against the float model (relative to their inputs' loss) first.
+[{"nodes", "op_types", "added_db", "sqnr_db"}]}: segments of the float graph between measured
+(quantized) tensors, the one whose output loses the most SQNR against the float model beyond
+what its inputs had lost first.
 """
 
 from __future__ import annotations
@@ -101,21 +102,39 @@ def rank(req: dict) -> dict:
         float_acts = debug.collect_activations(float_aug, _reader(req["samples"], names, bs))
         qdq_acts = debug.collect_activations(qdq_aug, _reader(req["samples"], names, bs))
         errors = debug.compute_activation_error(debug.create_activation_matching(qdq_acts, float_acts))
-    sqnr = {name: e.get("xmodel_err") for name, e in errors.items()}
+    sqnr = {name: e["xmodel_err"] for name, e in errors.items() if e.get("xmodel_err") is not None}
     model = onnx.load(req["model"], load_external_data=False)
-    inputs = {i.name for i in model.graph.input}
+    graph_inputs = {i.name for i in model.graph.input}
+    constants = {i.name for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
     ranking = []
     for node in model.graph.node:
-        outs = [sqnr[o] for o in node.output if sqnr.get(o) is not None]
-        if not outs:
+        measured = [sqnr[o] for o in node.output if o in sqnr]
+        if not measured:
             continue
-        ins = [math.inf if i in inputs else sqnr.get(i) for i in node.input]
-        ins = [v for v in ins if v is not None]
-        before = min(ins) if ins else math.inf
-        out = min(outs)
-        capped = min(before, 100.0)  # an exact input (a graph input) counts as 100 dB
-        ranking.append({"node": node.name, "op_type": node.op_type, "sqnr_db": round(float(out), 3),
-                        "added_db": round(float(capped - out), 3)})
+        # The segment: this node and the producers of its inputs that were not measured
+        # (a Conv whose output onnxruntime fuses with the Relu after it has no QDQ of its
+        # own), back to measured tensors or the graph inputs.
+        segment, boundary, stack, seen = [], [], [node], set()
+        while stack:
+            n = stack.pop()
+            if n.name in seen:
+                continue
+            seen.add(n.name)
+            segment.append(n)
+            for i in n.input:
+                if not i or i in constants:
+                    continue
+                if i in sqnr:
+                    boundary.append(sqnr[i])
+                elif i in graph_inputs:
+                    boundary.append(math.inf)
+                elif i in producer:
+                    stack.append(producer[i])
+        before = min(min(boundary, default=math.inf), 100.0)  # an exact input counts as 100 dB
+        out = min(measured)
+        ranking.append({"nodes": [n.name for n in reversed(segment)], "op_types": [n.op_type for n in reversed(segment)],
+                        "sqnr_db": round(float(out), 3), "added_db": round(float(before - out), 3)})
     ranking.sort(key=lambda r: -r["added_db"])
     return {"ranking": ranking}
 

@@ -11,7 +11,9 @@
    the file is for (`quantization.cpu`).
 4. The INT8 file runs on onnxruntime's CPU provider over the evaluation data and is
    compared with the *original* float Keras model (`quantization.fidelity`).
-5. When a criterion is missed: equalization is tried if it was off, then the quantized
+   With equalize="auto" and per-tensor weights, the file without equalization is made
+   too and the better one kept (equalization is exact in float, not in INT8).
+5. When a criterion is missed: equalization is tried if "auto" left it off, then the quantized
    nodes are ranked by the SQNR they lose beyond their inputs and the worst kept in float
    one by one (`nodes_to_exclude`) until the criteria pass or the budget is spent.
 6. The file is written through a temporary name, run once more from there (its outputs
@@ -54,9 +56,9 @@ _RANK_SAMPLES = 256  # evaluation samples the fallback ranks nodes on
 
 @dataclass
 class FallbackStep:
-    action: str  # "equalize" | "keep_in_float"
-    node: str | None
-    op_type: str | None
+    action: str  # "equalize" | "without_equalization" | "keep_in_float"
+    nodes: list[str] | None  # keep_in_float: the ONNX nodes of one segment (a Conv and its fused Relu)
+    op_types: list[str] | None
     added_db: float | None  # SQNR its quantization lost beyond its inputs (the ranking)
     score: float  # FidelityReport.score() after the step
     passed: bool
@@ -199,7 +201,8 @@ def export_int8(
         equalize: "auto" (on with per-tensor weights), "on" or "off".
         relu6_to_relu: Let equalization replace ReLU6 by ReLU (changes the function).
         criteria: What the INT8 model must reach (`quantization.fidelity.Criteria`).
-        fallback_budget: Nodes the fallback may keep in float (0: no fallback).
+        fallback_budget: Segments of nodes (a Conv and its fused activation) the fallback may
+            keep in float, worst first (0: no fallback).
         benchmark: Also time the float and INT8 files on onnxruntime's CPU provider.
 
     Raises:
@@ -263,8 +266,16 @@ def export_int8(
         tag = "eq" if use_equalize else "plain"
         float_path, int8_path, got, fidelity, meta = attempt(candidate, tag, [], work / f"{tag}.cache.json")
         steps: list[FallbackStep] = []
+        if use_equalize and equalize == "auto":
+            # Equalization is exact in float but moves rounding in INT8: on a net whose
+            # ranges were even already it can cost a sample or two. "auto" keeps the better.
+            tried = attempt(folded, "plain", [], work / "plain.cache.json")
+            steps.append(FallbackStep("without_equalization", None, None, None, tried[3].score(), tried[3].passed))
+            if tried[3].score() > fidelity.score():
+                candidate, eq_report, eq_err, tag = folded, None, None, "plain"
+                float_path, int8_path, got, fidelity, meta = tried
         excluded: list[str] = []
-        if not fidelity.passed and fallback_budget and not use_equalize:
+        if not fidelity.passed and fallback_budget and equalize == "auto" and not use_equalize:
             eq, eq_rep, err = equalized()
             if eq_rep.pairs:
                 tried = attempt(eq, "eq", [], work / "eq.cache.json")
@@ -276,12 +287,12 @@ def export_int8(
             ranking = rank_nodes(float_path, int8_path, rank_npz, names, batch_size=_EVAL_BATCH, workdir=work)
             best = (float_path, int8_path, got, fidelity, meta, list(excluded))
             for entry in ranking[:fallback_budget]:
-                excluded.append(entry["node"])
+                excluded.extend(entry["nodes"])
                 tried = attempt(candidate, tag, excluded, work / f"{tag}.cache.json")
                 # Each attempt writes the same name: keep the best one's file aside.
                 kept = work / f"best.{len(excluded)}.int8.onnx"
                 shutil.copyfile(tried[1], kept)
-                steps.append(FallbackStep("keep_in_float", entry["node"], entry["op_type"], entry["added_db"],
+                steps.append(FallbackStep("keep_in_float", entry["nodes"], entry["op_types"], entry["added_db"],
                                           tried[3].score(), tried[3].passed))
                 if tried[3].score() >= best[3].score():
                     best = (tried[0], kept, tried[2], tried[3], tried[4], list(excluded))

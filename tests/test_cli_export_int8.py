@@ -1,0 +1,114 @@
+"""bn-export-onnx --int8 end to end on a trained .keras fixture and real digits: the JSON
+report, exit 1 (file kept) when a criterion is missed, and bad data refused in one line
+with nothing written."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from keras_bn_ext.cli import export_onnx as cli
+from tests.helpers import INT8_FIXTURES, mnist_digits
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("int8")
+    model = tmp / "lenet.keras"
+    shutil.copyfile(os.path.join(INT8_FIXTURES, "lenet_bn.keras"), model)
+    (x_train, y_train), (x_test, y_test) = mnist_digits()
+    np.savez(tmp / "calib.npz", image=x_train[:256])
+    np.savez(tmp / "eval.npz", image=x_test[:1000], labels=y_test[:1000])
+    return tmp, str(model)
+
+
+def test_json_report(files, capsys):
+    tmp, model = files
+    out = tmp / "out.int8.onnx"
+    code = cli.main([model, "--int8", str(tmp / "calib.npz"), "--eval", str(tmp / "eval.npz"), "-o", str(out),
+                     "--json", "--force", "--benchmark"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["passed"] and out.exists()
+    r = report["int8"]
+    assert r["format"] == "QDQ" and r["per_channel"] and r["calibration"]["samples"] == 256
+    assert r["calibration"]["method"] == "Percentile" and r["evaluation"]["labels"]
+    assert r["reduce_range"] == r["target_cpu"]["reduce_range"] and r["target_cpu"]["reason"]
+    o = r["fidelity"]["outputs"][0]
+    assert o["accuracy_drop_pt"] <= 0.5 and o["top1_agreement"] >= 0.98 and o["sqnr_db"] > 20
+    assert r["size_bytes"]["int8"] < r["size_bytes"]["float"]
+    assert set(r["latency_ms"]) == {"float", "int8"}
+    assert r["bn_folded"] == r["bn_total"] == 4
+
+
+def test_missed_criterion_is_exit_1_and_the_file_is_kept(files, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # rich wraps at the terminal's width
+    tmp, model = files
+    out = tmp / "strict.onnx"
+    code = cli.main([model, "--int8", str(tmp / "calib.npz"), "--eval", str(tmp / "eval.npz"), "-o", str(out),
+                     "--min-top1-agreement", "1.0", "--max-accuracy-drop", "0", "--min-sqnr-db", "200",
+                     "--fallback-budget", "1", "--target-cpu", "vnni"])
+    text = capsys.readouterr().out
+    assert code == 1 and out.exists()
+    assert "kept for inspection" in text and "target CPU vnni (given)" in text
+
+
+def _bad(tmp, name, **arrays):
+    path = tmp / name
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "shape", "dtype", "empty", "nan", "labels_length", "labels_float",
+                                  "pickled", "absent", "not_npz"])
+def test_bad_data_is_one_line_and_nothing_written(files, capsys, case):
+    tmp, model = files
+    x = mnist_digits()[0][0][:64]
+    calib, evaluation = str(tmp / "calib.npz"), None
+    if case == "missing":
+        calib = _bad(tmp, "c.npz", pixels=x)
+    elif case == "shape":
+        calib = _bad(tmp, "c.npz", image=x[:, :20])
+    elif case == "dtype":
+        calib = _bad(tmp, "c.npz", image=(x * 255).astype("int32"))
+    elif case == "empty":
+        calib = _bad(tmp, "c.npz", image=x[:0])
+    elif case == "nan":
+        bad = x.copy()
+        bad[3, 4, 5, 0] = np.nan
+        calib = _bad(tmp, "c.npz", image=bad)
+    elif case == "labels_length":
+        evaluation = _bad(tmp, "e.npz", image=x, labels=np.zeros(10, "int64"))
+    elif case == "labels_float":
+        evaluation = _bad(tmp, "e.npz", image=x, labels=np.full(64, 0.5))
+    elif case == "pickled":
+        calib = str(tmp / "c.npz")
+        np.savez(calib, image=np.array([x, "x"], dtype=object))
+    elif case == "absent":
+        calib = str(tmp / "nothing.npz")
+    elif case == "not_npz":
+        calib = str(tmp / "c.npz")
+        open(calib, "w").write("not an archive")
+    out = tmp / f"{case}.onnx"
+    argv = [model, "--int8", calib, "-o", str(out)] + (["--eval", evaluation] if evaluation else [])
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("bn-export-onnx: error: "), err
+    assert "unexpected" not in err[0]
+    assert not out.exists() and not [p for p in os.listdir(tmp) if p.startswith(f".{case}.onnx")]
+
+
+@pytest.mark.parametrize("flags", [["--fp16"], ["--no-fold"], ["--require-gpu"]])
+def test_int8_refuses_float_only_flags(files, capsys, flags):
+    tmp, model = files
+    with pytest.raises(SystemExit) as exc:
+        cli.main([model, "--int8", str(tmp / "calib.npz"), *flags])
+    assert exc.value.code == 2 and "--int8 cannot be combined" in capsys.readouterr().err
+
+
+def test_eval_without_int8_is_a_usage_error(files, capsys):
+    tmp, model = files
+    with pytest.raises(SystemExit):
+        cli.main([model, "--eval", str(tmp / "eval.npz")])
+    assert "--eval needs --int8" in capsys.readouterr().err
