@@ -15,6 +15,11 @@ from tests.helpers import REPO
 LAYER_TESTS = ["tests/test_batch_normalization.py", "tests/test_serialization.py",
                "tests/test_ghost_batch_normalization.py", "tests/test_recalibration.py",
                "tests/test_keras_batch_normalization_port.py"]
+# CI time: recalibration and serialization are Keras-level code above the layer; JAX
+# reruns them, PyTorch reruns the layer's own suites.
+BACKEND_TESTS = {"jax": LAYER_TESTS,
+                 "torch": [t for t in LAYER_TESTS if t not in ("tests/test_recalibration.py",
+                                                                "tests/test_serialization.py")]}
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="already on another backend")
@@ -24,7 +29,7 @@ def test_layer_tests_pass_under_other_backends(backend):
         pytest.skip(f"{backend} not installed (the test extra brings it on Linux x86_64, Python 3.11)")
     env = dict(os.environ, KERAS_BACKEND=backend)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *LAYER_TESTS],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *BACKEND_TESTS[backend]],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

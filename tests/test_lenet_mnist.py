@@ -27,7 +27,8 @@ def _demo(tmp_path, *args):
 
 def test_one_epoch_end_to_end_offline(tmp_path):
     out, report = _demo(tmp_path, "--epochs", "1", "--no-download")
-    for name in ("lenet_bn.keras", "lenet_bn.folded.keras", "lenet_bn.onnx", "history.png", "report.json"):
+    for name in ("lenet_bn.keras", "lenet_bn.folded.keras", "lenet_bn.onnx", "lenet_bn.int8.onnx", "history.png",
+                 "report.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "shipped MNIST sample" in report["data"]["source"]
     assert report["data"]["train_images"] == 8000 and report["data"]["test_images"] == 2000
@@ -41,6 +42,8 @@ def test_one_epoch_end_to_end_offline(tmp_path):
     assert recal["bn_recalibrated"] == 4 and f"{recal['test_accuracy']:.4f}" in out
     assert report["onnx"]["verification"]["passed"]
     assert report["onnx"]["verification"]["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    int8 = report["int8"]["fidelity"]["outputs"][0]  # one epoch: the criterion still holds
+    assert report["int8"]["passed"] and f"{int8['accuracy_quantized']:.4f}" in out
     assert set(report["latency_ms"]) == {"1", "8"}
     assert set(report["latency_ms"]["8"]) == {"keras_original", "keras_folded", "onnxruntime_cpu"}
 

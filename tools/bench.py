@@ -17,6 +17,9 @@ Sections:
 7. BN recalibration: both modes on ResNet50 224x224 over 512 real images (MNIST digits
    resized to RGB), beside one compiled and one eager forward pass over the same images;
    and exact vs running on a trained ReLU LeNet whose moving statistics lag.
+8. INT8: accuracy of quantization variants on the trained fixtures (tests/fixtures/int8)
+   over the 2,000 test digits; size and onnxruntime CPU latency float vs INT8 on
+   MobileNetV2 and ResNet50 224 at batch 8, interleaved.
 """
 
 from __future__ import annotations
@@ -223,6 +226,93 @@ def bench_pad_guard(quick: bool, repeats: int, threads: int) -> dict:
         "aa_guarded_again_over_guarded": t["guarded_again"].median_ms / t["guarded"].median_ms,
         "max_rel_err": errors,
     }
+
+
+# -- 8. INT8 ---------------------------------------------------------------------------
+
+_INTERLEAVE = r"""
+import json, sys, time, random, numpy as np, onnxruntime as ort
+req = json.loads(sys.argv[1])
+opts = ort.SessionOptions(); opts.intra_op_num_threads = req["threads"]
+sessions = {k: ort.InferenceSession(p, opts, providers=["CPUExecutionProvider"]) for k, p in req["models"].items()}
+x = np.load(req["input"])["x"]
+name = next(iter(sessions.values())).get_inputs()[0].name
+times = {k: [] for k in sessions}
+for k, s in sessions.items():
+    for _ in range(3): s.run(None, {name: x})
+for _ in range(req["repeats"]):
+    order = list(sessions); random.shuffle(order)
+    for k in order:
+        t = time.perf_counter(); sessions[k].run(None, {name: x}); times[k].append((time.perf_counter() - t) * 1e3)
+print(json.dumps({k: {"median_ms": float(np.median(v)), "min_ms": float(min(v)), "max_ms": float(max(v))}
+                  for k, v in times.items()}))
+"""
+
+
+def bench_int8(quick: bool, repeats: int, threads: int) -> dict:
+    """Accuracy of INT8 variants on the trained fixtures (2,000 test digits), and size and
+    onnxruntime CPU latency float vs INT8 on MobileNetV2 / ResNet50 (interleaved)."""
+    from keras_bn_ext.export.onnx.int8 import export_int8
+    from keras_bn_ext.quantization.cpu import detect_cpu
+    from keras_bn_ext.quantization.fidelity import Criteria
+
+    with np.load(REPO / "tools" / "data" / "mnist-10k.npz") as d:
+        x_train = d["x_train"][:512, ..., None].astype("float32") / 255.0
+        x_test, y_test = d["x_test"][..., None].astype("float32") / 255.0, d["y_test"]
+    nets = ("dwsep",) if quick else ("lenet_bn", "relu_lenet", "dwsep", "wide_range")
+    here = detect_cpu()
+    variants = {  # label -> export_int8 arguments
+        "onnxruntime's default (per-channel, 8-bit weights)": dict(target_cpu="vnni", method="MinMax"),
+        "per-channel MinMax, CPU-aware": dict(method="MinMax"),
+        "per-channel Entropy, CPU-aware": dict(method="Entropy"),
+        "per-channel Percentile, CPU-aware (default)": dict(),
+        "per-tensor, no CLE": dict(per_channel=False, equalize="off"),
+        "per-tensor with CLE": dict(per_channel=False, equalize="on"),
+    }
+    if quick:  # CI runs --quick: the default and per-tensor with CLE only
+        variants = {k: v for k, v in variants.items() if "default)" in k or "with CLE" in k}
+    accuracy = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for net in nets:
+            model = keras.saving.load_model(REPO / "tests" / "fixtures" / "int8" / f"{net}.keras")
+            row = {}
+            for label, kwargs in variants.items():
+                r = export_int8(model, Path(tmp) / f"{net}.onnx", [x_train], eval_data=[x_test], labels=y_test,
+                                fallback_budget=0, criteria=Criteria(), **kwargs)
+                o = r.fidelity.outputs[0]
+                row["float"] = o.accuracy_float
+                row[label] = o.accuracy_quantized
+            accuracy[net] = row
+            print(f"   {net}: {row}", flush=True)
+        speed = {}
+        sizes = [("MobileNetV2", 32)] if quick else [("MobileNetV2", 224), ("ResNet50", 224)]
+        for name, size in sizes:
+            keras.utils.set_random_seed(0)
+            model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
+            randomize_batchnorms(model, seed=0)
+            images, _ = _digits(64, size)
+            images = images / 127.5  # in [-1, 1]
+            out = Path(tmp) / f"{name}.int8.onnx"
+            r = export_int8(model, out, [images[:48]], eval_data=[images[48:]], fallback_budget=0,
+                            criteria=Criteria(min_top1_agreement=None, max_accuracy_drop=None, min_sqnr_db=None))
+            float_path = Path(tmp) / f"{name}.float.onnx"
+            export_onnx(model, float_path)
+            np.savez(Path(tmp) / "x.npz", x=images[:8])
+            req = {"models": {"float": str(float_path), "int8": str(out)}, "input": str(Path(tmp) / "x.npz"),
+                   "threads": threads, "repeats": repeats}
+            proc = subprocess.run([sys.executable, "-c", _INTERLEAVE, json.dumps(req)], capture_output=True,
+                                  text=True, check=True)
+            t = json.loads(proc.stdout.strip().splitlines()[-1])
+            speed[f"{name} {size}"] = {
+                "float_mb": os.path.getsize(float_path) / 1e6, "int8_mb": os.path.getsize(out) / 1e6,
+                "size_ratio": os.path.getsize(out) / os.path.getsize(float_path),
+                "float_ms": t["float"], "int8_ms": t["int8"],
+                "latency_ratio": t["int8"]["median_ms"] / t["float"]["median_ms"],
+                "sqnr_db": r.fidelity.outputs[0].sqnr_db,
+            }
+            print(f"   {name}: {speed[f'{name} {size}']}", flush=True)
+    return {"date": datetime.date.today().isoformat(), "cpu": here.to_dict(), "accuracy": accuracy,
+            "variants": list(variants), "speed": speed, "batch": 8, "threads": threads}
 
 
 # -- 7. recalibration ------------------------------------------------------------------
@@ -543,6 +633,35 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{le['max_rel_variance_diff']:.2g} |",
             "",
         ]
+    q = result.get("int8")
+    if q:
+        lines += [
+            f"## 8. INT8 (onnxruntime QDQ u8/s8; this CPU: {q['cpu']['name']}, reduce_range "
+            f"{q['cpu']['reduce_range']}; measured {q['date']})",
+            "",
+            "Test accuracy on the 2,000 test digits, calibrated on 512 training digits (trained fixtures of "
+            "`tools/make_int8_fixtures.py`; no fallback, so each column is the method itself):",
+            "",
+            "| net | float | " + " | ".join(q["variants"]) + " |",
+            "|---|---|" + "---|" * len(q["variants"]),
+        ]
+        for net, row in q["accuracy"].items():
+            lines.append(f"| {net} | {row['float']:.4f} | "
+                         + " | ".join(f"{row[v]:.4f} ({100 * (row[v] - row['float']):+.2f})" for v in q["variants"])
+                         + " |")
+        lines += [
+            "",
+            f"Size and onnxruntime CPU latency at batch {q['batch']}, {q['threads']} threads, float and INT8 "
+            "interleaved in one process (random weights: latency and size only, no accuracy claimed):",
+            "",
+            "| model | float MB | INT8 MB | INT8/float size | float ms | INT8 ms | INT8/float latency |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, sp in q["speed"].items():
+            lines.append(f"| {name} | {sp['float_mb']:.1f} | {sp['int8_mb']:.1f} | {sp['size_ratio']:.2f} | "
+                         f"{sp['float_ms']['median_ms']:.1f} | {sp['int8_ms']['median_ms']:.1f} | "
+                         f"{sp['latency_ratio']:.2f} |")
+        lines.append("")
     path.write_text("\n".join(lines))
 
 
@@ -560,6 +679,8 @@ def main(argv=None) -> int:
                         help="measure section 1 (every backend) only and update it in bench.json/BENCHMARKS.md")
     parser.add_argument("--only-recalibration", action="store_true",
                         help="measure section 7 only and update it in bench.json/BENCHMARKS.md")
+    parser.add_argument("--only-int8", action="store_true",
+                        help="measure section 8 only and update it in bench.json/BENCHMARKS.md")
     args = parser.parse_args(argv)
     repeats = args.repeats or (10 if args.quick else 50)
     if args.only_train:
@@ -579,6 +700,13 @@ def main(argv=None) -> int:
     if args.only_recalibration:
         result = json.loads((out / "bench.json").read_text())
         result["recalibration"] = bench_recalibration(args.quick)
+        (out / "bench.json").write_text(json.dumps(result, indent=2))
+        write_markdown(result, out / "BENCHMARKS.md")
+        print((out / "BENCHMARKS.md").read_text())
+        return 0
+    if args.only_int8:
+        result = json.loads((out / "bench.json").read_text())
+        result["int8"] = bench_int8(args.quick, repeats, os.cpu_count() or 1)
         (out / "bench.json").write_text(json.dumps(result, indent=2))
         write_markdown(result, out / "BENCHMARKS.md")
         print((out / "BENCHMARKS.md").read_text())
@@ -614,6 +742,8 @@ def main(argv=None) -> int:
     pad_guard = bench_pad_guard(args.quick, repeats, threads)
     print("7. recalibration ...", flush=True)
     recalibration = bench_recalibration(args.quick)
+    print("8. INT8 ...", flush=True)
+    int8 = bench_int8(args.quick, repeats, threads)
     import onnxruntime
     import tensorflow as tf
     import tf2onnx
@@ -635,6 +765,7 @@ def main(argv=None) -> int:
         "startup": startup,
         "pad_guard": pad_guard,
         "recalibration": recalibration,
+        "int8": int8,
         "seconds": time.perf_counter() - started,
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))

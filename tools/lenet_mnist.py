@@ -10,7 +10,8 @@
    re-estimates the keras.layers run's lagging moving statistics (Keras's momentum 0.99)
    with recalibrate_batchnorms on 2,000 training digits (what bn-recalibrate does).
 4. Saves lenet_bn.keras (custom BN), folds it (lenet_bn.folded.keras), exports and
-   verifies lenet_bn.onnx, all through the library API, and compares latencies.
+   verifies lenet_bn.onnx, quantizes it to lenet_bn.int8.onnx (calibrated on 512 training
+   digits, accuracy on the test digits), all through the library API, and compares latencies.
 5. Writes history.png and report.json in --out (default runs/lenet_mnist/).
 """
 
@@ -41,6 +42,7 @@ from keras_bn_ext.lenet import lenet_bn  # noqa: E402
 from keras_bn_ext.folding.save import fold_to_file  # noqa: E402
 from keras_bn_ext.model_io import save_model_atomic  # noqa: E402
 from keras_bn_ext.recalibration import recalibrate_batchnorms  # noqa: E402
+from keras_bn_ext.export.onnx.int8 import export_int8  # noqa: E402
 from keras_bn_ext.export.onnx.verify import run_onnxruntime  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(recal.batchnorms)} BN, {recal.levels} levels, {recal.seconds:.2f} s)")
 
     model = models["keras_bn_ext"]
-    paths = {k: out / f"lenet_bn{k}" for k in (".keras", ".folded.keras", ".onnx")}
+    paths = {k: out / f"lenet_bn{k}" for k in (".keras", ".folded.keras", ".onnx", ".int8.onnx")}
     save_model_atomic(model, paths[".keras"])
     # What bn-fold runs: fold, verify, save, reload, verify the file, rename. The demo then
     # uses the file as a user would, and checks it on real digits.
@@ -208,6 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  on 512 test digits: max abs err {onnx_check.comparison.max_abs_err:.3g}, max rel err "
           f"{onnx_check.comparison.max_rel_err:.3g}: {'passed' if onnx_check.passed else 'FAILED'}")
 
+    # INT8, as bn-export-onnx --int8 does: calibrated on 512 training digits, measured
+    # against the float Keras model on every test digit (labels: accuracy).
+    int8 = export_int8(model, paths[".int8.onnx"], [x_train[:512]], eval_data=[x_test], labels=y_test,
+                       benchmark=True)
+    i8 = int8.to_dict()
+    o8 = i8["fidelity"]["outputs"][0]
+    print(f"\n== bn-export-onnx --int8 ({paths['.int8.onnx']}) ==")
+    print(f"  QDQ u8/s8 per-channel, {i8['calibration']['method']} calibration on 512 training digits; "
+          f"target CPU {i8['target_cpu']['name']}: reduce_range={i8['reduce_range']}")
+    print(f"  test accuracy float {o8['accuracy_float']:.4f} -> INT8 {o8['accuracy_quantized']:.4f} "
+          f"({-o8['accuracy_drop_pt']:+.2f} pt), top-1 agreement {o8['top1_agreement']:.4f}, "
+          f"SQNR {o8['sqnr_db']:.1f} dB: {'passed' if int8.passed else 'FAILED'}")
+    lat8 = i8["latency_ms"]
+    print(f"  size {i8['size_bytes']['float']:,} -> {i8['size_bytes']['int8']:,} bytes "
+          f"({i8['size_bytes']['ratio']:.2f}x); onnxruntime CPU batch 8: float {lat8['float']['8']:.3f} ms, "
+          f"INT8 {lat8['int8']['8']:.3f} ms")
+
     print("\n== latency, median ms (Keras tf.function interleaved; onnxruntime CPU) ==")
     lat = latency(model, folded, paths[".onnx"], x_test, repeats=args.repeats)
     print(f"  {'batch':>5} {'original':>10} {'folded':>10} {'onnxruntime':>12} {'orig/folded':>12}")
@@ -226,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "fold": {**fold_report.to_dict(), "verification": fold_check.to_dict()},
         "onnx": {**export.to_dict(), "exported_from": str(paths[".folded.keras"]),
                  "verification": onnx_check.to_dict()},
+        "int8": i8,
         "latency_ms": lat,
         "artifacts": {k.lstrip("."): str(v) for k, v in paths.items()} | {"plot": str(out / "history.png")},
         "versions": {"keras": keras.__version__, "keras_bn_ext": keras_bn_ext.__version__,
@@ -233,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out / 'history.png'} and {out / 'report.json'}")
-    return 0 if fold_check.passed and onnx_check.passed else 1
+    return 0 if fold_check.passed and onnx_check.passed and int8.passed else 1
 
 
 if __name__ == "__main__":
