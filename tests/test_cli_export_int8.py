@@ -52,6 +52,9 @@ def test_missed_criterion_is_exit_1_and_the_file_is_kept(files, capsys, monkeypa
     text = capsys.readouterr().out
     assert code == 1 and out.exists()
     assert "kept for inspection" in text and "target CPU vnni (given)" in text
+    from keras_bn_ext.quantization.cpu import detect_cpu
+    if detect_cpu().name != "vnni":
+        assert "not on the vnni target" in text
 
 
 def _bad(tmp, name, **arrays):

@@ -259,6 +259,9 @@ def _print_int8(r: dict) -> None:
     cpu, cal, ev = r["target_cpu"], r["calibration"], r["evaluation"]
     console.print(f"target CPU {cpu['name']} ({'this machine' if cpu['detected'] else 'given'}): "
                   f"reduce_range={r['reduce_range']}: {cpu['reason']}")
+    if r["measured_on_cpu"] != cpu["name"]:
+        console.print(f"  [yellow]measured on this {r['measured_on_cpu']} CPU, not on the {cpu['name']} target: "
+                      "its int8 kernels may give other numbers there[/yellow]")
     console.print(f"QDQ u8/s8, {'per-channel' if r['per_channel'] else 'per-tensor'} weights; calibrated with "
                   f"{cal['method']} on {cal['samples']} samples ({cal['batches']} batches of {cal['batch_size']}); "
                   f"evaluated on {ev['samples']} samples ({ev['source']})")

@@ -44,7 +44,7 @@ from keras_bn_ext.export.onnx.verify import run_onnxruntime
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.model_io import atomic_output
 from keras_bn_ext.quantization import options
-from keras_bn_ext.quantization.cpu import CpuTarget, cpu_target
+from keras_bn_ext.quantization.cpu import CpuTarget, cpu_target, detect_cpu
 from keras_bn_ext.quantization.equalize import EqualizationReport, equalize_model
 from keras_bn_ext.quantization.fidelity import Criteria, FidelityReport, check_labels, is_classifier_output, measure
 
@@ -101,6 +101,9 @@ class Int8Result:
             "per_channel": self.per_channel,
             "reduce_range": self.reduce_range,
             "target_cpu": self.target_cpu.to_dict(),
+            # The fidelity was measured on this machine's onnxruntime: where its CPU is not the
+            # target (e.g. 8-bit weights for VNNI measured on AVX2), the numbers may differ there.
+            "measured_on_cpu": detect_cpu().name,
             "calibration": self.calibration,
             "evaluation": self.evaluation,
             "equalize": self.equalize_requested,
