@@ -13,6 +13,7 @@ __all__ = [
     "ExportError",
     "VerificationError",
     "GPUUnavailableError",
+    "BackendError",
 ]
 
 
@@ -52,3 +53,21 @@ class VerificationError(KerasBnExtError):
 
 class GPUUnavailableError(KerasBnExtError):
     """A GPU run was required (require_gpu=True) but onnxruntime ran on the CPU."""
+
+
+class BackendError(KerasBnExtError):
+    """The work needs Keras's TensorFlow backend (conversion goes through TensorFlow) but
+    Keras runs on another one in this process."""
+
+
+def require_tensorflow_backend(what: str) -> None:
+    """Raise BackendError, naming the fix, unless Keras runs on TensorFlow."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise BackendError(
+            f"{what} needs Keras's TensorFlow backend, but Keras runs on '{backend}' in this process: set "
+            "KERAS_BACKEND=tensorflow before Keras is first imported (a .keras file loads on any backend), or "
+            "use the command-line tools, which always run on TensorFlow"
+        )

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -16,7 +20,9 @@ EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_USAGE = 2
 
-EXIT_CODES_HELP = "exit codes: 0 done and verified, 1 verification failed, 2 bad input or usage"
+EXIT_CODES_HELP = ("exit codes: 0 done and verified, 1 verification failed, 2 bad input or usage, 130/143 "
+                   "interrupted/terminated (temporary files removed). Runs on Keras's TensorFlow backend whatever "
+                   "KERAS_BACKEND or ~/.keras/keras.json say (a .keras file is backend-independent).")
 
 
 def positive_int(text: str) -> int:
@@ -124,22 +130,99 @@ def load_input_model(args, output, *, other_inputs: Sequence[str] = ()):
     return load_model(args.model, safe_mode=not args.unsafe)
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process killed by SIGTERM
+
+# OS errors that are the machine's state, not a bug: one plain line.
+_OS_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+              errno.EROFS: "read-only file system"}
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt for SIGINT, so every
+    `finally` (temporary files, child processes) runs before the process exits."""
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """While the block runs, SIGTERM raises `Terminated` instead of killing the process
+    outright (which would leave temporary files behind). A second SIGTERM while the first
+    is being handled raises again."""
+    def handler(signum, frame):
+        f = frame
+        while f is not None:
+            if f.f_code.co_filename.startswith("<frozen importlib"):
+                # Inside an import: an exception raised while an extension module
+                # initializes leaves it half-made (seen: SIGSEGV in onnx's import). Ask
+                # again once the import is done.
+                threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+                return
+            f = f.f_back
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _os_error_line(exc: OSError) -> str | None:
+    what = _OS_ERRORS.get(exc.errno)
+    if what is None:
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return f"{what}{where} ({exc.strerror or exc}); nothing was written"
+
+
+def use_tensorflow_backend() -> None:
+    """The tools run on TensorFlow whatever the user's Keras backend setting: KERAS_BACKEND
+    beats keras.json, and is read when Keras is first imported (not yet, in a fresh CLI
+    process: building the parser imports nothing heavy). Called in-process after Keras was
+    imported on another backend, the library's BackendError says so."""
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = "tensorflow"
+        return
+    from keras_bn_ext.errors import require_tensorflow_backend
+
+    require_tensorflow_backend("this tool")
+
+
 def run(prog: str, work: Callable[[], int], *, debug: bool) -> int:
-    """Run `work`, turning the library's typed errors into one stderr line and exit 2."""
+    """Run `work`, turning the library's typed errors (and a full disk, a permission
+    error) into one stderr line and exit 2; SIGTERM and Ctrl-C clean up and exit 143/130."""
     error = None
     try:
-        with captured_native_stderr(not debug):
+        use_tensorflow_backend()
+        with terminate_as_interrupt(), captured_native_stderr(not debug):
             return work()
+    except Terminated:
+        # Every `finally` has run (temporary files removed, child processes killed). Exit
+        # now, without the interpreter's teardown: TensorFlow's threads, stopped mid-work,
+        # can crash it (seen as SIGSEGV after a clean-up that had succeeded).
+        print(f"{prog}: terminated (SIGTERM); temporary files removed, nothing written", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_TERMINATED)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; temporary files removed, nothing written", file=sys.stderr)
+        return 130
     except KerasBnExtError as exc:
         error = str(exc)
         if debug:
             traceback.print_exc()
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
-        error = f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        error = _os_error_line(exc) if isinstance(exc, OSError) else None
         if debug:
             traceback.print_exc()
-        else:
-            error += " (run with --debug for the traceback)"
+        if error is None:
+            error = f"unexpected {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if not debug:
+                error += " (run with --debug for the traceback)"
     print(f"{prog}: error: {error}", file=sys.stderr)
     return EXIT_USAGE
 

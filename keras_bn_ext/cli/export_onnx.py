@@ -84,7 +84,7 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval", metavar="EVAL.npz", dest="eval_data",
                        help="held-out real samples to measure the INT8 model on (keyed by input name; an "
                             "optional 'labels' array of integer class ids adds accuracy). Default: the last "
-                            f"{q.HOLDOUT_FRACTION:.0%} of CALIB.npz, held out of the calibration (and its "
+                            f"{q.HOLDOUT_FRACTION:.0%}% of CALIB.npz, held out of the calibration (and its "
                             "'labels', if any)")
     group.add_argument("--per-tensor", action="store_true",
                        help="one weight scale per tensor (default: per output channel)")

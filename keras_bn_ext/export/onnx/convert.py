@@ -12,7 +12,7 @@ import keras
 
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.compare import input_specs, output_names
-from keras_bn_ext.errors import ExportError
+from keras_bn_ext.errors import ExportError, require_tensorflow_backend
 from keras_bn_ext.export.onnx.guards import guard_pad_into_maxpool
 from keras_bn_ext.export.onnx.options import BATCH_DIM, DEFAULT_OPSET, SUPPORTED_OPSETS
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
@@ -124,8 +124,7 @@ def _reject_unconverted(proto, model: keras.Model) -> None:
 
 def to_onnx_proto(model: keras.Model, *, opset: int = DEFAULT_OPSET, batch_size: int | None = None):
     """Convert a Keras model (TensorFlow backend) to an onnx.ModelProto, named as Keras names it."""
-    if keras.backend.backend() != "tensorflow":
-        raise ExportError("ONNX export goes through tf2onnx and needs the TensorFlow backend")
+    require_tensorflow_backend("ONNX export (tf2onnx)")
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(
             f"opset must be {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} (tf2onnx's range); "

@@ -27,9 +27,8 @@ from keras_bn_ext.compare import (
     keras_outputs,
     output_names,
     random_inputs,
-    shape_fits,
 )
-from keras_bn_ext.errors import GPUUnavailableError, InputDataError, VerificationError
+from keras_bn_ext.errors import GPUUnavailableError, VerificationError
 from keras_bn_ext.export.onnx import options
 from keras_bn_ext.export.onnx.options import PROVIDERS
 from keras_bn_ext.export.onnx.placement import Placement, parse_placement
@@ -224,25 +223,11 @@ def _keras_latency_ms(model: keras.Model, batch: list[np.ndarray], repeats: int)
 
 
 def load_inputs_npz(model: keras.Model, path: str | os.PathLike) -> list[np.ndarray]:
-    """Arrays keyed by input name from an .npz, checked against the model's inputs."""
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InputDataError(f"cannot read inputs file {path}: {exc}") from exc
-    with data:
-        arrays = []
-        for name, shape, dtype in input_specs(model):
-            if name not in data.files:
-                raise InputDataError(f"inputs file {path} has no array '{name}' (has: {', '.join(data.files)})")
-            array = data[name]
-            if not shape_fits(shape, tuple(array.shape)):
-                raise InputDataError(
-                    f"input '{name}': the model expects shape {shape}, {path} holds {tuple(array.shape)}"
-                )
-            if np.issubdtype(array.dtype, np.floating) != ("float" in dtype):
-                raise InputDataError(f"input '{name}': the model expects {dtype}, {path} holds {array.dtype}")
-            arrays.append(array.astype(dtype))
-    return arrays
+    """Arrays keyed by input name from an .npz (never pickles), checked against the model's
+    inputs by `data.model_arrays` (missing input, shape, dtype, empty, NaN)."""
+    from keras_bn_ext.data import load_npz, model_arrays
+
+    return model_arrays(model, load_npz(path), source=f"inputs file {path}")
 
 
 def verify_onnx(
