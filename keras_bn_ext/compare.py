@@ -274,7 +274,7 @@ def exact_arithmetic_check(
     independent float32 computations err alike; 4x leaves room for their scatter, and a
     wrong graph errs by orders of magnitude more. `model_outputs`: the float32 model's
     outputs on `batches`, when the caller has them already."""
-    from keras_bn_ext.folding.rebuild import with_dtype
+    from keras_bn_ext.rebuild import with_dtype
 
     twin = with_dtype(model, "float64")
     if model_outputs is None:
@@ -297,7 +297,7 @@ def fold_exact_check(
     shows. It passes when that change is no larger than the float32 rounding the
     original already carries (atol + rtol * max|reference| + 1 x its own error).
     `model_outputs`: the original's float32 outputs on `batches`, if already computed."""
-    from keras_bn_ext.folding.rebuild import with_dtype
+    from keras_bn_ext.rebuild import with_dtype
 
     twin, folded_twin = with_dtype(model, "float64"), with_dtype(folded, "float64")
     wide = [_wide(b) for b in batches]

@@ -204,7 +204,7 @@ def loadable_build_configs(model: keras.Model, *, leave: keras.Model | None = No
     returns one line per layer changed.
     """
     from keras_bn_ext import _keras_internals as internals
-    from keras_bn_ext.folding.graph import graph_of, is_rebuildable_model
+    from keras_bn_ext.graph import graph_of, is_rebuildable_model
 
     changed = []
     shared = {id(layer) for layer in internals.all_sublayers(leave)} if leave is not None else set()

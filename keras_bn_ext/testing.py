@@ -83,7 +83,7 @@ def residual_branch_batchnorms(model: keras.Model) -> list[keras.layers.Layer]:
     several tensors (an `Add` layer or a `+` on symbolic tensors): the last BN of a
     residual branch, and of a projection shortcut (ResNet's `_0_bn`). Looks into
     nested Functional/Sequential models, whose outputs may be summed by their caller."""
-    from keras_bn_ext.folding.graph import GraphIndex, graph_of, is_rebuildable_model
+    from keras_bn_ext.graph import GraphIndex, graph_of, is_rebuildable_model
 
     found = []
 

@@ -84,7 +84,7 @@ def test_exclude_keeps_the_named_bn(lenet_path, capsys):
     code, out, _ = _run([lenet_path, "--json", "--exclude", "batch_normalization_1", "--force"], capsys)
     report = json.loads(out)
     assert code == 0 and report["bn_folded"] == 3
-    assert report["kept"] == [{"bn": "batch_normalization_1", "reason": "excluded by the caller"}]
+    assert report["kept"] == [{"bn": "batch_normalization_1", "code": "excluded", "reason": "excluded by the caller"}]
 
 
 def test_a_saved_model_that_does_not_reload_is_not_written(lenet_path, tmp_path, monkeypatch):

@@ -192,6 +192,7 @@ def test_exclude_keeps_named_bn():
     model = _one(layers.Dense(4), (5,), bn=BatchNormalization(name="keep_me"))
     folded, report = fold_batchnorms(model, exclude=["keep_me"])
     assert report.bn_folded == 0 and report.kept[0].reason == "excluded by the caller"
+    assert report.kept[0].code == "excluded"
 
 
 def test_sequential_stays_sequential_and_keeps_names():
@@ -528,7 +529,7 @@ def test_renorm_bn_folds_exactly(bn_class, tmp_path):
 
 
 def test_float64_twin_computes_the_same_function_in_float64():
-    from keras_bn_ext.folding.rebuild import with_dtype
+    from keras_bn_ext.rebuild import with_dtype
 
     model = _ops_model()
     twin = with_dtype(model, "float64")
@@ -590,3 +591,19 @@ def test_a_bn_the_model_holds_but_never_calls_is_counted_as_unused():
     assert [u.bn for u in report.unused] == ["spare_bn"] and "never called" in report.unused[0].reason
     assert count_batchnorms(folded) == 0
     assert compare_models(model, folded, atol=0.0, rtol=RTOL).passed
+
+
+def test_every_kept_bn_has_a_stable_code():
+    """Reports carry a code beside the prose (tools/zoo.py counts codes, never words)."""
+    from keras_bn_ext.folding.graph import KEPT_CODES
+
+    inputs = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    a = keras.layers.BatchNormalization(name="after_relu")(a)  # producer has an activation
+    b = keras.layers.Conv2D(4, 3)(inputs)
+    b = keras.layers.BatchNormalization(name="after_add")(keras.layers.Add()([a, b]))
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 1, padding="same")(b))
+    _, report = fold_batchnorms(model)
+    codes = {k.bn: k.code for k in report.kept}
+    assert codes == {"after_relu": "producer_activation", "after_add": "input_not_conv_dense"}
+    assert all(k.code in KEPT_CODES for k in report.kept)

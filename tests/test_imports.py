@@ -63,3 +63,14 @@ def test_keras_private_api_stays_in_its_adapter():
             if name.endswith(".py") and name != "_keras_internals.py":
                 hits = [line for line in open(path) if private.search(line)]
                 assert not hits, (path, hits)
+
+
+def test_lower_modules_import_nothing_above_them():
+    """Layers below the code that uses them: compare, model_io, graph, rebuild and data
+    import nothing from folding/, quantization/, recalibration/, export/ or cli/."""
+    above = ("keras_bn_ext.folding", "keras_bn_ext.quantization", "keras_bn_ext.recalibration",
+             "keras_bn_ext.export", "keras_bn_ext.cli")
+    for name in ("compare", "model_io", "graph", "rebuild", "data"):
+        text = open(os.path.join(REPO, "keras_bn_ext", f"{name}.py")).read()
+        imported = re.findall(r"^\s*(?:from|import)\s+(keras_bn_ext[\w.]*)", text, re.M)
+        assert not [m for m in imported if m.startswith(above)], (name, imported)

@@ -51,16 +51,6 @@ QUICK_KERASHUB = ("ResNetBackbone bottleneck pre-activation", "CSPNetBackbone da
                   "HGNetV2Backbone")
 
 
-def _reason_kind(reason: str) -> str:
-    """The rule of a kept reason, without layer names: 'its input comes from ... (Add)' -> 'after Add'."""
-    head = reason.split(";")[0]
-    if head.startswith("its input comes from"):
-        return "after " + head.rsplit("(", 1)[-1].split(")")[0]
-    if head.startswith("inside custom layer"):
-        return "inside custom layer " + head.split("(", 1)[1].split(")")[0]
-    return head[:60]
-
-
 def sweep_one(source: str, name: str, build) -> dict:
     row = {"source": source, "model": name}
     start = time.perf_counter()
@@ -75,8 +65,8 @@ def sweep_one(source: str, name: str, build) -> dict:
             row.update(
                 bn_counted=report.bn_total,
                 bn_folded=report.bn_folded,
-                kept=dict(collections.Counter(_reason_kind(k.reason) for k in report.kept)
-                          + collections.Counter("unused: never called in the graph" for _ in report.unused)),
+                kept=dict(collections.Counter(k.code for k in report.kept)
+                          + collections.Counter(k.code for k in report.unused)),
                 inlined=len(report.inlined),
                 fold_max_rel_err=result.verification.max_rel_err,
                 fold_float64=result.exact.to_dict() if result.exact else None,

@@ -11,7 +11,7 @@ from keras_bn_ext.folding import rules
 from keras_bn_ext.folding.affine import batchnorm_of, bn_affine, bn_axis, is_batchnorm
 from keras_bn_ext.folding.graph import analyze
 from keras_bn_ext.folding.inline import InlineReport, inline_traceable_layers
-from keras_bn_ext.folding.rebuild import RebuildPlan, rebuild
+from keras_bn_ext.rebuild import RebuildPlan, rebuild
 
 __all__ = ["fold_batchnorms", "FoldReport", "FoldedBN", "KeptBN"]
 
@@ -26,7 +26,8 @@ class FoldedBN:
 @dataclass
 class KeptBN:
     bn: str
-    reason: str
+    code: str  # stable: one of folding.graph.KEPT_CODES
+    reason: str  # the sentence, with layer names
 
 
 @dataclass
@@ -120,7 +121,7 @@ def fold_batchnorms(
         if not d.folded:
             if d.bn.built:
                 bn_affine(d.bn)  # a kept BN with a broken variance is still a broken model
-            report.kept.append(KeptBN(bn=d.path, reason=d.reason))
+            report.kept.append(KeptBN(bn=d.path, code=d.code, reason=d.reason))
             continue
         scale, shift = bn_affine(d.bn)
         plan.drop.add(id(d.bn))
@@ -132,14 +133,15 @@ def fold_batchnorms(
         else:
             scale, shift = _input_layout(d, scale, shift)
             plan.new_weights[id(d.into)] = rules.fold_forward(d.into, scale, shift, current)
-        plan.force_bias.add(id(d.into))  # the folded weights always carry a bias
+        # The folded weights always carry a bias.
+        plan.configs[id(d.into)] = rules.with_bias(d.into, plan.configs.get(id(d.into)) or d.into.get_config())
         prefix = d.path[: len(d.path) - len(d.bn.name)]
         report.folded.append(FoldedBN(bn=d.path, into=prefix + d.into.name, direction=d.direction))
     decided = {id(d.bn) for d in decisions} | {id(batchnorm_of(d.bn)) for d in decisions}
     for layer in internals.all_sublayers(model):
         if is_batchnorm(layer) and id(layer) not in decided:
             decided.add(id(layer))
-            report.unused.append(KeptBN(bn=layer.name, reason=(
+            report.unused.append(KeptBN(bn=layer.name, code="not_called", reason=(
                 "held by the model but never called in its graph: it computes nothing, and the "
                 "folded model (built from the graph) does not hold it")))
     folded = rebuild(source, plan, shared=report.not_recreated)

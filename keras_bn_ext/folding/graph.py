@@ -11,11 +11,30 @@ from dataclasses import dataclass
 import keras
 
 from keras_bn_ext import _keras_internals as internals
-from keras_bn_ext.errors import UnsupportedModelError
 from keras_bn_ext.folding.affine import bn_axis, is_batchnorm, is_batchnorm_call
 from keras_bn_ext.folding.rules import describe, rule_for, unwrap, why_not_target
+from keras_bn_ext.graph import GraphIndex, graph_of, is_rebuildable_model, single_path_consumer
 
-__all__ = ["BNDecision", "GraphIndex", "analyze", "graph_of", "is_rebuildable_model", "single_path_consumer"]
+# Why a BN is kept, as stable codes beside the prose (reports, tools/zoo.py).
+KEPT_CODES = {
+    "excluded": "excluded by the caller",
+    "bn_shared": "the BN layer is called more than once",
+    "training_true": "called with training=True",
+    "several_inputs": "the BN takes several input tensors",
+    "input_not_conv_dense": "its input is not a conv/dense layer (Add, Concatenate, an activation, an input)",
+    "producer_unsupported": "the producer is a conv/dense layer no fold handles (quantized, LoRA, its equation)",
+    "producer_shared": "the producer is called more than once",
+    "producer_activation": "the producer has a non-linear activation",
+    "producer_output_shared": "the producer's output also feeds other layers",
+    "producer_output_is_model_output": "the producer's output is also a model output",
+    "axis_mismatch": "the BN axis is not the producer's channel axis",
+    "inside_custom_layer": "inside a custom layer that could not be replaced by its graph",
+    "opaque_layer": "inside a layer (or subclassed model) whose call() is opaque to the graph",
+    "not_called": "held by the model but never called in its graph",
+}
+
+# GraphIndex, graph_of, is_rebuildable_model and single_path_consumer live in keras_bn_ext.graph.
+__all__ = ["KEPT_CODES", "BNDecision", "analyze"]
 
 
 @dataclass
@@ -26,6 +45,7 @@ class BNDecision:
     path: str  # name, prefixed by the names of the models it is nested in
     into: keras.layers.Layer | None = None  # the layer it folds into
     reason: str | None = None  # why it is kept (None when folded)
+    code: str | None = None  # the rule that keeps it, stable (KEPT_CODES)
     direction: str = "backward"  # backward: producer -> BN; forward: BN -> consumer
     through: tuple = ()  # forward only: Dropout/Flatten layers between BN and consumer
     feature_shape: tuple = ()  # forward only: the BN output's shape without the batch
@@ -34,51 +54,6 @@ class BNDecision:
     @property
     def folded(self) -> bool:
         return self.into is not None
-
-
-def graph_of(model: keras.Model):
-    """The Functional graph behind a Functional or Sequential model."""
-    if isinstance(model, keras.Sequential):
-        functional = internals.functional_graph(model)
-        if functional is None:
-            raise UnsupportedModelError(
-                f"Sequential model '{model.name}' has no defined input shape; build it "
-                "with keras.Input(...) first"
-            )
-        return functional
-    if internals.is_functional(model):
-        return model
-    raise UnsupportedModelError(
-        f"model '{model.name}' is a subclassed {type(model).__name__}: its call() is "
-        "Python code that cannot be rebuilt with folded weights; build it as a "
-        "Functional or Sequential model"
-    )
-
-
-def is_rebuildable_model(layer) -> bool:
-    return isinstance(layer, keras.Sequential) or (
-        isinstance(layer, keras.Model) and internals.is_functional(layer)
-    )
-
-
-class GraphIndex:
-    """Call counts and consumers of every tensor of one Functional graph (folding's
-    analysis, the inliner and `testing.residual_branch_batchnorms` read it)."""
-
-    def __init__(self, graph):
-        self.nodes = internals.graph_nodes(graph)
-        self.calls: dict[int, int] = {}
-        self.consumers: dict[int, list] = {}
-        for node in self.nodes:
-            if node.operation is not None and not node.is_input:
-                self.calls[id(node.operation)] = self.calls.get(id(node.operation), 0) + 1
-            for tensor in node.input_tensors:
-                self.consumers.setdefault(id(tensor), []).append(node)
-        self.output_ids = {id(t) for t in graph.outputs}
-        self.dict_outputs = isinstance(internals.outputs_struct(graph), dict)
-
-    def n_consumers(self, tensor) -> int:
-        return len(self.consumers.get(id(tensor), []))
 
 
 def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "",
@@ -104,10 +79,10 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "",
                 decisions += _hidden_batchnorms(op, prefix, opaque.get(id(op)))
             continue
         decision = BNDecision(bn=op, path=prefix + op.name)
-        decision.reason = _bn_blocker(op, node, g, exclude)
-        if decision.reason is None:
-            decision.reason = _backward_blocker(op, node, g)
-            if decision.reason is None:
+        blocked = _bn_blocker(op, node, g, exclude)
+        if blocked is None:
+            blocked = _backward_blocker(op, node, g)
+            if blocked is None:
                 decision.into = internals.producer_of(node.input_tensors[0])
                 # A model output is named after the layer that produces it (dict keys
                 # aside): the folded BN leaves an Identity under its name behind.
@@ -118,9 +93,10 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "",
                 if forward_reason is None:
                     decision.into, decision.through, decision.direction = target, through, "forward"
                     decision.feature_shape = tuple(node.output_tensors[0].shape[1:])
-                    decision.reason = None
                 else:
-                    decision.reason += f"; no exact forward fold: {forward_reason}"
+                    decision.code, decision.reason = blocked[0], f"{blocked[1]}; no exact forward fold: {forward_reason}"
+        else:
+            decision.code, decision.reason = blocked
         decisions.append(decision)
     return decisions
 
@@ -130,8 +106,9 @@ def _hidden_batchnorms(layer, prefix: str, why: str | None = None) -> list[BNDec
     them in this graph, so they are listed as kept, never silently left out."""
     where = f"inside custom layer '{layer.name}' ({type(layer).__name__})"
     reason = f"{where}: not replaced by its graph: {why}" if why else f"{where}: its call() is opaque to the graph"
+    code = "inside_custom_layer" if why else "opaque_layer"
     return [
-        BNDecision(bn=inner, path=f"{prefix}{layer.name}/{inner.name}", reason=reason)
+        BNDecision(bn=inner, path=f"{prefix}{layer.name}/{inner.name}", reason=reason, code=code)
         for inner in internals.all_sublayers(layer)
         if is_batchnorm(inner)
     ]
@@ -140,13 +117,13 @@ def _hidden_batchnorms(layer, prefix: str, why: str | None = None) -> list[BNDec
 def _bn_blocker(bn, node, g: GraphIndex, exclude) -> str | None:
     """Reasons that rule out folding this BN in either direction."""
     if bn.name in exclude:
-        return "excluded by the caller"
+        return "excluded", "excluded by the caller"
     if g.calls[id(bn)] > 1:
-        return f"the BN layer is shared (called {g.calls[id(bn)]} times)"
+        return "bn_shared", f"the BN layer is shared (called {g.calls[id(bn)]} times)"
     if internals.node_call_kwargs(node).get("training") is True:
-        return "called with training=True (always batch statistics)"
+        return "training_true", "called with training=True (always batch statistics)"
     if len(node.input_tensors) != 1:
-        return "the BN takes several input tensors"
+        return "several_inputs", "the BN takes several input tensors"
     return None
 
 
@@ -156,48 +133,27 @@ def _backward_blocker(bn, node, g: GraphIndex) -> str | None:
     producer = internals.producer_of(tensor)
     pname = describe(producer)
     if rule_for(producer) is None:
-        return f"its input comes from {pname}, not a conv/dense layer"
+        return "input_not_conv_dense", f"its input comes from {pname}, not a conv/dense layer"
     reason = why_not_target(producer)
     if reason is not None:
-        return f"producer {pname} {reason}"
+        return "producer_unsupported", f"producer {pname} {reason}"
     if g.calls[id(producer)] > 1:
-        return f"producer {pname} is shared (called {g.calls[id(producer)]} times)"
+        return "producer_shared", f"producer {pname} is shared (called {g.calls[id(producer)]} times)"
     act = keras.activations.serialize(unwrap(producer).activation)
     if act != "linear":
-        return f"producer {pname} has activation '{act}' before the BN"
+        return "producer_activation", f"producer {pname} has activation '{act}' before the BN"
     if g.n_consumers(tensor) > 1:
-        return f"the output of {pname} also feeds other layers"
+        return "producer_output_shared", f"the output of {pname} also feeds other layers"
     if id(tensor) in g.output_ids:
-        return f"the output of {pname} is also a model output"
+        return "producer_output_is_model_output", f"the output of {pname} is also a model output"
     rank = len(tensor.shape)
     channel = rule_for(producer).output_axis(producer, rank)
     if bn_axis(bn, rank) != channel:
-        return f"BN axis {bn_axis(bn, rank)} is not the channel axis ({channel}) of {pname}"
+        return "axis_mismatch", f"BN axis {bn_axis(bn, rank)} is not the channel axis ({channel}) of {pname}"
     return None
 
 
 _PASS_THROUGH = (keras.layers.Dropout, keras.layers.Flatten)  # identity in inference / a reshape
-
-
-def single_path_consumer(tensor, g: GraphIndex, passes):
-    """Follow `tensor` through layers that `passes(op, node)` accepts, each the only
-    consumer of the one before, to the first layer it does not accept. Returns
-    `(layer, [accepted layers], None)`, or `(None, [], reason)` when the path forks, reaches
-    a model output or a shared layer (equalization walks this path too)."""
-    through = []
-    while True:
-        if id(tensor) in g.output_ids:
-            return None, [], "its output is a model output"
-        users = g.consumers.get(id(tensor), [])
-        if len(users) != 1:
-            return None, [], f"its output feeds {len(users)} layers"
-        user = users[0].operation
-        if g.calls.get(id(user), 0) > 1:
-            return None, [], f"{describe(user)} is shared"
-        if not passes(user, users[0]):
-            return user, through, None
-        through.append(user)
-        tensor = users[0].output_tensors[0]
 
 
 def _forward_target(bn, node, g: GraphIndex):

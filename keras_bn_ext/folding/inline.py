@@ -33,7 +33,7 @@ import keras
 
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.folding.affine import is_batchnorm
-from keras_bn_ext.folding.graph import GraphIndex, graph_of, is_rebuildable_model
+from keras_bn_ext.graph import GraphIndex, graph_of, is_rebuildable_model
 
 __all__ = ["InlineReport", "inline_traceable_layers"]
 

@@ -33,8 +33,8 @@ import keras
 import numpy as np
 
 from keras_bn_ext.folding import rules
-from keras_bn_ext.folding.graph import GraphIndex, graph_of, is_rebuildable_model, single_path_consumer
-from keras_bn_ext.folding.rebuild import RebuildPlan, rebuild
+from keras_bn_ext.graph import GraphIndex, graph_of, is_rebuildable_model, single_path_consumer
+from keras_bn_ext.rebuild import RebuildPlan, rebuild
 from keras_bn_ext.folding.rules import describe, rule_for, unwrap, why_not_target
 
 __all__ = ["EqualizationReport", "EqualizedPair", "equalize_model"]
@@ -236,8 +236,10 @@ class _State:
 
     def __init__(self):
         self.weights: dict[int, list[np.ndarray]] = {}
+        self.layers: dict[int, keras.layers.Layer] = {}
 
     def get(self, layer):
+        self.layers[id(layer)] = layer
         return self.weights.get(id(layer)) or [np.asarray(w) for w in layer.get_weights()]
 
 
@@ -319,11 +321,11 @@ def equalize_model(model: keras.Model, *, relu6_to_relu: bool = False, absorb_bi
             max_scale=float(max(np.max(s), 1.0 / np.min(s))), bias_absorbed=absorbed))
     plan = RebuildPlan()
     for key, weights in state.weights.items():
-        plan.new_weights[key] = weights
-        plan.force_bias.add(key)
+        plan.new_weights[key] = weights  # folded weights always carry a bias
+        plan.configs[key] = rules.with_bias(state.layers[key], state.layers[key].get_config())
     for op in relu6:
         report.relu6_replaced.append(op.name)
-        config = op.get_config()
+        config = plan.configs.get(id(op)) or op.get_config()
         if type(op) is keras.layers.ReLU:
             config["max_value"] = None
         elif "activation" in config and type(op) is keras.layers.Activation:

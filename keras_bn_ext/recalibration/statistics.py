@@ -36,7 +36,7 @@ from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.data import array_batches, dataset_batches, is_array_data, model_arrays
 from keras_bn_ext.errors import InputDataError
 from keras_bn_ext.folding.affine import is_batchnorm
-from keras_bn_ext.folding.graph import graph_of, is_rebuildable_model
+from keras_bn_ext.graph import graph_of, is_rebuildable_model
 from keras_bn_ext.recalibration.options import BATCH_SIZE, MODES
 
 __all__ = ["recalibrate_batchnorms", "RecalibrationReport", "BNRecalibration", "SkippedBN", "Batches",

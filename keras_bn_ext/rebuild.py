@@ -16,8 +16,7 @@ import numpy as np
 
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.errors import UnsupportedModelError
-from keras_bn_ext.folding import rules
-from keras_bn_ext.folding.graph import graph_of, is_rebuildable_model
+from keras_bn_ext.graph import graph_of, is_rebuildable_model
 
 __all__ = ["RebuildPlan", "rebuild", "with_dtype"]
 
@@ -26,9 +25,9 @@ __all__ = ["RebuildPlan", "rebuild", "with_dtype"]
 class RebuildPlan:
     drop: set[int] = field(default_factory=set)  # id(bn) replaced by identity
     new_weights: dict[int, list] = field(default_factory=dict)  # id(layer) -> weights
-    force_bias: set[int] = field(default_factory=set)  # id(layer): rebuilt with a bias
     named_identity: set[int] = field(default_factory=set)  # id(bn) in drop: an Identity takes its name
-    configs: dict[int, dict] = field(default_factory=dict)  # id(layer) -> the config it is rebuilt from
+    # id(layer) -> the config it is rebuilt from (a fold's target with a bias, ReLU6 -> ReLU)
+    configs: dict[int, dict] = field(default_factory=dict)
     dtype: str | None = None  # every float layer, input and weight in this dtype (a float64 twin)
 
 
@@ -80,8 +79,6 @@ class _Rebuilder:
         else:
             try:
                 config = self.plan.configs.get(key) or layer.get_config()
-                if key in self.plan.force_bias:
-                    config = rules.with_bias(layer, config)
                 if self.plan.dtype and "dtype" in config:
                     config["dtype"] = self.plan.dtype
                 new = type(layer).from_config(config)
@@ -104,7 +101,7 @@ class _Rebuilder:
         when the plan leaves it unchanged. Inference is the same; such a model can be
         exported, but a saved file holding it would not load (fold_to_file checks)."""
         key = id(layer)
-        if self.plan.dtype or key in self.plan.new_weights or key in self.plan.force_bias or key in self.plan.configs:
+        if self.plan.dtype or key in self.plan.new_weights or key in self.plan.configs:
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise UnsupportedModelError(
                 f"layer '{layer.name}' ({type(layer).__name__}) cannot be recreated from its config "
@@ -121,7 +118,7 @@ class _Rebuilder:
         plan changes it, for a dtype twin, or when its config does not recreate it."""
         if self.plan.dtype:
             return None
-        changed = self.plan.drop | set(self.plan.new_weights) | self.plan.force_bias | set(self.plan.configs)
+        changed = self.plan.drop | set(self.plan.new_weights) | set(self.plan.configs)
         if any(id(inner) in changed for inner in internals.all_sublayers(model)):
             return None
         try:
