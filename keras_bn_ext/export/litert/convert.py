@@ -1,0 +1,125 @@
+"""`export_litert`: a Keras model to a LiteRT (.tflite) file, folded first.
+
+The model is written out as a SavedModel through Keras's own `ExportArchive` (it tracks
+every Keras variable, so the converter freezes them), with one `serving_default`
+signature whose inputs are named as the Keras inputs and whose outputs are a dict keyed
+by the Keras output names; the batch dimension stays dynamic (resizable on the
+interpreter). Then `tf.lite.TFLiteConverter.from_saved_model` converts it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import keras
+
+from keras_bn_ext.compare import input_specs, output_names
+from keras_bn_ext.errors import ExportError, require_tensorflow_backend
+from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
+from keras_bn_ext.model_io import atomic_output
+
+__all__ = ["LiteRTExportReport", "export_litert", "SIGNATURE"]
+
+SIGNATURE = "serving_default"
+
+
+@dataclass
+class LiteRTExportReport:
+    path: str
+    inputs: list[dict] = field(default_factory=list)  # {"name", "shape"} (None: dynamic)
+    outputs: list[str] = field(default_factory=list)
+    op_counts: dict[str, int] = field(default_factory=dict)  # read by the runner (verify)
+    fold: FoldReport | None = None
+    precision: str = "float32"  # float32 | float16 weights | int8
+
+    @property
+    def bn_folded(self) -> int:
+        return self.fold.bn_folded if self.fold else 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fold"] = self.fold.to_dict() if self.fold else None
+        d["bn_folded"] = self.bn_folded
+        return d
+
+
+def _serving_function(model: keras.Model):
+    import tensorflow as tf
+
+    specs = input_specs(model)
+    names = output_names(model)
+    signature = [tf.TensorSpec((None,) + tuple(shape[1:]), dtype, name=name) for name, shape, dtype in specs]
+
+    def serve(*inputs):
+        out = model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+        return dict(zip(names, keras.tree.flatten(out)))
+
+    return serve, signature
+
+
+def to_tflite_bytes(model: keras.Model, *, fp16: bool = False, representative=None) -> bytes:
+    """Convert `model` (TensorFlow backend) to LiteRT flatbuffer bytes. `representative`: a
+    callable yielding lists of input arrays, for full-integer INT8."""
+    require_tensorflow_backend("LiteRT export")
+    import tensorflow as tf
+
+    serve, signature = _serving_function(model)
+    with tempfile.TemporaryDirectory(prefix="keras_bn_ext_litert_") as tmp:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(SIGNATURE, serve, input_signature=signature)
+        try:
+            archive.write_out(tmp, verbose=False)
+            converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[SIGNATURE])
+            if fp16:
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.target_spec.supported_types = [tf.float16]
+            if representative is not None:
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.representative_dataset = representative
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                # Inputs and outputs stay float32 (quantized inside), as the ONNX INT8 file.
+            return converter.convert()
+        except Exception as exc:  # noqa: BLE001 - the converter's many error types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ExportError(f"the LiteRT converter failed: {type(exc).__name__}: {first}") from exc
+
+
+def export_litert(
+    model: keras.Model,
+    path: str | Path,
+    *,
+    fold: bool = True,
+    exclude: Sequence[str] = (),
+    fp16: bool = False,
+) -> LiteRTExportReport:
+    """Export `model` to LiteRT at `path` (written atomically), folding BN first.
+
+    Args:
+        model: A Keras model (TensorFlow backend). Never changed.
+        path: Output .tflite file.
+        fold: Fold BatchNormalization layers first (`fold_batchnorms`).
+        exclude: Names of BN layers the fold keeps.
+        fp16: float16 weights (the converter's float16 quantization; inputs, outputs and
+            arithmetic on the CPU stay float32). Verify it with float16 tolerances.
+
+    Raises:
+        ExportError: the converter failed. BackendError: Keras runs on another backend.
+    """
+    fold_report = None
+    if fold:
+        model, fold_report = fold_batchnorms(model, exclude=exclude)
+    data = to_tflite_bytes(model, fp16=fp16)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return LiteRTExportReport(
+        path=str(path),
+        inputs=[{"name": n, "shape": [None] + [None if d is None else int(d) for d in s[1:]]}
+                for n, s, _ in input_specs(model)],
+        outputs=output_names(model),
+        fold=fold_report,
+        precision="float16 weights" if fp16 else "float32",
+    )

@@ -1,0 +1,75 @@
+"""LiteRT, the second target: converted with TensorFlow's LiteRT converter, run on
+ai-edge-litert's interpreter, names as Keras names them, dynamic batch resized, outputs
+against the Keras model (the oracle) to float32 tolerances."""
+
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+
+from keras_bn_ext.cli import export_litert as cli
+from keras_bn_ext.export.litert.pipeline import export_litert_verified
+from keras_bn_ext.export.litert.verify import run_litert
+from keras_bn_ext.testing import randomize_batchnorms
+from tests.helpers import INT8_FIXTURES, int8_fixture, mnist_digits, two_input_dict_model
+
+
+def test_trained_net_on_real_digits_and_resized_batches(tmp_path):
+    model = int8_fixture("dwsep")
+    path = tmp_path / "m.tflite"
+    result = export_litert_verified(model, path)
+    # Same float32 operations in another order: 1e-5 of the output (the ONNX target's tolerance).
+    assert result.passed and result.verification.comparison.max_rel_err <= 1e-5
+    assert result.verification.batch_sizes == [1, 8] and result.export.bn_folded == 9
+    assert "DEPTHWISE_CONV_2D" in result.export.op_counts and not any("BATCH" in op for op in result.export.op_counts)
+    (_, _), (x, y) = mnist_digits()
+    for n in (1, 3, 500):  # batch 1, and resized twice
+        got, _ = run_litert(path, [{"image": x[:n]}], keras_names=["dense_3"])
+        want = keras.ops.convert_to_numpy(model(x[:n], training=False))
+        assert np.max(np.abs(got[0][0] - want)) <= 1e-5 * np.max(np.abs(want))
+    assert np.mean(np.argmax(got[0][0], 1) == y[:500]) > 0.9
+
+
+def test_two_inputs_and_dict_outputs_keep_keras_names(tmp_path):
+    model = two_input_dict_model()
+    result = export_litert_verified(model, tmp_path / "m.tflite")
+    assert result.passed
+    assert [i["name"] for i in result.export.inputs] == ["image", "meta"]
+    assert sorted(result.export.outputs) == ["class_logits", "score"]
+
+
+@pytest.mark.slow
+def test_a_model_nobody_here_wrote(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35)
+    randomize_batchnorms(model, residual_gamma=(0.1, 0.3))
+    result = export_litert_verified(model, tmp_path / "m.tflite")
+    assert result.passed and result.verification.comparison.max_rel_err <= 1e-5
+    assert result.export.bn_folded == 52
+
+
+def test_fp16_weights_are_smaller_and_verified_with_float16_tolerances(tmp_path):
+    model = int8_fixture("relu_lenet")
+    plain = export_litert_verified(model, tmp_path / "a.tflite")
+    half = export_litert_verified(model, tmp_path / "b.tflite", fp16=True)
+    assert half.passed and half.export.precision == "float16 weights"
+    assert half.verification.comparison.rtol == 1e-2
+    assert os.path.getsize(tmp_path / "b.tflite") < 0.6 * os.path.getsize(tmp_path / "a.tflite")
+    assert plain.verification.comparison.rtol == 1e-5
+
+
+def test_cli_json_and_usage_errors(tmp_path, capsys):
+    src = tmp_path / "lenet.keras"
+    shutil.copyfile(os.path.join(INT8_FIXTURES, "lenet_bn.keras"), src)
+    assert cli.main([str(src), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["output"] == str(tmp_path / "lenet.tflite") and report["bn_folded"] == 4
+    assert report["verification"]["runtime"] == "ai-edge-litert"
+    assert cli.main([str(src)]) == 2  # exists, no --force
+    assert "exists" in capsys.readouterr().err
+    assert cli.main([str(tmp_path / "missing.keras")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bn-export-litert: error:")
