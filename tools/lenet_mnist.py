@@ -11,7 +11,9 @@
    with recalibrate_batchnorms on 2,000 training digits (what bn-recalibrate does).
 4. Saves lenet_bn.keras (custom BN), folds it (lenet_bn.folded.keras), exports and
    verifies lenet_bn.onnx, quantizes it to lenet_bn.int8.onnx (calibrated on 512 training
-   digits, accuracy on the test digits), all through the library API, and compares latencies.
+   digits, accuracy on the test digits), exports lenet_bn.tflite (LiteRT, verified) and
+   lenet_bn.int8.tflite (full-integer INT8, accuracy on the test digits), all through the
+   library API, and compares latencies.
 5. Writes history.png and report.json in --out (default runs/lenet_mnist/).
 """
 
@@ -42,6 +44,8 @@ from keras_bn_ext.lenet import lenet_bn  # noqa: E402
 from keras_bn_ext.folding.save import fold_to_file  # noqa: E402
 from keras_bn_ext.model_io import save_model_atomic  # noqa: E402
 from keras_bn_ext.recalibration import recalibrate_batchnorms  # noqa: E402
+from keras_bn_ext.export.litert.int8 import export_litert_int8  # noqa: E402
+from keras_bn_ext.export.litert.pipeline import export_litert_verified  # noqa: E402
 from keras_bn_ext.export.onnx.int8 import export_int8  # noqa: E402
 from keras_bn_ext.export.onnx.verify import run_onnxruntime  # noqa: E402
 
@@ -182,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(recal.batchnorms)} BN, {recal.levels} levels, {recal.seconds:.2f} s)")
 
     model = models["keras_bn_ext"]
-    paths = {k: out / f"lenet_bn{k}" for k in (".keras", ".folded.keras", ".onnx", ".int8.onnx")}
+    paths = {k: out / f"lenet_bn{k}" for k in (".keras", ".folded.keras", ".onnx", ".int8.onnx", ".tflite",
+                                                ".int8.tflite")}
     save_model_atomic(model, paths[".keras"])
     # What bn-fold runs: fold, verify, save, reload, verify the file, rename. The demo then
     # uses the file as a user would, and checks it on real digits.
@@ -227,6 +232,17 @@ def main(argv: list[str] | None = None) -> int:
           f"({i8['size_bytes']['ratio']:.2f}x); onnxruntime CPU batch 8: float {lat8['float']['8']:.3f} ms, "
           f"INT8 {lat8['int8']['8']:.3f} ms")
 
+    # The second target: LiteRT, float32 verified against the Keras model on real digits, and
+    # full-integer INT8 judged as the ONNX INT8 file is.
+    litert = export_litert_verified(model, paths[".tflite"], inputs=real)
+    lite8 = export_litert_int8(model, paths[".int8.tflite"], [x_train[:512]], eval_data=[x_test], labels=y_test)
+    l8 = lite8.fidelity.outputs[0]
+    print(f"\n== bn-export-litert ({paths['.tflite']}, {paths['.int8.tflite']}) ==")
+    print(f"  float32 on 512 test digits: max rel err {litert.verification.comparison.max_rel_err:.3g}: "
+          f"{'passed' if litert.passed else 'FAILED'} (ai-edge-litert {litert.verification.runtime_version})")
+    print(f"  INT8 test accuracy float {l8.accuracy_float:.4f} -> {l8.accuracy_quantized:.4f} "
+          f"({-l8.accuracy_drop_pt:+.2f} pt), {lite8.size_bytes['int8']:,} bytes: {'passed' if lite8.passed else 'FAILED'}")
+
     print("\n== latency, median ms (Keras tf.function interleaved; onnxruntime CPU) ==")
     lat = latency(model, folded, paths[".onnx"], x_test, repeats=args.repeats)
     print(f"  {'batch':>5} {'original':>10} {'folded':>10} {'onnxruntime':>12} {'orig/folded':>12}")
@@ -246,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnx": {**export.to_dict(), "exported_from": str(paths[".folded.keras"]),
                  "verification": onnx_check.to_dict()},
         "int8": i8,
+        "litert": {**litert.to_dict(), "int8": lite8.to_dict()},
         "latency_ms": lat,
         "artifacts": {k.lstrip("."): str(v) for k, v in paths.items()} | {"plot": str(out / "history.png")},
         "versions": {"keras": keras.__version__, "keras_bn_ext": keras_bn_ext.__version__,
@@ -253,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out / 'history.png'} and {out / 'report.json'}")
-    return 0 if fold_check.passed and onnx_check.passed and int8.passed else 1
+    return 0 if fold_check.passed and onnx_check.passed and int8.passed and litert.passed and lite8.passed else 1
 
 
 if __name__ == "__main__":

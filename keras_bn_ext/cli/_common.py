@@ -100,6 +100,67 @@ def add_recalibration_arguments(parser: argparse.ArgumentParser, *, flag: str, d
                         help="leave BNs with trainable=False as they are (default: recalibrate them too)")
 
 
+def add_int8_arguments(parser: argparse.ArgumentParser, *, title: str, output: str, equalize_help: str):
+    """The INT8 flags every target shares (data, equalization, pass criteria); returns the
+    group for the target's own."""
+    from keras_bn_ext.quantization import options as q
+
+    group = parser.add_argument_group(title)
+    group.add_argument("--int8", metavar="CALIB.npz",
+                       help=f"write an INT8 model (default {output}) calibrated on these real samples "
+                            "(arrays keyed by input name, samples on axis 0, as --inputs)")
+    group.add_argument("--eval", metavar="EVAL.npz", dest="eval_data",
+                       help="held-out real samples to measure the INT8 model on (keyed by input name; an "
+                            "optional 'labels' array of integer class ids adds accuracy). Default: the last "
+                            f"{q.HOLDOUT_FRACTION:.0%}% of CALIB.npz, held out of the calibration (and its "
+                            "'labels', if any)")
+    group.add_argument("--calibration-batch-size", type=positive_int, default=q.CALIBRATION_BATCH_SIZE,
+                       metavar="N", help=f"samples per calibration batch (default: {q.CALIBRATION_BATCH_SIZE})")
+    group.add_argument("--equalize", choices=q.EQUALIZE_CHOICES, default="auto", help=equalize_help)
+    group.add_argument("--relu6-to-relu", action="store_true",
+                       help="let equalization replace ReLU6 by ReLU (CHANGES the function: ReLU6 is not "
+                            "positively homogeneous, so those pairs are otherwise left alone)")
+    group.add_argument("--min-top1-agreement", type=float, default=q.MIN_TOP1_AGREEMENT, metavar="F",
+                       help="a classifier output must agree with the float model's top-1 class on this share "
+                            f"of the samples (default: {q.MIN_TOP1_AGREEMENT})")
+    group.add_argument("--max-accuracy-drop", type=non_negative_float, default=q.MAX_ACCURACY_DROP, metavar="PT",
+                       help=f"with labels: at most this many points of accuracy lost (default: {q.MAX_ACCURACY_DROP})")
+    group.add_argument("--min-sqnr-db", type=float, default=q.MIN_SQNR_DB, metavar="DB",
+                       help=f"other outputs: at least this SQNR (default: {q.MIN_SQNR_DB:g} dB)")
+    return group
+
+
+def int8_data(args):
+    """(calibration arrays, evaluation arrays or None, labels or None) from --int8/--eval
+    (labels: the evaluation file's 'labels', else the calibration file's)."""
+    from keras_bn_ext.data import load_npz
+
+    calibration = load_npz(args.int8)
+    evaluation = load_npz(args.eval_data) if args.eval_data else None
+    return calibration, evaluation, (evaluation if evaluation is not None else calibration).get("labels")
+
+
+def int8_criteria(args):
+    from keras_bn_ext.quantization.fidelity import Criteria
+
+    return Criteria(min_top1_agreement=args.min_top1_agreement, max_accuracy_drop=args.max_accuracy_drop,
+                    min_sqnr_db=args.min_sqnr_db)
+
+
+def finish_int8(args, result, seconds: dict, print_table) -> int:
+    """Report an INT8 result (JSON or the target's table) and give the exit code."""
+    import json
+
+    result.timings_s = {**seconds, **result.timings_s}
+    report = {"input": str(args.model), "calibration_file": args.int8, "eval_file": args.eval_data,
+              "int8": result.to_dict(), "passed": result.passed}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report["int8"])
+    return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
+
+
 def recalibration_data(model, args) -> list:
     """The arrays of the --data/--recalibrate file for `model`'s inputs, checked (errors
     name the file)."""

@@ -13,7 +13,11 @@ from keras_bn_ext.cli._common import (
     EXIT_OK,
     EXIT_VERIFY_FAILED,
     add_common_arguments,
+    add_int8_arguments,
+    finish_int8,
     fmt,
+    int8_criteria,
+    int8_data,
     load_input_model,
     run,
     timed,
@@ -48,10 +52,52 @@ def build_parser() -> argparse.ArgumentParser:
                         help="float16 weights (the converter's float16 quantization), verified with float16 "
                              "tolerances")
     parser.add_argument("--benchmark", action="store_true", help="also report the interpreter's median latency")
+    add_int8_arguments(
+        parser, title="INT8 (full-integer LiteRT, float32 inputs and outputs; calibrated and judged on real data "
+                      "against the float Keras model as the ONNX INT8 file is)",
+        output="MODEL.int8.tflite",
+        equalize_help="cross-layer equalization (an exact transform, verified): auto = tried when the plain file "
+                      "misses a criterion, the better kept (default)")
     return parser
 
 
+def _work_int8(args) -> int:
+    from keras_bn_ext.export.litert.int8 import export_litert_int8
+
+    output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.tflite")
+    seconds: dict[str, float] = {}
+    with timed(seconds, "load"):
+        model = load_input_model(args, output, other_inputs=[args.int8] + ([args.eval_data] if args.eval_data else []))
+    calibration, evaluation, labels = int8_data(args)
+    result = export_litert_int8(model, output, calibration, eval_data=evaluation, labels=labels, exclude=args.exclude,
+                                criteria=int8_criteria(args), calibration_batch_size=args.calibration_batch_size,
+                                equalize=args.equalize, relu6_to_relu=args.relu6_to_relu)
+    return finish_int8(args, result, seconds, _print_int8)
+
+
+def _print_int8(r: dict) -> None:
+    from rich.console import Console
+
+    console = Console()
+    ev, size = r["evaluation"], r["size_bytes"]
+    console.print(f"folded {r['bn_folded']} of {r['bn_total']} BatchNormalization layers"
+                  + (f"; equalized {len(r['equalization']['pairs'])} pairs" if r["equalization"] else ""))
+    console.print(f"{r['format']}, calibrated on {r['calibration']['samples']} samples; evaluated on {ev['samples']} "
+                  f"({ev['source']}) on ai-edge-litert {r['runtime_version']}")
+    for o in r["fidelity"]["outputs"]:
+        acc = (f", accuracy {o['accuracy_float']:.4f} -> {o['accuracy_quantized']:.4f} ({-o['accuracy_drop_pt']:+.2f} pt)"
+               if o["accuracy_float"] is not None else "")
+        agree = f", top-1 agreement {o['top1_agreement']:.4f}" if o["top1_agreement"] is not None else ""
+        console.print(f"  {o['name']}: SQNR {o['sqnr_db']:.1f} dB{agree}{acc}: "
+                      + verdict(o["passed"], "FAILED: " + ", ".join(o["failed"])))
+    console.print(f"wrote {r['output']}: {size['int8']:,} bytes ({size['ratio']:.2f}x the float {size['float']:,})")
+    if not r["passed"]:
+        console.print(f"[red]INT8 criteria missed; {r['output']} is kept for inspection[/red]")
+
+
 def _work(args) -> int:
+    if args.int8:
+        return _work_int8(args)
     from keras_bn_ext.export.litert.pipeline import export_litert_verified
     from keras_bn_ext.export.onnx.verify import load_inputs_npz
 
@@ -99,7 +145,13 @@ def _print_summary(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.eval_data and not args.int8:
+        parser.error("--eval needs --int8")
+    for flag, value in (("--no-fold", args.no_fold), ("--fp16", args.fp16), ("--inputs", args.inputs)):
+        if args.int8 and value:
+            parser.error(f"--int8 cannot be combined with {flag}")
     return run(PROG, lambda: _work(args), debug=args.debug)
 
 

@@ -12,9 +12,12 @@ from keras_bn_ext.cli._common import (
     EXIT_OK,
     EXIT_VERIFY_FAILED,
     add_common_arguments,
+    add_int8_arguments,
+    finish_int8,
     fmt,
+    int8_criteria,
+    int8_data,
     load_input_model,
-    non_negative_float,
     positive_int,
     run,
     timed,
@@ -75,40 +78,21 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
     from keras_bn_ext.quantization import cpu
     from keras_bn_ext.quantization import options as q
 
-    group = parser.add_argument_group(
-        "INT8 (onnxruntime static quantization, QDQ: u8 activations, s8 weights; verified on real data "
-        "against the float Keras model on onnxruntime's CPU provider)")
-    group.add_argument("--int8", metavar="CALIB.npz",
-                       help="write an INT8 model (default MODEL.int8.onnx) calibrated on these real samples "
-                            "(arrays keyed by input name, samples on axis 0, as --inputs)")
-    group.add_argument("--eval", metavar="EVAL.npz", dest="eval_data",
-                       help="held-out real samples to measure the INT8 model on (keyed by input name; an "
-                            "optional 'labels' array of integer class ids adds accuracy). Default: the last "
-                            f"{q.HOLDOUT_FRACTION:.0%}% of CALIB.npz, held out of the calibration (and its "
-                            "'labels', if any)")
+    group = add_int8_arguments(
+        parser, title="INT8 (onnxruntime static quantization, QDQ: u8 activations, s8 weights; verified on real "
+                      "data against the float Keras model on onnxruntime's CPU provider)",
+        output="MODEL.int8.onnx",
+        equalize_help="cross-layer equalization before quantizing (an exact transform, verified): auto = on with "
+                      "--per-tensor (the better of with and without kept), and tried when per-channel misses a "
+                      "criterion (default)")
     group.add_argument("--per-tensor", action="store_true",
                        help="one weight scale per tensor (default: per output channel)")
     group.add_argument("--calibration-method", choices=q.METHODS, default=q.DEFAULT_METHOD,
                        help=f"how activation ranges are chosen (default: {q.DEFAULT_METHOD})")
-    group.add_argument("--calibration-batch-size", type=positive_int, default=q.CALIBRATION_BATCH_SIZE,
-                       metavar="N", help=f"samples per calibration batch (default: {q.CALIBRATION_BATCH_SIZE})")
     group.add_argument("--target-cpu", choices=cpu.TARGETS, default="auto",
                        help="the CPU the file will run on: auto = this one. Without VNNI (avx2, avx512) "
                             "weights get 7 bits (reduce_range) so onnxruntime's int16 sums cannot saturate; "
                             "vnni and arm64 keep 8 bits")
-    group.add_argument("--equalize", choices=q.EQUALIZE_CHOICES, default="auto",
-                       help="cross-layer equalization before quantizing (an exact transform, verified): "
-                            "auto = on with --per-tensor (default)")
-    group.add_argument("--relu6-to-relu", action="store_true",
-                       help="let equalization replace ReLU6 by ReLU (CHANGES the function: ReLU6 is not "
-                            "positively homogeneous, so those pairs are otherwise left alone)")
-    group.add_argument("--min-top1-agreement", type=float, default=q.MIN_TOP1_AGREEMENT, metavar="F",
-                       help="a classifier output must agree with the float model's top-1 class on this share "
-                            f"of the samples (default: {q.MIN_TOP1_AGREEMENT})")
-    group.add_argument("--max-accuracy-drop", type=non_negative_float, default=q.MAX_ACCURACY_DROP, metavar="PT",
-                       help=f"with labels: at most this many points of accuracy lost (default: {q.MAX_ACCURACY_DROP})")
-    group.add_argument("--min-sqnr-db", type=float, default=q.MIN_SQNR_DB, metavar="DB",
-                       help=f"other outputs: at least this SQNR (default: {q.MIN_SQNR_DB:g} dB)")
     group.add_argument("--fallback-budget", type=int, default=q.FALLBACK_BUDGET, metavar="N",
                        help="when a criterion is missed, keep up to N quantized segments (a conv and its "
                             "fused activation) in float, worst first "
@@ -209,35 +193,23 @@ def _print_summary(result: dict) -> None:
 
 
 def _work_int8(args) -> int:
-    from keras_bn_ext.data import load_npz
     from keras_bn_ext.export.onnx.int8 import export_int8
-    from keras_bn_ext.quantization.fidelity import Criteria
 
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.onnx")
     seconds: dict[str, float] = {}
     others = [args.int8] + ([args.eval_data] if args.eval_data else [])
     with timed(seconds, "load"):
         model = load_input_model(args, output, other_inputs=others)
-    calibration = load_npz(args.int8)
-    evaluation = load_npz(args.eval_data) if args.eval_data else None
-    labels = (evaluation if evaluation is not None else calibration).get("labels")
+    calibration, evaluation, labels = int8_data(args)
     result = export_int8(
         model, output, calibration, eval_data=evaluation, labels=labels, exclude=args.exclude, opset=args.opset,
         batch_size=args.batch_size, per_channel=not args.per_tensor, method=args.calibration_method,
         target_cpu=args.target_cpu, equalize=args.equalize, relu6_to_relu=args.relu6_to_relu,
-        criteria=Criteria(min_top1_agreement=args.min_top1_agreement, max_accuracy_drop=args.max_accuracy_drop,
-                          min_sqnr_db=args.min_sqnr_db),
+        criteria=int8_criteria(args),
         fallback_budget=args.fallback_budget, calibration_batch_size=args.calibration_batch_size,
         benchmark=args.benchmark,
     )
-    result.timings_s = {**seconds, **result.timings_s}
-    report = {"input": str(args.model), "calibration_file": args.int8, "eval_file": args.eval_data,
-              "int8": result.to_dict(), "passed": result.passed}
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print_int8(report["int8"])
-    return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
+    return finish_int8(args, result, seconds, _print_int8)
 
 
 def _print_int8(r: dict) -> None:

@@ -338,3 +338,19 @@ def equalize_model(model: keras.Model, *, relu6_to_relu: bool = False, absorb_bi
                 config["layer"]["config"]["activation"] = "relu"
         plan.configs[id(op)] = config
     return rebuild(model, plan), report
+
+
+def equalize_verified(model: keras.Model, inputs, *, relu6_to_relu: bool = False):
+    """`equalize_model`, then checked exact against `model` (or, where ReLU6 was replaced,
+    against `model` with ReLU: the function asked for) on real `inputs`, like a fold
+    (<= 1e-5). Returns `(equalized, report, max_rel_err)`; raises VerificationError."""
+    from keras_bn_ext.compare import compare_models
+    from keras_bn_ext.errors import VerificationError
+
+    equalized, report = equalize_model(model, relu6_to_relu=relu6_to_relu)
+    base = equalize_model(model, relu6_to_relu=True, scale=False)[0] if report.relu6_replaced else model
+    check = compare_models(base, equalized, inputs=inputs)
+    if not check.passed:
+        raise VerificationError(f"cross-layer equalization changed the model's outputs by {check.max_rel_err:.3g} "
+                                "relative (an exact transform should not): please report it")
+    return equalized, report, check.max_rel_err

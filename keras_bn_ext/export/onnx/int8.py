@@ -34,9 +34,9 @@ from typing import Sequence
 import keras
 import numpy as np
 
-from keras_bn_ext.compare import compare_models, input_specs, keras_outputs, output_names
-from keras_bn_ext.data import array_batches, model_arrays
-from keras_bn_ext.errors import InputDataError, VerificationError
+from keras_bn_ext.compare import input_specs, output_names
+from keras_bn_ext.data import array_batches
+from keras_bn_ext.errors import VerificationError
 from keras_bn_ext.export.onnx import options as onnx_options
 from keras_bn_ext.export.onnx.convert import export_onnx
 from keras_bn_ext.export.onnx.quantize import quantize_onnx, rank_nodes
@@ -45,8 +45,9 @@ from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.model_io import atomic_output
 from keras_bn_ext.quantization import options
 from keras_bn_ext.quantization.cpu import CpuTarget, cpu_target, detect_cpu
-from keras_bn_ext.quantization.equalize import EqualizationReport, equalize_model
-from keras_bn_ext.quantization.fidelity import Criteria, FidelityReport, check_labels, is_classifier_output, measure
+from keras_bn_ext.quantization.equalize import EqualizationReport, equalize_verified
+from keras_bn_ext.quantization.calibration import prepare
+from keras_bn_ext.quantization.fidelity import Criteria, FidelityReport, measure
 
 __all__ = ["Int8Result", "export_int8"]
 
@@ -125,11 +126,6 @@ class Int8Result:
         }
 
 
-def _predict(model: keras.Model, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-    per_batch = [keras_outputs(model, b) for b in array_batches(arrays, _EVAL_BATCH)]
-    return [np.concatenate([b[j] for b in per_batch]) for j in range(len(per_batch[0]))]
-
-
 def _run_file(path, arrays, names, model) -> tuple[list[np.ndarray], dict]:
     feeds = [dict(zip(names, b)) for b in array_batches(arrays, _EVAL_BATCH)]
     got, meta = run_onnxruntime(path, feeds, provider="cpu")
@@ -146,25 +142,6 @@ def _max_rel(reference, got) -> float:
         top = float(np.max(np.abs(r))) or 1.0
         worst = max(worst, float(np.max(np.abs(np.asarray(r, np.float64) - g))) / top)
     return worst
-
-
-def _split_data(model, calibration, eval_data, labels):
-    calib = model_arrays(model, calibration, source="calibration data")
-    if eval_data is not None:
-        evaluation = model_arrays(model, eval_data, source="evaluation data")
-        source = "evaluation data"
-    else:
-        n = len(calib[0])
-        held = max(1, int(round(n * options.HOLDOUT_FRACTION)))
-        if n - held < 1:
-            raise InputDataError(f"calibration data holds {n} sample(s): at least 2 are needed to hold some out for "
-                                 "the evaluation (or give evaluation data)")
-        evaluation = [a[n - held:] for a in calib]
-        calib = [a[: n - held] for a in calib]
-        source = f"held out: the last {held} of {n} calibration samples (not calibrated on)"
-        if labels is not None and len(np.asarray(labels)) == n:
-            labels = np.asarray(labels)[n - held:]
-    return calib, evaluation, source, labels
 
 
 def export_int8(
@@ -220,11 +197,8 @@ def export_int8(
     target = cpu_target(target_cpu)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    calib, evaluation, eval_source, labels = _split_data(model, calibration, eval_data, labels)
-    reference = _predict(model, evaluation)
-    if labels is not None:
-        classes = next((int(r.shape[1]) for r in reference if is_classifier_output(r)), None)
-        labels = check_labels(labels, len(evaluation[0]), classes)
+    data = prepare(model, calibration, eval_data=eval_data, labels=labels)
+    calib, evaluation, labels, reference = data.calibration, data.evaluation, data.labels, data.reference
     timings["reference"] = round(time.perf_counter() - start, 4)
 
     start = time.perf_counter()
@@ -235,21 +209,14 @@ def export_int8(
     first = [a[: min(64, len(a))] for a in evaluation]
 
     def equalized():
-        eq, eq_report = equalize_model(folded, relu6_to_relu=relu6_to_relu)
-        base = equalize_model(folded, relu6_to_relu=True, scale=False)[0] if eq_report.relu6_replaced else folded
-        check = compare_models(base, eq, inputs=first)
-        if not check.passed:
-            raise VerificationError(f"cross-layer equalization changed the model's outputs by {check.max_rel_err:.3g} "
-                                    "relative (an exact transform should not): please report it")
-        return eq, eq_report, check.max_rel_err
+        return equalize_verified(folded, first, relu6_to_relu=relu6_to_relu)
 
     with tempfile.TemporaryDirectory(prefix="keras_bn_ext_int8_") as work:
         work = Path(work)
         calib_npz, rank_npz = work / "calibration.npz", work / "rank.npz"
         np.savez(calib_npz, **dict(zip(names, calib)))
         np.savez(rank_npz, **{n: a[:_RANK_SAMPLES] for n, a in zip(names, evaluation)})
-        calibration_info = {"samples": int(len(calib[0])), "batch_size": calibration_batch_size,
-                            "batches": -(-len(calib[0]) // calibration_batch_size), "method": method}
+        calibration_info = data.info(calibration_batch_size, method)
 
         def attempt(candidate, tag: str, excluded: Sequence[str], cache):
             float_path, int8_path = work / f"{tag}.float.onnx", work / f"{tag}.int8.onnx"
@@ -330,7 +297,7 @@ def export_int8(
         sizes["ratio"] = round(sizes["int8"] / sizes["float"], 4)
     return Int8Result(
         path=str(path), calibration=calibration_info,
-        evaluation={"samples": int(len(evaluation[0])), "source": eval_source, "labels": labels is not None},
+        evaluation=data.evaluation_info(),
         per_channel=per_channel, reduce_range=target.reduce_range, target_cpu=target, fold=fold_report,
         equalization=eq_report, equalize_requested=equalize, kept_in_float=excluded, fallback=steps,
         fallback_budget=fallback_budget, fidelity=fidelity, float_onnx_max_rel_err=float_err,
