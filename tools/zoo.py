@@ -31,6 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 
 from keras_bn_ext.errors import KerasBnExtError  # noqa: E402
+from keras_bn_ext.export.litert.pipeline import export_litert_verified  # noqa: E402
+from keras_bn_ext.export.litert.verify import verify_litert  # noqa: E402
 from keras_bn_ext.export.onnx.convert import export_onnx  # noqa: E402
 from keras_bn_ext.export.onnx.verify import verify_onnx  # noqa: E402
 from keras_bn_ext.folding.save import fold_to_file  # noqa: E402
@@ -47,11 +49,17 @@ from keras_bn_ext.testing import (  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 1e-5  # max relative error allowed for the fold and for the ONNX export
 QUICK_APPLICATIONS = ("MobileNetV3Small", "EfficientNetB0", "InceptionV3", "DenseNet121")
+# --quick (CI) converts these to LiteRT too; the full sweep converts every model.
+QUICK_LITERT = ("MobileNetV3Small", "MobileNetBackbone (V3)", "HGNetV2Backbone")
 QUICK_KERASHUB = ("ResNetBackbone bottleneck pre-activation", "CSPNetBackbone dark", "MobileNetBackbone (V3)",
                   "HGNetV2Backbone")
 
 
-def sweep_one(source: str, name: str, build) -> dict:
+class _Skipped(Exception):
+    """LiteRT left out of a --quick row."""
+
+
+def sweep_one(source: str, name: str, build, *, litert: bool = True) -> dict:
     row = {"source": source, "model": name}
     start = time.perf_counter()
     try:
@@ -84,7 +92,24 @@ def sweep_one(source: str, name: str, build) -> dict:
                 verification.unoptimized.max_rel_err if verification.unoptimized else None)
             row["onnx_bn_ops"] = export.op_counts.get("BatchNormalization", 0)
             row["onnx_guards"] = len(export.guards)
-            ok = result.passed and verification.passed and row["bn_counted"] == row["bn_total"]
+            lite_start = time.perf_counter()
+            row["litert_passed"] = None
+            try:
+                if not litert:
+                    raise _Skipped()
+                lite = export_litert_verified(folded, Path(tmp) / "m.tflite", fold=False, samples=1)
+                lite_check = verify_litert(model, Path(tmp) / "m.tflite", samples=1, batch_sizes=(1, 2))
+                row["litert_max_rel_err"] = lite_check.comparison.max_rel_err
+                row["litert_float64"] = lite_check.exact.to_dict() if lite_check.exact else None
+                row["litert_passed"] = lite.passed and lite_check.passed
+            except _Skipped:
+                pass
+            except (KerasBnExtError, Exception) as exc:  # noqa: BLE001 - recorded in its own column
+                row["litert_passed"] = False
+                row["litert_error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+            row["litert_seconds"] = round(time.perf_counter() - lite_start, 1)
+            ok = (result.passed and verification.passed and row["litert_passed"] is not False
+                  and row["bn_counted"] == row["bn_total"])
             row["status"] = "ok" if ok else "ERROR: verification failed or BNs uncounted"
             if verification.unoptimized is not None and verification.unoptimized.passed:
                 rule = verification.optimizer_culprit or "graph optimizations"
@@ -135,10 +160,14 @@ def write_markdown(result: dict, path: Path) -> None:
         "the float32 original, this = the folded model in float64 / the ONNX outputs. "
         "Custom layers that hold BNs and whose call() traces symbolically are replaced by their "
         "graph (`folding.inline`) and their BNs fold; the others are kept with the reason. Every "
-        "ONNX file is guarded against onnxruntime's Pad_Fusion (a zero Pad before a MaxPool).",
+        "ONNX file is guarded against onnxruntime's Pad_Fusion (a zero Pad before a MaxPool). LiteRT: "
+        "`export_litert_verified` of the reloaded folded model (batch 1 and 8 on ai-edge-litert), then "
+        "`verify_litert` against the original at batch sizes 1 and 2 (the dynamic batch resized); kept "
+        "BNs are counted by their stable code (`folding.graph.KEPT_CODES`).",
         "",
-        "| source | model | input | BN total | folded | kept, by reason | fold rel err | ONNX rel err | s | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| source | model | input | BN total | folded | kept, by code | fold rel err | ONNX rel err | LiteRT rel err "
+        "| LiteRT s | s | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         kept = "; ".join(f"{v}× {k}" for k, v in r.get("kept", {}).items()) or "–"
@@ -148,6 +177,7 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(
             f"| {r['source']} | {r['model']} | {'×'.join(map(str, r.get('input', [])))} | {r.get('bn_total', '–')} | "
             f"{r.get('bn_folded', '–')} | {kept} | {_err(r, 'fold_max_rel_err')} | {_err(r, 'onnx_max_rel_err')} | "
+            f"{r.get('litert_error') or _err(r, 'litert_max_rel_err')} | {r.get('litert_seconds', '–')} | "
             f"{r['seconds']} | {r['status']} |"
         )
     ok = sum(r["status"] == "ok" for r in result["rows"])
@@ -165,12 +195,13 @@ def _candidates() -> list:
     return candidates
 
 
-def _in_child(name: str) -> dict:
+def _in_child(name: str, *, litert: bool = True) -> dict:
     """One model in a process of its own: TensorFlow and tf2onnx keep memory between
     conversions, and the largest models need ~10 GB each."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--row", str(out)],
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--row", str(out)]
+                              + ([] if litert else ["--no-litert"]),
                               capture_output=True, text=True)
         if out.exists():
             return json.loads(out.read_text())
@@ -203,6 +234,7 @@ def main(argv=None) -> int:
                         help="only these models; repeatable. Where --out holds a sweep, its other rows are kept")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--no-litert", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--render", action="store_true", help="only rewrite ZOO.md from the zoo.json in --out")
     args = parser.parse_args(argv)
     if args.render:
@@ -212,7 +244,7 @@ def main(argv=None) -> int:
     order = [c[1] for c in candidates]  # the sweep's row order, before any filter
     if args.one:
         source, name, build = next(c for c in candidates if c[1] == args.one)
-        Path(args.row).write_text(json.dumps(sweep_one(source, name, build)))
+        Path(args.row).write_text(json.dumps(sweep_one(source, name, build, litert=not args.no_litert)))
         return 0
     if args.quick:
         candidates = [c for c in candidates if c[1] in QUICK_APPLICATIONS + QUICK_KERASHUB]
@@ -232,7 +264,7 @@ def main(argv=None) -> int:
     earlier_seconds = sum(r["seconds"] for r in result["rows"])
     started = time.perf_counter()
     for source, name, _ in candidates:
-        row = _in_child(name)
+        row = _in_child(name, litert=not args.quick or name in QUICK_LITERT)
         row["source"] = source
         result["rows"].append(row)
         if args.only:
