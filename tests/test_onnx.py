@@ -170,6 +170,9 @@ def test_fp16_export_keeps_float32_io_and_passes_fp16_tolerance(lenet, tmp_path)
     # the fp16 tolerance is 1e-2 relative, and float32's 1e-5 must fail.
     assert verify_onnx(lenet, path, provider="cpu", atol=1e-3, rtol=1e-2).passed
     assert not verify_onnx(lenet, path, provider="cpu", atol=0.0, rtol=1e-6).passed
+    # Called without tolerances, verify_onnx reads the file's precision: float16's defaults.
+    default = verify_onnx(lenet, path, provider="cpu", samples=1)
+    assert default.passed and default.comparison.rtol == 1e-2 and default.comparison.atol == 1e-3
 
 
 GROUPED = {

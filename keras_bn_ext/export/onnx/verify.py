@@ -230,6 +230,14 @@ def load_inputs_npz(model: keras.Model, path: str | os.PathLike) -> list[np.ndar
     return model_arrays(model, load_npz(path), source=f"inputs file {path}")
 
 
+def holds_float16(onnx_path) -> bool:
+    """Whether the ONNX file computes in float16 (any float16 initializer)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+
+
 def verify_onnx(
     model: keras.Model,
     onnx_path: str | os.PathLike,
@@ -240,8 +248,8 @@ def verify_onnx(
     provider: str = "auto",
     require_gpu: bool = False,
     require_all_gpu: bool = False,
-    atol: float = options.FP32_ATOL,
-    rtol: float = options.FP32_RTOL,
+    atol: float | None = None,
+    rtol: float | None = None,
     seed: int = 0,
     benchmark: bool = False,
     benchmark_repeats: int = 30,
@@ -263,9 +271,15 @@ def verify_onnx(
         require_all_gpu: Also raise it when onnxruntime placed any compute node on the
             CPU inside the CUDA session (shape computations it keeps there on purpose
             excepted).
-        atol, rtol: An output passes when max|a-b| <= atol + rtol * max|reference|.
+        atol, rtol: An output passes when max|a-b| <= atol + rtol * max|reference|. None:
+            the float32 defaults, or the float16 ones when the file holds float16 weights
+            (an `--fp16` export), read from the file itself.
         benchmark: Also time Keras (`tf.function`) and onnxruntime at each batch size.
     """
+    if atol is None or rtol is None:
+        half = holds_float16(onnx_path)
+        atol = atol if atol is not None else (options.FP16_ATOL if half else options.FP32_ATOL)
+        rtol = rtol if rtol is not None else (options.FP16_RTOL if half else options.FP32_RTOL)
     if inputs is not None:
         check_inputs(model, inputs)
         batches = [list(inputs)]
