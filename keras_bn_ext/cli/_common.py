@@ -185,10 +185,13 @@ def load_input_model(args, output, *, other_inputs: Sequence[str] = ()):
     the user's custom modules, then the model itself."""
     from keras_bn_ext.model_io import check_model_file, check_output_path, import_custom_modules, load_model
 
+    from keras_bn_ext.progress import phase
+
     check_model_file(args.model)
     check_output_path(output, inputs=[args.model, *other_inputs], force=args.force)
-    import_custom_modules(args.custom_module)
-    return load_model(args.model, safe_mode=not args.unsafe)
+    with phase("load"):
+        import_custom_modules(args.custom_module)
+        return load_model(args.model, safe_mode=not args.unsafe)
 
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process killed by SIGTERM
@@ -253,13 +256,70 @@ def use_tensorflow_backend() -> None:
     require_tensorflow_backend("this tool")
 
 
-def run(prog: str, work: Callable[[], int], *, debug: bool) -> int:
+class _TerminalReporter:
+    """Each phase on the terminal as it runs (a rich spinner), then a line with its time.
+    Writes to the terminal's own stderr (a duplicate taken before TensorFlow's C++ log
+    lines are diverted)."""
+
+    def __init__(self, stream):
+        from rich.console import Console
+
+        self.console = Console(file=stream, stderr=False)
+        self.status = None
+        self.stack: list[str] = []
+
+    def start(self, name: str) -> None:
+        self.stack.append(name)
+        self._show()
+
+    def done(self, name: str, seconds: float, ok: bool) -> None:
+        if self.stack and self.stack[-1] == name:
+            self.stack.pop()
+        mark = "[green]✓[/green]" if ok else "[red]✗[/red]"
+        self._stop()
+        self.console.print(f"{mark} {'  ' * len(self.stack)}{name} ({seconds:.1f} s)", highlight=False)
+        if self.stack:
+            self._show()
+
+    def _show(self) -> None:
+        self._stop()
+        self.status = self.console.status(" / ".join(self.stack) + " …")
+        self.status.start()
+
+    def _stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+@contextmanager
+def _progress(enabled: bool):
+    """A terminal reporter when stderr is a terminal and `enabled` (not --json), else none."""
+    from keras_bn_ext import progress
+
+    if not enabled or not sys.stderr.isatty():
+        with progress.reporting(None):
+            yield
+        return
+    stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    reporter = _TerminalReporter(stream)
+    try:
+        with progress.reporting(reporter):
+            yield
+    finally:
+        reporter._stop()
+        stream.close()
+
+
+def run(prog: str, work: Callable[[], int], *, debug: bool, show_progress: bool = True) -> int:
     """Run `work`, turning the library's typed errors (and a full disk, a permission
-    error) into one stderr line and exit 2; SIGTERM and Ctrl-C clean up and exit 143/130."""
+    error) into one stderr line and exit 2; SIGTERM and Ctrl-C clean up and exit 143/130.
+    On a terminal (and with `show_progress`: not --json), the library's phases are shown
+    as they run."""
     error = None
     try:
         use_tensorflow_backend()
-        with terminate_as_interrupt(), captured_native_stderr(not debug):
+        with terminate_as_interrupt(), _progress(show_progress), captured_native_stderr(not debug):
             return work()
     except Terminated:
         # Every `finally` has run (temporary files removed, child processes killed). Exit

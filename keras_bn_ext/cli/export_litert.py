@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--no-fold", args.no_fold), ("--fp16", args.fp16), ("--inputs", args.inputs)):
         if args.int8 and value:
             parser.error(f"--int8 cannot be combined with {flag}")
-    return run(PROG, lambda: _work(args), debug=args.debug)
+    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json)
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = _int8_usage_errors(args)
     if problem:
         parser.error(problem)
-    return run(PROG, lambda: _work(args), debug=args.debug)
+    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json)
 
 
 if __name__ == "__main__":

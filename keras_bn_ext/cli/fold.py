@@ -148,7 +148,7 @@ def _print_summary(result: dict, outcome) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(PROG, lambda: _work(args), debug=args.debug)
+    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json)
 
 
 if __name__ == "__main__":

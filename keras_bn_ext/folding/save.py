@@ -24,6 +24,7 @@ from keras_bn_ext.compare import (
     random_inputs,
 )
 from keras_bn_ext.folding import options
+from keras_bn_ext.progress import phase
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.model_io import atomic_output, loadable_build_configs
 
@@ -140,7 +141,8 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
 
     def timed(name, fn):
         start = time.perf_counter()
-        value = fn()
+        with phase(name.replace("_", " ")):
+            value = fn()
         timings[name] = round(time.perf_counter() - start, 4)
         return value
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_bn_ext.progress import phase
 from keras_bn_ext.compare import ComparisonReport, compare_output_lists, keras_outputs, output_names
 from keras_bn_ext.model_io import atomic_output
 from keras_bn_ext.recalibration.options import BATCH_SIZE
@@ -77,8 +78,9 @@ def recalibrate_to_file(
         safe_mode: How the written file is loaded back (False for trusted Lambda layers).
         check_batches: Batches of the data the reloaded file is compared on.
     """
-    report = recalibrate_batchnorms(model, data, mode=mode, batch_size=batch_size,
-                                    include_frozen=include_frozen)
+    with phase(f"recalibrate ({mode})"):
+        report = recalibrate_batchnorms(model, data, mode=mode, batch_size=batch_size,
+                                        include_frozen=include_frozen)
     result = RecalibrationResult(recalibration=report, output=None)
     batches = []
     for batch in Batches(model, data, batch_size, one_pass=True):

@@ -21,6 +21,7 @@ from keras_bn_ext.export.litert.convert import to_tflite_bytes
 from keras_bn_ext.export.litert.verify import run_litert
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.model_io import atomic_output
+from keras_bn_ext.progress import phase
 from keras_bn_ext.quantization import options
 from keras_bn_ext.quantization.calibration import EVAL_BATCH, prepare
 from keras_bn_ext.errors import VerificationError
@@ -91,12 +92,14 @@ def export_litert_int8(
             yield [np.asarray(a) for a in batch]
 
     def attempt(candidate):
-        quantized = to_tflite_bytes(candidate, representative=representative)
+        with phase("convert and calibrate (LiteRT converter)"):
+            quantized = to_tflite_bytes(candidate, representative=representative)
         with tempfile.TemporaryDirectory(prefix="keras_bn_ext_litert_") as work:
             file = Path(work) / "m.tflite"
             file.write_bytes(quantized)
             feeds = [dict(zip(names, b)) for b in array_batches(data.evaluation, EVAL_BATCH)]
-            got, meta = run_litert(file, feeds, keras_names=keras_names)
+            with phase(f"measure on {len(data.evaluation[0])} samples"):
+                got, meta = run_litert(file, feeds, keras_names=keras_names)
         outputs = [np.concatenate([b[j] for b in got]) for j in range(len(keras_names))]
         fid = measure(data.reference, outputs, keras_names, labels=data.labels, criteria=criteria)
         return quantized, fid, meta, outputs

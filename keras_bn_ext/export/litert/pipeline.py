@@ -16,6 +16,7 @@ from keras_bn_ext.export.litert.convert import LiteRTExportReport, export_litert
 from keras_bn_ext.export.litert.verify import LiteRTVerification, verify_litert
 from keras_bn_ext.export.onnx import options
 from keras_bn_ext.model_io import atomic_output
+from keras_bn_ext.progress import phase
 
 __all__ = ["LiteRTResult", "export_litert_verified"]
 
@@ -58,11 +59,13 @@ def export_litert_verified(
     timings: dict[str, float] = {}
     with atomic_output(path) as tmp:
         start = time.perf_counter()
-        export = export_litert(model, tmp, fold=fold, exclude=exclude, fp16=fp16)
+        with phase("fold and convert (LiteRT converter)"):
+            export = export_litert(model, tmp, fold=fold, exclude=exclude, fp16=fp16)
         timings["export"] = round(time.perf_counter() - start, 4)
         start = time.perf_counter()
-        verification = verify_litert(model, tmp, inputs=inputs, samples=samples, atol=atol, rtol=rtol,
-                                     benchmark=benchmark)
+        with phase("verify on ai-edge-litert"):
+            verification = verify_litert(model, tmp, inputs=inputs, samples=samples, atol=atol, rtol=rtol,
+                                         benchmark=benchmark)
         timings["verify"] = round(time.perf_counter() - start, 4)
     export.path = str(path)
     export.op_counts = verification.op_counts

@@ -43,6 +43,7 @@ from keras_bn_ext.export.onnx.quantize import quantize_onnx, rank_nodes
 from keras_bn_ext.export.onnx.verify import run_onnxruntime
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.model_io import atomic_output
+from keras_bn_ext.progress import phase
 from keras_bn_ext.quantization import options
 from keras_bn_ext.quantization.cpu import CpuTarget, cpu_target, detect_cpu
 from keras_bn_ext.quantization.equalize import EqualizationReport, equalize_verified
@@ -197,12 +198,14 @@ def export_int8(
     target = cpu_target(target_cpu)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    data = prepare(model, calibration, eval_data=eval_data, labels=labels)
+    with phase("check data, float reference"):
+        data = prepare(model, calibration, eval_data=eval_data, labels=labels)
     calib, evaluation, labels, reference = data.calibration, data.evaluation, data.labels, data.reference
     timings["reference"] = round(time.perf_counter() - start, 4)
 
     start = time.perf_counter()
-    folded, fold_report = fold_batchnorms(model, exclude=exclude)
+    with phase("fold"):
+        folded, fold_report = fold_batchnorms(model, exclude=exclude)
     timings["fold"] = round(time.perf_counter() - start, 4)
     names = [n for n, _, _ in input_specs(model)]
     use_equalize = equalize == "on" or (equalize == "auto" and not per_channel)
@@ -221,11 +224,14 @@ def export_int8(
         def attempt(candidate, tag: str, excluded: Sequence[str], cache):
             float_path, int8_path = work / f"{tag}.float.onnx", work / f"{tag}.int8.onnx"
             if not float_path.exists():
-                export_onnx(candidate, float_path, fold=False, opset=opset, batch_size=batch_size)
-            meta = quantize_onnx(float_path, int8_path, calib_npz, names, per_channel=per_channel,
-                                 reduce_range=target.reduce_range, method=method, batch_size=calibration_batch_size,
-                                 nodes_to_exclude=excluded, cache=cache)
-            got, _ = _run_file(int8_path, evaluation, names, model)
+                with phase("convert (tf2onnx)"):
+                    export_onnx(candidate, float_path, fold=False, opset=opset, batch_size=batch_size)
+            with phase(f"calibrate and quantize ({calibration_info['batches']} batches)"):
+                meta = quantize_onnx(float_path, int8_path, calib_npz, names, per_channel=per_channel,
+                                     reduce_range=target.reduce_range, method=method,
+                                     batch_size=calibration_batch_size, nodes_to_exclude=excluded, cache=cache)
+            with phase(f"measure on {len(evaluation[0])} samples"):
+                got, _ = _run_file(int8_path, evaluation, names, model)
             fidelity = measure(reference, got, output_names(model), labels=labels, criteria=criteria)
             return float_path, int8_path, got, fidelity, meta
 

@@ -19,6 +19,7 @@ from keras_bn_ext.export.onnx import options
 from keras_bn_ext.export.onnx.convert import ExportReport, export_onnx
 from keras_bn_ext.export.onnx.verify import VerificationReport, verify_onnx
 from keras_bn_ext.model_io import atomic_output
+from keras_bn_ext.progress import phase
 
 __all__ = ["OnnxResult", "export_verified"]
 
@@ -94,15 +95,18 @@ def export_verified(
     timings: dict[str, float] = {}
     with atomic_output(path) as tmp:
         start = time.perf_counter()
-        export = export_onnx(model, tmp, fold=fold, exclude=exclude, opset=opset,
-                             batch_size=batch_size, fp16=fp16)
+        with phase("fold and convert (tf2onnx)"):
+            export = export_onnx(model, tmp, fold=fold, exclude=exclude, opset=opset,
+                                 batch_size=batch_size, fp16=fp16)
         timings["export"] = round(time.perf_counter() - start, 4)
         start = time.perf_counter()
-        verification = verify_onnx(
-            model, tmp, inputs=inputs, samples=samples,
-            batch_sizes=(batch_size,) if batch_size else options.BATCH_SIZES,
-            provider=provider, require_gpu=require_gpu, require_all_gpu=require_all_gpu, atol=atol, rtol=rtol, benchmark=benchmark,
-        )
+        with phase("verify on onnxruntime"):
+            verification = verify_onnx(
+                model, tmp, inputs=inputs, samples=samples,
+                batch_sizes=(batch_size,) if batch_size else options.BATCH_SIZES,
+                provider=provider, require_gpu=require_gpu, require_all_gpu=require_all_gpu, atol=atol, rtol=rtol,
+                benchmark=benchmark,
+            )
         timings["verify"] = round(time.perf_counter() - start, 4)
     export.path = str(path)
     return OnnxResult(export=export, verification=verification, timings_s=timings)
