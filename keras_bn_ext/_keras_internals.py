@@ -17,6 +17,10 @@ __all__ = [
     "functional_graph",
     "is_functional",
     "graph_nodes",
+    "node_operation",
+    "node_is_input",
+    "node_inputs",
+    "node_outputs",
     "node_call_args",
     "node_call_kwargs",
     "producer_of",
@@ -51,6 +55,26 @@ def graph_nodes(graph) -> list:
     operations, not their calls: a shared layer has one entry but several nodes."""
     by_depth = graph._nodes_by_depth
     return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+
+
+# A Node's parts. `keras.src.ops.node.Node` is not public API: every read of its attributes
+# is here, so a Keras change breaks one module.
+def node_operation(node):
+    """The layer or operation a node calls (None for some input nodes)."""
+    return node.operation
+
+
+def node_is_input(node) -> bool:
+    return node.is_input
+
+
+def node_inputs(node) -> list:
+    """The symbolic tensors the node's call takes, flattened."""
+    return node.input_tensors
+
+
+def node_outputs(node) -> list:
+    return node.output_tensors
 
 
 def node_call_args(node) -> tuple:

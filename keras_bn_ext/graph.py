@@ -46,9 +46,9 @@ class GraphIndex:
         self.calls: dict[int, int] = {}
         self.consumers: dict[int, list] = {}
         for node in self.nodes:
-            if node.operation is not None and not node.is_input:
-                self.calls[id(node.operation)] = self.calls.get(id(node.operation), 0) + 1
-            for tensor in node.input_tensors:
+            if internals.node_operation(node) is not None and not internals.node_is_input(node):
+                self.calls[id(internals.node_operation(node))] = self.calls.get(id(internals.node_operation(node)), 0) + 1
+            for tensor in internals.node_inputs(node):
                 self.consumers.setdefault(id(tensor), []).append(node)
         self.output_ids = {id(t) for t in graph.outputs}
         self.dict_outputs = isinstance(internals.outputs_struct(graph), dict)
@@ -69,10 +69,10 @@ def single_path_consumer(tensor, g: GraphIndex, passes):
         users = g.consumers.get(id(tensor), [])
         if len(users) != 1:
             return None, [], f"its output feeds {len(users)} layers"
-        user = users[0].operation
+        user = internals.node_operation(users[0])
         if g.calls.get(id(user), 0) > 1:
             return None, [], f"'{user.name}' ({type(user).__name__}) is shared"
         if not passes(user, users[0]):
             return user, through, None
         through.append(user)
-        tensor = users[0].output_tensors[0]
+        tensor = internals.node_outputs(users[0])[0]

@@ -96,21 +96,21 @@ def residual_branch_batchnorms(model: keras.Model) -> list[keras.layers.Layer]:
             if id(tensor) in summed_outputs:
                 return True
             for node in index.consumers.get(id(tensor), ()):
-                kind = type(node.operation).__name__
-                if kind == "Add" and len(node.input_tensors) > 1:
+                kind = type(internals.node_operation(node)).__name__
+                if kind == "Add" and len(internals.node_inputs(node)) > 1:
                     return True
-                if kind in _PASS_THROUGH and node.output_tensors and reaches_sum(node.output_tensors[0]):
+                if kind in _PASS_THROUGH and internals.node_outputs(node) and reaches_sum(internals.node_outputs(node)[0]):
                     return True
             return False
 
         for node in index.nodes:
-            layer = node.operation
-            if layer is None or node.is_input:
+            layer = internals.node_operation(node)
+            if layer is None or internals.node_is_input(node):
                 continue
-            if is_batchnorm(layer) and layer not in found and reaches_sum(node.output_tensors[0]):
+            if is_batchnorm(layer) and layer not in found and reaches_sum(internals.node_outputs(node)[0]):
                 found.append(layer)
             elif is_rebuildable_model(layer):
-                visit(graph_of(layer), [reaches_sum(t) for t in node.output_tensors])
+                visit(graph_of(layer), [reaches_sum(t) for t in internals.node_outputs(node)])
 
     if is_rebuildable_model(model):
         visit(graph_of(model))

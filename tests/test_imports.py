@@ -55,7 +55,9 @@ def test_no_tool_imports_the_tests():
 def test_keras_private_api_stays_in_its_adapter():
     """Every use of Keras's private API is in keras_bn_ext/_keras_internals.py."""
     private = re.compile(r"keras\.src|\._keras_history|\._inbound_nodes|\._run_through_graph|"
-                         r"\._flatten_layers|SafeModeScope|\._nodes_by_depth|\._functional\b|_outputs_struct")
+                         r"\._flatten_layers|SafeModeScope|\._nodes_by_depth|\._functional\b|_outputs_struct|"
+                         r"\bnode\.(operation|is_input|input_tensors|output_tensors)\b|"
+                         r"\]\.(operation|input_tensors|output_tensors)\b")
     package = os.path.join(REPO, "keras_bn_ext")
     for root, _, files in os.walk(package):
         for name in files:

@@ -65,8 +65,8 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "",
     decisions: list[BNDecision] = []
     seen: set[int] = set()  # models and custom layers already visited (shared ones once)
     for node in g.nodes:
-        op = node.operation
-        if op is None or node.is_input:
+        op = internals.node_operation(node)
+        if op is None or internals.node_is_input(node):
             continue
         if is_rebuildable_model(op):
             if id(op) not in seen:
@@ -83,16 +83,16 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "",
         if blocked is None:
             blocked = _backward_blocker(op, node, g)
             if blocked is None:
-                decision.into = internals.producer_of(node.input_tensors[0])
+                decision.into = internals.producer_of(internals.node_inputs(node)[0])
                 # A model output is named after the layer that produces it (dict keys
                 # aside): the folded BN leaves an Identity under its name behind.
                 decision.keeps_name = not g.dict_outputs and any(
-                    id(t) in g.output_ids for t in node.output_tensors)
+                    id(t) in g.output_ids for t in internals.node_outputs(node))
             else:
                 target, through, forward_reason = _forward_target(op, node, g)
                 if forward_reason is None:
                     decision.into, decision.through, decision.direction = target, through, "forward"
-                    decision.feature_shape = tuple(node.output_tensors[0].shape[1:])
+                    decision.feature_shape = tuple(internals.node_outputs(node)[0].shape[1:])
                 else:
                     decision.code, decision.reason = blocked[0], f"{blocked[1]}; no exact forward fold: {forward_reason}"
         else:
@@ -122,14 +122,14 @@ def _bn_blocker(bn, node, g: GraphIndex, exclude) -> str | None:
         return "bn_shared", f"the BN layer is shared (called {g.calls[id(bn)]} times)"
     if internals.node_call_kwargs(node).get("training") is True:
         return "training_true", "called with training=True (always batch statistics)"
-    if len(node.input_tensors) != 1:
+    if len(internals.node_inputs(node)) != 1:
         return "several_inputs", "the BN takes several input tensors"
     return None
 
 
 def _backward_blocker(bn, node, g: GraphIndex) -> str | None:
     """Why the BN cannot fold into the layer that feeds it, or None."""
-    tensor = node.input_tensors[0]
+    tensor = internals.node_inputs(node)[0]
     producer = internals.producer_of(tensor)
     pname = describe(producer)
     if rule_for(producer) is None:
@@ -159,14 +159,14 @@ _PASS_THROUGH = (keras.layers.Dropout, keras.layers.Flatten)  # identity in infe
 def _forward_target(bn, node, g: GraphIndex):
     """The layer that BN's output feeds, through Dropout/Flatten, if folding the BN into
     its input side is exact. Returns (target, through, None) or (None, (), reason)."""
-    tensor = node.output_tensors[0]
+    tensor = internals.node_outputs(node)[0]
     rank = len(tensor.shape)
     user, through, reason = single_path_consumer(tensor, g, lambda op, _node: type(op) in _PASS_THROUGH)
     if reason is not None:
         return None, (), reason
     uname = describe(user)
     flattened = any(isinstance(t, keras.layers.Flatten) for t in through)
-    if flattened and any(d is None for d in node.output_tensors[0].shape[1:]):
+    if flattened and any(d is None for d in internals.node_outputs(node)[0].shape[1:]):
         return None, (), "its output has unknown dimensions before a Flatten"
     rule = rule_for(user)
     if rule is None or rule.input_axis is None:

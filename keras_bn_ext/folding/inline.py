@@ -61,7 +61,7 @@ def _trace(layer, node, calls: int) -> keras.Model:
     if len(args) != 1:
         raise ValueError("it is called with more than one positional argument")
     flat = keras.tree.flatten(args[0])
-    if [id(t) for t in flat] != [id(t) for t in node.input_tensors]:
+    if [id(t) for t in flat] != [id(t) for t in internals.node_inputs(node)]:
         raise ValueError("its argument holds more than tensors")
     extra = {k: v for k, v in kwargs.items() if v is not None and not (k == "training" and v is False)}
     if extra:
@@ -76,7 +76,7 @@ def _trace(layer, node, calls: int) -> keras.Model:
     except Exception as exc:  # noqa: BLE001 - whatever call() raises on a symbolic input
         first = (str(exc).strip().splitlines() or [""])[0][:120]
         raise ValueError(f"its call() does not trace symbolically ({type(exc).__name__}: {first})") from None
-    traced, expected = keras.tree.flatten(outputs), node.output_tensors
+    traced, expected = keras.tree.flatten(outputs), internals.node_outputs(node)
     if len(traced) != len(expected) or any(
             tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype for a, b in zip(traced, expected)):
         raise ValueError("its traced outputs differ in shape or dtype from its node's")
@@ -110,8 +110,8 @@ def _inline(model: keras.Model, report: InlineReport, prefix: str) -> keras.Mode
     index = GraphIndex(graph)
     replacements: dict[int, keras.Model] = {}
     for node in index.nodes:
-        op = node.operation
-        if op is None or node.is_input or id(op) in replacements:
+        op = internals.node_operation(node)
+        if op is None or internals.node_is_input(node) or id(op) in replacements:
             continue
         if is_rebuildable_model(op):
             inner = _inline(op, report, f"{prefix}{op.name}/")

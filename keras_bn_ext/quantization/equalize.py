@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.folding import rules
 from keras_bn_ext.graph import GraphIndex, graph_of, is_rebuildable_model, single_path_consumer
 from keras_bn_ext.rebuild import RebuildPlan, rebuild
@@ -135,8 +136,8 @@ def _find_pairs(model, report: EqualizationReport, relu6_to_relu: bool, relu6: l
     g = GraphIndex(graph_of(model))
     pairs = []
     for node in g.nodes:
-        op = node.operation
-        if op is None or node.is_input:
+        op = internals.node_operation(node)
+        if op is None or internals.node_is_input(node):
             continue
         if is_rebuildable_model(op):
             pairs += _find_pairs(op, report, relu6_to_relu, relu6, prefix=f"{prefix}{op.name}/")
@@ -145,7 +146,7 @@ def _find_pairs(model, report: EqualizationReport, relu6_to_relu: bool, relu6: l
         if rule is None or why_not_target(op) is not None or g.calls.get(id(op), 0) != 1:
             continue
         name = prefix + op.name
-        tensor = node.output_tensors[0]
+        tensor = internals.node_outputs(node)[0]
         if id(tensor) in g.output_ids:
             continue  # a model output: there is no second layer
 
@@ -210,8 +211,8 @@ def _find_pairs(model, report: EqualizationReport, relu6_to_relu: bool, relu6: l
 
 def _output_of(g: GraphIndex, op):
     for node in g.nodes:
-        if node.operation is op:
-            return node.output_tensors[0]
+        if internals.node_operation(node) is op:
+            return internals.node_outputs(node)[0]
     raise KeyError(op.name)
 
 
