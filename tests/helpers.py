@@ -128,3 +128,15 @@ def mnist_digits():
 
 def int8_fixture(name: str) -> keras.Model:
     return keras.saving.load_model(os.path.join(INT8_FIXTURES, f"{name}.keras"))
+
+
+BIN = os.path.dirname(sys.executable)  # where the console scripts are (bn-fold, bn-export-onnx, ...)
+
+
+def copy_int8_fixture(folder, name: str = "lenet_bn", as_name: str = "lenet.keras"):
+    """A trained fixture copied into `folder` (a CLI must never touch the committed file)."""
+    import shutil
+
+    path = os.path.join(str(folder), as_name)
+    shutil.copyfile(os.path.join(INT8_FIXTURES, f"{name}.keras"), path)
+    return path

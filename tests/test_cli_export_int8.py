@@ -4,20 +4,18 @@ with nothing written."""
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 
 from keras_bn_ext.cli import export_onnx as cli
-from tests.helpers import INT8_FIXTURES, mnist_digits
+from tests.helpers import copy_int8_fixture, mnist_digits
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("int8")
-    model = tmp / "lenet.keras"
-    shutil.copyfile(os.path.join(INT8_FIXTURES, "lenet_bn.keras"), model)
+    model = copy_int8_fixture(tmp)
     (x_train, y_train), (x_test, y_test) = mnist_digits()
     np.savez(tmp / "calib.npz", image=x_train[:256])
     np.savez(tmp / "eval.npz", image=x_test[:1000], labels=y_test[:1000])

@@ -15,16 +15,13 @@ import numpy as np
 import pytest
 
 from keras_bn_ext.cli import export_onnx as cli
-from tests.helpers import INT8_FIXTURES, REPO
-
-BIN = os.path.dirname(sys.executable)
-
+from tests.helpers import BIN, REPO, copy_int8_fixture
 
 @pytest.fixture
 def model(tmp_path):
-    path = tmp_path / "lenet.keras"
-    shutil.copyfile(os.path.join(INT8_FIXTURES, "lenet_bn.keras"), path)
-    return path
+    from pathlib import Path
+
+    return Path(copy_int8_fixture(tmp_path))
 
 
 def _leftovers(folder, name):

@@ -4,7 +4,6 @@ against the Keras model (the oracle) to float32 tolerances."""
 
 import json
 import os
-import shutil
 
 import keras
 import numpy as np
@@ -14,7 +13,7 @@ from keras_bn_ext.cli import export_litert as cli
 from keras_bn_ext.export.litert.pipeline import export_litert_verified
 from keras_bn_ext.export.litert.verify import run_litert
 from keras_bn_ext.testing import randomize_batchnorms
-from tests.helpers import INT8_FIXTURES, int8_fixture, mnist_digits, two_input_dict_model
+from tests.helpers import copy_int8_fixture, int8_fixture, mnist_digits, two_input_dict_model
 
 
 def test_trained_net_on_real_digits_and_resized_batches(tmp_path):
@@ -62,8 +61,7 @@ def test_fp16_weights_are_smaller_and_verified_with_float16_tolerances(tmp_path)
 
 
 def test_cli_json_and_usage_errors(tmp_path, capsys):
-    src = tmp_path / "lenet.keras"
-    shutil.copyfile(os.path.join(INT8_FIXTURES, "lenet_bn.keras"), src)
+    src = copy_int8_fixture(tmp_path)
     assert cli.main([str(src), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["output"] == str(tmp_path / "lenet.tflite") and report["bn_folded"] == 4
@@ -90,8 +88,7 @@ def test_full_integer_int8_within_half_a_point(tmp_path, name):
 
 
 def test_cli_int8_bad_data_is_one_line(tmp_path, capsys):
-    src = tmp_path / "lenet.keras"
-    shutil.copyfile(os.path.join(INT8_FIXTURES, "lenet_bn.keras"), src)
+    src = copy_int8_fixture(tmp_path)
     np.savez(tmp_path / "c.npz", pixels=np.zeros((8, 28, 28, 1), "float32"))
     assert cli.main([str(src), "--int8", str(tmp_path / "c.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

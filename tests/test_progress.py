@@ -4,17 +4,12 @@ terminal, nothing extra (a pseudo-terminal stands in for the user's)."""
 import os
 import pty
 import re
-import shutil
 import subprocess
-import sys
 
 import pytest
 
 from keras_bn_ext import progress
-from tests.helpers import INT8_FIXTURES
-
-BIN = os.path.dirname(sys.executable)
-
+from tests.helpers import BIN, copy_int8_fixture
 
 def _on_a_terminal(argv):
     leader, follower = pty.openpty()
@@ -37,9 +32,9 @@ def _on_a_terminal(argv):
 
 @pytest.fixture
 def model(tmp_path):
-    path = tmp_path / "lenet.keras"
-    shutil.copyfile(os.path.join(INT8_FIXTURES, "lenet_bn.keras"), path)
-    return path
+    from pathlib import Path
+
+    return Path(copy_int8_fixture(tmp_path))
 
 
 def test_phases_are_shown_on_a_terminal_and_not_with_json(model, tmp_path):

@@ -687,46 +687,25 @@ def main(argv=None) -> int:
         Path(args.only_train).write_text(json.dumps(bench_train(repeats)))
         return 0
     out = Path(args.out)
-    if args.only_training:
-        result = json.loads((out / "bench.json").read_text())
-        result["train"] = bench_train(repeats)
-        result["train_jax"] = bench_train_jax(repeats)
-        result["train_torch"] = bench_train_jax(repeats, "torch")
-        result["train_date"] = datetime.date.today().isoformat()
-        (out / "bench.json").write_text(json.dumps(result, indent=2))
-        write_markdown(result, out / "BENCHMARKS.md")
-        print((out / "BENCHMARKS.md").read_text())
-        return 0
-    if args.only_recalibration:
-        result = json.loads((out / "bench.json").read_text())
-        result["recalibration"] = bench_recalibration(args.quick)
-        (out / "bench.json").write_text(json.dumps(result, indent=2))
-        write_markdown(result, out / "BENCHMARKS.md")
-        print((out / "BENCHMARKS.md").read_text())
-        return 0
-    if args.only_int8:
-        result = json.loads((out / "bench.json").read_text())
-        result["int8"] = bench_int8(args.quick, repeats, os.cpu_count() or 1)
-        (out / "bench.json").write_text(json.dumps(result, indent=2))
-        write_markdown(result, out / "BENCHMARKS.md")
-        print((out / "BENCHMARKS.md").read_text())
-        return 0
-    if args.only_pad_guard:
-        result = json.loads((out / "bench.json").read_text())
-        result["pad_guard"] = bench_pad_guard(args.quick, repeats, os.cpu_count() or 1)
-        (out / "bench.json").write_text(json.dumps(result, indent=2))
-        write_markdown(result, out / "BENCHMARKS.md")
-        print((out / "BENCHMARKS.md").read_text())
-        return 0
-    if args.only_startup:
-        result = json.loads((out / "bench.json").read_text())
-        result.setdefault("targets", {}).update(TARGETS)
-        result["startup"] = bench_startup(rounds=args.repeats or 10)
-        (out / "bench.json").write_text(json.dumps(result, indent=2))
-        write_markdown(result, out / "BENCHMARKS.md")
-        print((out / "BENCHMARKS.md").read_text())
-        return 0
     threads = os.cpu_count() or 1
+    sections = {  # --only-X: measure one section and update it in bench.json / BENCHMARKS.md
+        "only_training": lambda r: r.update(train=bench_train(repeats), train_jax=bench_train_jax(repeats),
+                                            train_torch=bench_train_jax(repeats, "torch"),
+                                            train_date=datetime.date.today().isoformat()),
+        "only_recalibration": lambda r: r.update(recalibration=bench_recalibration(args.quick)),
+        "only_int8": lambda r: r.update(int8=bench_int8(args.quick, repeats, threads)),
+        "only_pad_guard": lambda r: r.update(pad_guard=bench_pad_guard(args.quick, repeats, threads)),
+        "only_startup": lambda r: (r.setdefault("targets", {}).update(TARGETS),
+                                   r.update(startup=bench_startup(rounds=args.repeats or 10))),
+    }
+    for flag, measure in sections.items():
+        if getattr(args, flag):
+            result = json.loads((out / "bench.json").read_text())
+            measure(result)
+            (out / "bench.json").write_text(json.dumps(result, indent=2))
+            write_markdown(result, out / "BENCHMARKS.md")
+            print((out / "BENCHMARKS.md").read_text())
+            return 0
     started = time.perf_counter()
     print("1. training step ...", flush=True)
     train = bench_train(repeats)

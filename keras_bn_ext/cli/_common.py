@@ -47,7 +47,7 @@ def add_common_arguments(
     samples_help: str,
     tolerance_help: str = "",
 ) -> None:
-    """The flags both tools share. atol/rtol None: the tool picks defaults after parsing
+    """The flags the verifying tools share. atol/rtol None: the tool picks defaults after parsing
     (described by tolerance_help)."""
     add_model_arguments(parser)
     parser.add_argument("--samples", type=positive_int, default=3,
@@ -180,7 +180,7 @@ def recalibration_data(model, args) -> list:
 
 
 def load_input_model(args, output, *, other_inputs: Sequence[str] = ()):
-    """The steps both tools take before any work, in this order: the input file's own
+    """The steps every tool takes before any work, in this order: the input file's own
     errors, the output path (never an input, never an existing file without --force),
     the user's custom modules, then the model itself."""
     from keras_bn_ext.model_io import check_model_file, check_output_path, import_custom_modules, load_model

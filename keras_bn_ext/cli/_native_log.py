@@ -34,7 +34,7 @@ def captured_native_stderr(enabled: bool = True) -> Iterator[None]:
             os.close(saved)
 
 
-CLI_NAMES = frozenset({"bn-fold", "bn-export-onnx"})
+CLI_NAMES = frozenset({"bn-fold", "bn-export-onnx", "bn-export-litert", "bn-recalibrate"})
 
 
 def running_as_cli() -> bool:
