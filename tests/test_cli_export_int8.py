@@ -38,6 +38,20 @@ def test_json_report(files, capsys):
     assert r["size_bytes"]["int8"] < r["size_bytes"]["float"]
     assert set(r["latency_ms"]) == {"float", "int8"}
     assert r["bn_folded"] == r["bn_total"] == 4
+    assert r["commit"] == "passed"  # the verify-and-commit stage's code
+
+
+def test_the_table_names_each_fallback_step(files, capsys, monkeypatch):
+    """Per-tensor weights with --equalize auto make the file with and without equalization."""
+    monkeypatch.setenv("COLUMNS", "300")
+    tmp, model = files
+    out = tmp / "per_tensor.onnx"
+    code = cli.main([model, "--int8", str(tmp / "calib.npz"), "--eval", str(tmp / "eval.npz"), "-o", str(out),
+                     "--per-tensor"])
+    text = capsys.readouterr().out
+    assert code == 0 and out.exists(), text
+    assert "fallback: tried without equalization" in text and "INT8 vs the float Keras model (1000 samples)" in text
+    assert "per-tensor weights" in text and f"wrote {out}" in text
 
 
 def test_missed_criterion_is_exit_1_and_the_file_is_kept(files, capsys, monkeypatch):

@@ -68,11 +68,26 @@ def test_keras_private_api_stays_in_its_adapter():
 
 
 def test_lower_modules_import_nothing_above_them():
-    """Layers below the code that uses them: compare, model_io, graph, rebuild and data
-    import nothing from folding/, quantization/, recalibration/, export/ or cli/."""
+    """Layers below the code that uses them: compare, model_io, graph, rebuild, data, stage
+    and progress import nothing from folding/, quantization/, recalibration/, export/ or cli/."""
     above = ("keras_bn_ext.folding", "keras_bn_ext.quantization", "keras_bn_ext.recalibration",
              "keras_bn_ext.export", "keras_bn_ext.cli")
-    for name in ("compare", "model_io", "graph", "rebuild", "data"):
+    for name in ("compare", "model_io", "graph", "rebuild", "data", "stage", "progress"):
         text = open(os.path.join(REPO, "keras_bn_ext", f"{name}.py")).read()
         imported = re.findall(r"^\s*(?:from|import)\s+(keras_bn_ext[\w.]*)", text, re.M)
         assert not [m for m in imported if m.startswith(above)], (name, imported)
+
+
+def test_every_written_output_goes_through_the_stage():
+    """Only the stage (and the converters' own stand-alone, unchecked write) holds a
+    temporary output: fold, recalibrate and the four export paths commit through
+    `stage.verify_and_commit`."""
+    package = os.path.join(REPO, "keras_bn_ext")
+    allowed = {"model_io.py", "stage.py", os.path.join("export", "onnx", "convert.py"),
+               os.path.join("export", "litert", "convert.py")}
+    for root, _, files in os.walk(package):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), package)
+            if name.endswith(".py") and rel not in allowed:
+                text = open(os.path.join(root, name)).read()
+                assert "atomic_output" not in text and "os.replace" not in text, rel

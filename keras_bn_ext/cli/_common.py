@@ -157,7 +157,7 @@ def finish_int8(args, result, seconds: dict, print_table) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print_table(report["int8"])
+        print_table(result)
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 
 
@@ -266,6 +266,7 @@ class _TerminalReporter:
 
         self.console = Console(file=stream, stderr=False)
         self.status = None
+        self.bar = None  # (rich Progress, task id) while a phase of counted steps runs
         self.stack: list[str] = []
 
     def start(self, name: str) -> None:
@@ -281,6 +282,18 @@ class _TerminalReporter:
         if self.stack:
             self._show()
 
+    def update(self, name: str, completed: int, total: int) -> None:
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._stop()
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           console=self.console, transient=True)
+            bar.start()
+            self.bar = (bar, bar.add_task(" / ".join(self.stack), total=total))
+        bar, task = self.bar
+        bar.update(task, completed=completed, total=total)
+
     def _show(self) -> None:
         self._stop()
         self.status = self.console.status(" / ".join(self.stack) + " …")
@@ -290,6 +303,9 @@ class _TerminalReporter:
         if self.status is not None:
             self.status.stop()
             self.status = None
+        if self.bar is not None:
+            self.bar[0].stop()
+            self.bar = None
 
 
 @contextmanager
@@ -356,6 +372,50 @@ def timed(seconds: dict, name: str):
         yield
     finally:
         seconds[name] = round(time.perf_counter() - start, 4)
+
+
+def output_table(title: str, outputs):
+    """A rich table of per-output errors (`compare.OutputError`s), the same for every target."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("output", "max abs err", "max rel err", "mean abs err", "result"):
+        table.add_column(column)
+    for o in outputs:
+        table.add_row(o.name, fmt(o.max_abs_err), fmt(o.max_rel_err), fmt(o.mean_abs_err), verdict(o.passed))
+    return table
+
+
+def fidelity_table(fidelity):
+    """A rich table of an INT8 file's `FidelityReport` against the float Keras model, the same
+    for every target."""
+    from rich.table import Table
+
+    table = Table(title=f"INT8 vs the float Keras model ({fidelity.samples} samples)")
+    for column in ("output", "SQNR dB", "max rel err", "mean rel err", "top-1 agreement", "accuracy float -> INT8",
+                   "result"):
+        table.add_column(column)
+    for o in fidelity.outputs:
+        acc = (f"{o.accuracy_float:.4f} -> {o.accuracy_quantized:.4f} ({-o.accuracy_drop_pt:+.2f} pt)"
+               if o.accuracy_float is not None else "-")
+        agree = f"{o.top1_agreement:.4f}" if o.top1_agreement is not None else "-"
+        table.add_row(o.name, f"{o.sqnr_db:.1f}", fmt(o.max_rel_err), fmt(o.mean_rel_err), agree, acc,
+                      verdict(o.passed, "FAILED: " + ", ".join(o.failed)))
+    return table
+
+
+def print_equalization(console, report, max_rel_err) -> None:
+    """What cross-layer equalization did (an `EqualizationReport`; None: not applied)."""
+    if report is None:
+        return
+    exact = f"; verified exact to {fmt(max_rel_err)} relative" if max_rel_err is not None else ""
+    console.print(f"cross-layer equalization: {len(report.pairs)} pairs ({report.sweeps} sweeps), "
+                  f"{len(report.skipped)} left alone{exact}")
+    for s in report.skipped:
+        console.print(f"  left alone [{s.code}]: {s.reason}")
+    if report.relu6_replaced:
+        console.print(f"  [yellow]ReLU6 replaced by ReLU (the function changed): "
+                      f"{', '.join(report.relu6_replaced)}[/yellow]")
 
 
 def verdict(passed: bool, failed: str = "FAILED") -> str:

@@ -14,14 +14,15 @@ from keras_bn_ext.cli._common import (
     EXIT_VERIFY_FAILED,
     add_common_arguments,
     add_int8_arguments,
+    fidelity_table,
     finish_int8,
-    fmt,
     int8_criteria,
     int8_data,
     load_input_model,
+    output_table,
+    print_equalization,
     run,
     timed,
-    verdict,
 )
 from keras_bn_ext.export.onnx import options
 
@@ -75,24 +76,21 @@ def _work_int8(args) -> int:
     return finish_int8(args, result, seconds, _print_int8)
 
 
-def _print_int8(r: dict) -> None:
+def _print_int8(r) -> None:
+    """The summary of a `LiteRTInt8Result`, read from its typed fields."""
     from rich.console import Console
 
     console = Console()
-    ev, size = r["evaluation"], r["size_bytes"]
-    console.print(f"folded {r['bn_folded']} of {r['bn_total']} BatchNormalization layers"
-                  + (f"; equalized {len(r['equalization']['pairs'])} pairs" if r["equalization"] else ""))
-    console.print(f"{r['format']}, calibrated on {r['calibration']['samples']} samples; evaluated on {ev['samples']} "
-                  f"({ev['source']}) on ai-edge-litert {r['runtime_version']}")
-    for o in r["fidelity"]["outputs"]:
-        acc = (f", accuracy {o['accuracy_float']:.4f} -> {o['accuracy_quantized']:.4f} ({-o['accuracy_drop_pt']:+.2f} pt)"
-               if o["accuracy_float"] is not None else "")
-        agree = f", top-1 agreement {o['top1_agreement']:.4f}" if o["top1_agreement"] is not None else ""
-        console.print(f"  {o['name']}: SQNR {o['sqnr_db']:.1f} dB{agree}{acc}: "
-                      + verdict(o["passed"], "FAILED: " + ", ".join(o["failed"])))
-    console.print(f"wrote {r['output']}: {size['int8']:,} bytes ({size['ratio']:.2f}x the float {size['float']:,})")
-    if not r["passed"]:
-        console.print(f"[red]INT8 criteria missed; {r['output']} is kept for inspection[/red]")
+    ev, cal, size = r.evaluation, r.calibration, r.size_bytes
+    console.print(f"folded {r.fold.bn_folded} of {r.fold.bn_total} BatchNormalization layers")
+    print_equalization(console, r.equalization, None)
+    console.print(f"full-integer INT8 (float32 inputs and outputs), calibrated on {cal['samples']} samples "
+                  f"({cal['batches']} batches of {cal['batch_size']}); evaluated on {ev['samples']} ({ev['source']}) "
+                  f"on ai-edge-litert {r.runtime_version}")
+    console.print(fidelity_table(r.fidelity))
+    console.print(f"wrote {r.path}: {size['int8']:,} bytes ({size['ratio']:.2f}x the float {size['float']:,})")
+    if not r.passed:
+        console.print(f"[red]INT8 criteria missed; {r.path} is kept for inspection[/red]")
 
 
 def _work(args) -> int:
@@ -114,34 +112,28 @@ def _work(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _print_summary(report)
+        _print_summary(result)
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 
 
-def _print_summary(r: dict) -> None:
+def _print_summary(result) -> None:
+    """The table of a `LiteRTResult`, read from its typed fields."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
-    v = r["verification"]
-    if r["fold"] is not None:
-        console.print(f"folded {r['fold']['bn_folded']} of {r['fold']['bn_total']} BatchNormalization layers")
-    ops = ", ".join(f"{k} {n}" for k, n in v["op_counts"].items())
-    names = ", ".join(i["name"] for i in r["inputs"])
-    console.print(f"wrote {r['output']} ({r['precision']}; signature serving_default: {names} -> "
-                  f"{', '.join(r['outputs_names'])}; {ops})")
-    table = Table(title=f"LiteRT outputs vs Keras outputs (ai-edge-litert {v['runtime_version']}, batch sizes "
-                        f"{v['batch_sizes']})")
-    for column in ("output", "max abs err", "max rel err", "mean abs err", "result"):
-        table.add_column(column)
-    for o in v["outputs"]:
-        table.add_row(o["name"], fmt(o["max_abs_err"]), fmt(o["max_rel_err"]), fmt(o["mean_abs_err"]),
-                      verdict(o["passed"]))
-    console.print(table)
-    if v["latency_ms"]:
-        console.print("median latency (ms): " + ", ".join(f"batch {b}: {ms:.3f}" for b, ms in v["latency_ms"].items()))
-    if not r["passed"]:
-        console.print(f"[red]verification failed; {r['output']} is kept for inspection[/red]")
+    e, v = result.export, result.verification
+    if e.fold is not None:
+        console.print(f"folded {e.fold.bn_folded} of {e.fold.bn_total} BatchNormalization layers")
+    ops = ", ".join(f"{k} {n}" for k, n in v.op_counts.items())
+    names = ", ".join(i["name"] for i in e.inputs)
+    console.print(f"wrote {e.path} ({e.precision}; signature serving_default: {names} -> "
+                  f"{', '.join(e.outputs)}; {ops})")
+    console.print(output_table(f"LiteRT outputs vs Keras outputs (ai-edge-litert {v.runtime_version}, batch sizes "
+                               f"{v.batch_sizes})", v.comparison.outputs))
+    if v.latency_ms:
+        console.print("median latency (ms): " + ", ".join(f"batch {b}: {ms:.3f}" for b, ms in v.latency_ms.items()))
+    if not result.passed:
+        console.print(f"[red]verification failed; {e.path} is kept for inspection[/red]")
 
 
 def main(argv: list[str] | None = None) -> int:

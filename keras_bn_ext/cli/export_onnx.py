@@ -13,11 +13,14 @@ from keras_bn_ext.cli._common import (
     EXIT_VERIFY_FAILED,
     add_common_arguments,
     add_int8_arguments,
+    fidelity_table,
     finish_int8,
     fmt,
     int8_criteria,
     int8_data,
     load_input_model,
+    output_table,
+    print_equalization,
     positive_int,
     run,
     timed,
@@ -128,68 +131,61 @@ def _work(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _print_summary(report)
+        _print_summary(result)
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 
 
-def _print_summary(result: dict) -> None:
+def _print_summary(result) -> None:
+    """The table of an `OnnxResult`, read from its typed fields."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    fold = result["fold"]
-    if fold is not None:
+    e, v = result.export, result.verification
+    if e.fold is not None:
         console.print(
-            f"folded {fold['bn_folded']} of {fold['bn_total']} BatchNormalization layers"
-            + (f" ({len(fold['kept'])} kept: see bn-fold for reasons)" if fold["kept"] else "")
+            f"folded {e.fold.bn_folded} of {e.fold.bn_total} BatchNormalization layers"
+            + (f" ({len(e.fold.kept)} kept: see bn-fold for reasons)" if e.fold.kept else "")
         )
-    ops = ", ".join(f"{k} {v}" for k, v in result["op_counts"].items())
-    console.print(f"wrote {result['output']} (opset {result['opset']}; {ops})")
-    for guard in result["guards"]:
+    ops = ", ".join(f"{k} {n}" for k, n in e.op_counts.items())
+    console.print(f"wrote {e.path} (opset {e.opset}; {ops})")
+    for guard in e.guards:
         console.print(f"  guarded {guard}")
-    console.print(f"onnxruntime {result['onnxruntime_version']} ran on [bold]{result['provider']}[/bold]")
-    if result["fallback_reason"]:
-        console.print(f"  fell back to the CPU: {result['fallback_reason']}")
-    placement = result["placement"]
-    if placement and (placement["cpu_nodes"] or placement["memcpy_nodes"]):
+    console.print(f"onnxruntime {v.onnxruntime_version} ran on [bold]{v.provider}[/bold]")
+    if v.fallback_reason:
+        console.print(f"  fell back to the CPU: {v.fallback_reason}")
+    placement = v.placement
+    if placement and (placement.cpu_nodes or placement.memcpy_nodes):
         nodes = Table(title=f"nodes onnxruntime placed on the CPU inside the CUDA session "
-                            f"({placement['memcpy_nodes']} Memcpy nodes inserted)")
+                            f"({placement.memcpy_nodes} Memcpy nodes inserted)")
         for column in ("op", "node", "compute", "onnxruntime's reason"):
             nodes.add_column(column)
-        for n in placement["cpu_nodes"]:
-            nodes.add_row(n["op_type"], n["name"], "yes" if n["compute"] else "no", n["reason"])
+        for n in placement.cpu_nodes:
+            nodes.add_row(n.op_type, n.name, "yes" if n.compute else "no", n.reason)
         console.print(nodes)
-    table = Table(title="ONNX outputs vs Keras outputs")
-    for column in ("output", "max abs err", "max rel err", "mean abs err", "result"):
-        table.add_column(column)
-    for o in result["outputs"]:
-        result_text = verdict(o["passed"])
-        table.add_row(o["name"], fmt(o["max_abs_err"]), fmt(o["max_rel_err"]), fmt(o["mean_abs_err"]), result_text)
-    console.print(table)
+    console.print(output_table("ONNX outputs vs Keras outputs", v.comparison.outputs))
     console.print(
-        f"batch sizes {result['batch_sizes']}; {result['precision']}: atol {fmt(result['atol'])}, "
-        f"rtol {fmt(result['rtol'])}"
+        f"batch sizes {v.batch_sizes}; {result.precision}: atol {fmt(v.comparison.atol)}, "
+        f"rtol {fmt(v.comparison.rtol)}"
     )
-    if result["latency_ms"]:
+    if v.latency_ms:
         bench = Table(title="median latency (ms)")
         for column in ("batch", "Keras tf.function", "onnxruntime", "speed-up"):
             bench.add_column(column)
-        for bs, row in result["latency_ms"].items():
+        for bs, row in v.latency_ms.items():
             k, o = row["keras_tf_function"], row["onnxruntime"]
-            bench.add_row(bs, f"{k:.3f}", f"{o:.3f}", f"{k / o:.2f}x" if o else "-")
+            bench.add_row(str(bs), f"{k:.3f}", f"{o:.3f}", f"{k / o:.2f}x" if o else "-")
         console.print(bench)
-    exact = result["exact_arithmetic"]
-    if exact:
-        result_text = verdict(exact["passed"])
+    if v.exact:
         console.print(
             f"above tolerance in float32; against the model in float64 (exact arithmetic): Keras "
-            f"{fmt(exact['original_max_rel_err'])}, ONNX {fmt(exact['candidate_max_rel_err'])} relative — "
-            f"the export adds no error beyond float32 rounding: {result_text}"
+            f"{fmt(v.exact.original_max_rel_err)}, ONNX {fmt(v.exact.candidate_max_rel_err)} relative — "
+            f"the export adds no error beyond float32 rounding: {verdict(v.exact.passed)}"
         )
-    if not result["passed"]:
-        console.print(f"[red]verification failed; {result['output']} is kept for inspection[/red]")
-        if result["diagnosis"]:
-            console.print(f"  {result['diagnosis']}")
+    if not result.passed:
+        console.print(f"[red]verification failed; {e.path} is kept for inspection[/red]")
+        if v.diagnosis:
+            console.print(f"  {v.diagnosis}")
 
 
 def _work_int8(args) -> int:
@@ -212,58 +208,43 @@ def _work_int8(args) -> int:
     return finish_int8(args, result, seconds, _print_int8)
 
 
-def _print_int8(r: dict) -> None:
+def _print_int8(r) -> None:
+    """The summary of an `Int8Result`, read from its typed fields."""
     from rich.console import Console
-    from rich.table import Table
+
+    from keras_bn_ext.quantization.cpu import detect_cpu
 
     console = Console()
-    console.print(f"folded {r['bn_folded']} of {r['bn_total']} BatchNormalization layers")
-    eq = r["equalization"]
-    if eq:
-        console.print(f"cross-layer equalization: {len(eq['pairs'])} pairs ({eq['sweeps']} sweeps), "
-                      f"{len(eq['skipped'])} left alone; verified exact to {fmt(r['equalization_max_rel_err'])} "
-                      "relative")
-        for s in eq["skipped"]:
-            console.print(f"  left alone [{s['code']}]: {s['reason']}")
-        if eq["relu6_replaced"]:
-            console.print(f"  [yellow]ReLU6 replaced by ReLU (the function changed): "
-                          f"{', '.join(eq['relu6_replaced'])}[/yellow]")
-    cpu, cal, ev = r["target_cpu"], r["calibration"], r["evaluation"]
-    console.print(f"target CPU {cpu['name']} ({'this machine' if cpu['detected'] else 'given'}): "
-                  f"reduce_range={r['reduce_range']}: {cpu['reason']}")
-    if r["measured_on_cpu"] != cpu["name"]:
-        console.print(f"  [yellow]measured on this {r['measured_on_cpu']} CPU, not on the {cpu['name']} target: "
+    console.print(f"folded {r.fold.bn_folded} of {r.fold.bn_total} BatchNormalization layers")
+    print_equalization(console, r.equalization, r.equalization_max_rel_err)
+    cpu, cal, ev = r.target_cpu, r.calibration, r.evaluation
+    console.print(f"target CPU {cpu.name} ({'this machine' if cpu.detected else 'given'}): "
+                  f"reduce_range={r.reduce_range}: {cpu.reason}")
+    measured_on = detect_cpu().name
+    if measured_on != cpu.name:
+        console.print(f"  [yellow]measured on this {measured_on} CPU, not on the {cpu.name} target: "
                       "its int8 kernels may give other numbers there[/yellow]")
-    console.print(f"QDQ u8/s8, {'per-channel' if r['per_channel'] else 'per-tensor'} weights; calibrated with "
+    console.print(f"QDQ u8/s8, {'per-channel' if r.per_channel else 'per-tensor'} weights; calibrated with "
                   f"{cal['method']} on {cal['samples']} samples ({cal['batches']} batches of {cal['batch_size']}); "
                   f"evaluated on {ev['samples']} samples ({ev['source']})")
-    for s in r["fallback"]["steps"]:
-        what = "tried equalization" if s["action"] == "equalize" else             f"kept {'+'.join(s['op_types'])} '{s['nodes'][0]}' in float (it lost {s['added_db']:.1f} dB)"
-        console.print(f"  fallback: {what}: {'passes' if s['passed'] else 'still short'}")
-    table = Table(title=f"INT8 vs the float Keras model ({r['fidelity']['samples']} samples)")
-    for column in ("output", "SQNR dB", "max rel err", "mean rel err", "top-1 agreement", "accuracy float -> INT8",
-                   "result"):
-        table.add_column(column)
-    for o in r["fidelity"]["outputs"]:
-        acc = (f"{o['accuracy_float']:.4f} -> {o['accuracy_quantized']:.4f} ({-o['accuracy_drop_pt']:+.2f} pt)"
-               if o["accuracy_float"] is not None else "-")
-        agree = f"{o['top1_agreement']:.4f}" if o["top1_agreement"] is not None else "-"
-        table.add_row(o["name"], f"{o['sqnr_db']:.1f}", fmt(o["max_rel_err"]), fmt(o["mean_rel_err"]), agree, acc,
-                      verdict(o["passed"], "FAILED: " + ", ".join(o["failed"])))
-    console.print(table)
-    size = r["size_bytes"]
-    console.print(f"wrote {r['output']}: {size['int8']:,} bytes ({size['ratio']:.2f}x the float "
-                  f"{size['float']:,}); float ONNX vs Keras on the same data {fmt(r['float_onnx_max_rel_err'])} "
+    for s in r.fallback:
+        what = {"equalize": "tried equalization", "without_equalization": "tried without equalization"}.get(
+            s.action) or f"kept {'+'.join(s.op_types)} '{s.nodes[0]}' in float (it lost {s.added_db:.1f} dB)"
+        console.print(f"  fallback: {what}: {'passes' if s.passed else 'still short'}")
+    console.print(fidelity_table(r.fidelity))
+    size = r.size_bytes
+    console.print(f"wrote {r.path}: {size['int8']:,} bytes ({size['ratio']:.2f}x the float "
+                  f"{size['float']:,}); float ONNX vs Keras on the same data {fmt(r.float_onnx_max_rel_err)} "
                   "relative")
-    console.print(f"equalization: {'applied' if r['equalization'] else 'not applied'} (--equalize {r['equalize']})")
-    if r["kept_in_float"]:
-        console.print(f"kept in float: {', '.join(r['kept_in_float'])}")
-    if r["latency_ms"]:
-        for bs, ms in r["latency_ms"]["int8"].items():
-            f = r["latency_ms"]["float"].get(bs)
+    console.print(f"equalization: {'applied' if r.equalization else 'not applied'} (--equalize {r.equalize_requested})")
+    if r.kept_in_float:
+        console.print(f"kept in float: {', '.join(r.kept_in_float)}")
+    if r.latency_ms:
+        for bs, ms in r.latency_ms["int8"].items():
+            f = r.latency_ms["float"].get(bs)
             console.print(f"onnxruntime CPU, batch {bs}: float {f:.3f} ms, INT8 {ms:.3f} ms ({ms / f:.2f}x)")
-    if not r["passed"]:
-        console.print(f"[red]INT8 criteria missed; {r['output']} is kept for inspection[/red]")
+    if not r.passed:
+        console.print(f"[red]INT8 criteria missed; {r.path} is kept for inspection[/red]")
 
 
 def _int8_usage_errors(args) -> str | None:

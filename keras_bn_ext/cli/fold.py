@@ -87,17 +87,18 @@ def _work(args) -> int:
             from keras_bn_ext.cli.recalibrate import print_recalibration
 
             print_recalibration(Console(), recalibration)
-        _print_summary(report, result)
+        _print_summary(result, model_path=str(args.model))
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 
 
-def _print_summary(result: dict, outcome) -> None:
+def _print_summary(outcome, *, model_path: str) -> None:
+    """The table of a `FoldResult`, read from its typed fields."""
     from rich.console import Console
     from rich.table import Table
 
     report, comparison = outcome.fold, outcome.verification
     console = Console()
-    table = Table(title=f"BatchNormalization in {result['input']}")
+    table = Table(title=f"BatchNormalization in {model_path}")
     table.add_column("BN")
     table.add_column("folded into")
     table.add_column("direction / reason")
@@ -139,9 +140,9 @@ def _print_summary(result: dict, outcome) -> None:
                       f"{fmt(outcome.file_check.max_rel_err)}: {result_text}")
     if outcome.reload_error:
         console.print(f"[red]{outcome.reload_error}; nothing written[/red]")
-    elif result["output"]:
+    elif outcome.output:
         nothing = "nothing to fold; the model is saved unchanged: " if report.bn_folded == 0 else ""
-        console.print(f"{nothing}wrote {result['output']}")
+        console.print(f"{nothing}wrote {outcome.output}")
     else:
         console.print("[red]verification failed; nothing written[/red]")
 

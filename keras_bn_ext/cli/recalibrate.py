@@ -63,7 +63,7 @@ def _work(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        _print_summary(report, result)
+        _print_summary(result)
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 
 
@@ -88,7 +88,8 @@ def print_recalibration(console, report) -> None:
                   f"{report.seconds:.2f} s")
 
 
-def _print_summary(result: dict, outcome) -> None:
+def _print_summary(outcome) -> None:
+    """The table of a `RecalibrationResult`, read from its typed fields."""
     from rich.console import Console
 
     console = Console()
@@ -100,7 +101,7 @@ def _print_summary(result: dict, outcome) -> None:
     console.print(f"the saved file, reloaded: statistics {verdict(bool(outcome.statistics_equal))}, "
                   f"outputs vs the recalibrated model max rel err {fmt(check.max_rel_err)}: "
                   f"{verdict(check.passed)}")
-    console.print(f"wrote {result['output']}" if result["output"] else "[red]check failed; nothing written[/red]")
+    console.print(f"wrote {outcome.output}" if outcome.output else "[red]check failed; nothing written[/red]")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import keras
@@ -26,7 +25,8 @@ from keras_bn_ext.compare import (
 from keras_bn_ext.folding import options
 from keras_bn_ext.progress import phase
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
-from keras_bn_ext.model_io import atomic_output, loadable_build_configs
+from keras_bn_ext.model_io import loadable_build_configs
+from keras_bn_ext.stage import verify_and_commit
 
 __all__ = ["FoldResult", "fold_to_file"]
 
@@ -167,33 +167,42 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
     if not result.folded_ok:
         return result
     result.build_configs_dropped = loadable_build_configs(folded, leave=model)
-    try:
-        with atomic_output(path) as tmp:
-            timed("save", lambda: folded.save(tmp))
-            try:
-                reloaded = timed("reload", lambda: keras.saving.load_model(tmp, compile=False, safe_mode=safe_mode))
-            except Exception as exc:  # noqa: BLE001 - any load failure means the file is unusable
-                first = (str(exc).strip().splitlines() or [""])[0][:300]
-                result.reload_error = (
-                    f"the folded model was saved but does not load back: {type(exc).__name__}: {first}"
-                )
-                if report.not_recreated:
-                    names = ", ".join(report.not_recreated[:3])
-                    more = f" and {len(report.not_recreated) - 3} more" if len(report.not_recreated) > 3 else ""
-                    result.reload_error += (f" (layers whose config does not recreate them, which only their "
-                                            f"parent's constructor can make: {names}{more})")
-                raise _Abandon() from None
-            # The same float32 graph and weights: only a kernel's choice of summation
-            # order could differ, so the file must match the verified model to 1e-6.
-            result.file_check = timed("verify_file", lambda: compare_output_lists(
-                folded_out, outputs(reloaded), names, atol=0.0, rtol=1e-6))
-            if not result.file_check.passed:
-                raise _Abandon()
-    except _Abandon:
-        return result  # atomic_output removed the temporary file
-    result.output = str(Path(path))
+
+    def check(tmp, _):
+        try:
+            reloaded = keras.saving.load_model(tmp, compile=False, safe_mode=safe_mode)
+        except Exception as exc:  # noqa: BLE001 - any load failure means the file is unusable
+            return FileCheck(reload_error=_reload_error(exc, report))
+        # The same float32 graph and weights: only a kernel's choice of summation
+        # order could differ, so the file must match the verified model to 1e-6.
+        return FileCheck(comparison=compare_output_lists(folded_out, outputs(reloaded), names, atol=0.0, rtol=1e-6))
+
+    staged = verify_and_commit(path, folded.save, check, produce_name="save", check_name="verify_file",
+                               check_phase="reload and verify the file")
+    timings.update(staged.record.timings_s)
+    result.file_check, result.reload_error = staged.check.comparison, staged.check.reload_error
+    result.output = staged.record.output
     return result
 
 
-class _Abandon(Exception):
-    """Leave the atomic_output block without renaming (the temporary file is removed)."""
+@dataclass
+class FileCheck:
+    """The saved file, loaded back as a user would, against the verified folded model."""
+
+    comparison: ComparisonReport | None = None
+    reload_error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.reload_error is None and self.comparison is not None and self.comparison.passed
+
+
+def _reload_error(exc: Exception, report: FoldReport) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    why = f"the folded model was saved but does not load back: {type(exc).__name__}: {first}"
+    if report.not_recreated:
+        names = ", ".join(report.not_recreated[:3])
+        more = f" and {len(report.not_recreated) - 3} more" if len(report.not_recreated) > 3 else ""
+        why += (f" (layers whose config does not recreate them, which only their "
+                f"parent's constructor can make: {names}{more})")
+    return why

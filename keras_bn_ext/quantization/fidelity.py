@@ -2,7 +2,7 @@
 whether that passes: SQNR, relative errors, top-1 agreement, accuracy with labels.
 
 Target-independent: it compares arrays, whatever runtime produced them (onnxruntime for
-ONNX INT8 today).
+ONNX and LiteRT INT8).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 from keras_bn_ext.errors import InputDataError
 from keras_bn_ext.quantization import options
 
-__all__ = ["Criteria", "OutputFidelity", "FidelityReport", "is_classifier_output", "measure", "check_labels"]
+__all__ = ["Criteria", "OutputFidelity", "FidelityReport", "is_classifier_output", "measure", "check_labels",
+           "WrittenFileCheck", "commit_measured"]
 
 
 @dataclass(frozen=True)
@@ -161,3 +162,43 @@ def measure(reference: Sequence[np.ndarray], quantized: Sequence[np.ndarray], na
         outputs.append(o)
     samples = int(len(reference[0])) if reference else 0
     return FidelityReport(samples=samples, outputs=outputs, criteria=criteria)
+
+
+@dataclass
+class WrittenFileCheck:
+    """The INT8 file, run again from its temporary name, against what was measured on it."""
+
+    reproduced: bool  # its outputs equal the measured ones, bit for bit
+    fidelity: FidelityReport  # what the measurement found
+
+    @property
+    def passed(self) -> bool:
+        return self.reproduced and self.fidelity.passed
+
+
+def commit_measured(path, write, rerun, measured: Sequence[np.ndarray], fidelity: FidelityReport):
+    """Write a measured INT8 file through the verify-and-commit stage (`stage.verify_and_commit`).
+
+    `write(tmp)` puts the file at the temporary path; `rerun(tmp)` runs it from there on
+    the first samples of the evaluation and returns its outputs, which must equal
+    `measured` (those samples' measured outputs) bit for bit: what is written is what was
+    measured. A missed criterion still commits (for inspection); a file that does not
+    reproduce leaves nothing.
+
+    Raises:
+        VerificationError: the written file does not reproduce the measured outputs.
+    """
+    from keras_bn_ext.errors import VerificationError
+    from keras_bn_ext.stage import verify_and_commit
+
+    def check(tmp, _):
+        again = rerun(tmp)
+        same = len(again) == len(measured) and all(np.array_equal(a, m) for a, m in zip(again, measured))
+        return WrittenFileCheck(reproduced=same, fidelity=fidelity)
+
+    staged = verify_and_commit(path, write, check, keep_failed=lambda c: c.reproduced, check_name="verify_file",
+                               check_phase="run the written file again")
+    if not staged.check.reproduced:
+        raise VerificationError(f"the written INT8 file {path} does not reproduce the measured outputs "
+                                "(nothing was written)")
+    return staged

@@ -95,6 +95,7 @@ def export_litert(
     fold: bool = True,
     exclude: Sequence[str] = (),
     fp16: bool = False,
+    atomic: bool = True,
 ) -> LiteRTExportReport:
     """Export `model` to LiteRT at `path` (written atomically), folding BN first.
 
@@ -105,6 +106,8 @@ def export_litert(
         exclude: Names of BN layers the fold keeps.
         fp16: float16 weights (the converter's float16 quantization; inputs, outputs and
             arithmetic on the CPU stay float32). Verify it with float16 tolerances.
+        atomic: Write through a temporary file and a rename; False writes `path` directly
+            (for a caller that already holds a temporary path: `stage.verify_and_commit`).
 
     Raises:
         ExportError: the converter failed. BackendError: Keras runs on another backend.
@@ -113,8 +116,11 @@ def export_litert(
     if fold:
         model, fold_report = fold_batchnorms(model, exclude=exclude)
     data = to_tflite_bytes(model, fp16=fp16)
-    with atomic_output(path) as tmp:
-        Path(tmp).write_bytes(data)
+    if not atomic:
+        Path(path).write_bytes(data)
+    else:
+        with atomic_output(path) as tmp:
+            Path(tmp).write_bytes(data)
     return LiteRTExportReport(
         path=str(path),
         inputs=[{"name": n, "shape": [None] + [None if d is None else int(d) for d in s[1:]]}

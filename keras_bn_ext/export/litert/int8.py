@@ -20,13 +20,12 @@ from keras_bn_ext.data import array_batches
 from keras_bn_ext.export.litert.convert import to_tflite_bytes
 from keras_bn_ext.export.litert.verify import run_litert
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
-from keras_bn_ext.model_io import atomic_output
-from keras_bn_ext.progress import phase
+from keras_bn_ext.progress import phase, steps
+from keras_bn_ext.stage import StageRecord
 from keras_bn_ext.quantization import options
 from keras_bn_ext.quantization.calibration import EVAL_BATCH, prepare
-from keras_bn_ext.errors import VerificationError
 from keras_bn_ext.quantization.equalize import EqualizationReport, equalize_verified
-from keras_bn_ext.quantization.fidelity import Criteria, FidelityReport, measure
+from keras_bn_ext.quantization.fidelity import Criteria, FidelityReport, commit_measured, measure
 
 __all__ = ["LiteRTInt8Result", "export_litert_int8"]
 
@@ -43,6 +42,7 @@ class LiteRTInt8Result:
     equalization: EqualizationReport | None = None
     runtime_version: str = ""
     timings_s: dict = field(default_factory=dict)
+    stage: StageRecord | None = None  # what the verify-and-commit stage did
 
     @property
     def passed(self) -> bool:
@@ -54,7 +54,8 @@ class LiteRTInt8Result:
                 "size_bytes": self.size_bytes, "op_counts": self.op_counts, "runtime": "ai-edge-litert",
                 "runtime_version": self.runtime_version, "bn_folded": self.fold.bn_folded,
                 "bn_total": self.fold.bn_total,
-                "equalization": self.equalization.to_dict() if self.equalization else None, "timings_s": self.timings_s, "passed": self.passed}
+                "equalization": self.equalization.to_dict() if self.equalization else None, "timings_s": self.timings_s,
+            "commit": self.stage.code if self.stage else None, "passed": self.passed}
 
 
 def export_litert_int8(
@@ -87,12 +88,15 @@ def export_litert_int8(
     names = [n for n, _, _ in input_specs(model)]
     keras_names = output_names(model)
 
-    def representative():
-        for batch in data.batches(calibration_batch_size):
-            yield [np.asarray(a) for a in batch]
+    batches = data.info(calibration_batch_size, "")["batches"]
 
     def attempt(candidate):
-        with phase("convert and calibrate (LiteRT converter)"):
+        with steps("convert and calibrate (LiteRT converter)", batches) as advance:
+            def representative():
+                for batch in data.batches(calibration_batch_size):
+                    yield [np.asarray(a) for a in batch]
+                    advance()
+
             quantized = to_tflite_bytes(candidate, representative=representative)
         with tempfile.TemporaryDirectory(prefix="keras_bn_ext_litert_") as work:
             file = Path(work) / "m.tflite"
@@ -116,16 +120,14 @@ def export_litert_int8(
             if tried[1].score() > fidelity.score():
                 (quantized, fidelity, meta, measured), equalization = tried, eq_report
     timings["convert_and_measure"] = round(time.perf_counter() - start, 4)
-    with atomic_output(path) as tmp:
-        Path(tmp).write_bytes(quantized)
-        # What is written is what was measured: the file run again from where it lies.
-        feeds = [dict(zip(names, [a[:EVAL_BATCH] for a in data.evaluation]))]
-        again, _ = run_litert(tmp, feeds, keras_names=keras_names)
-        if any(not np.array_equal(g, m[:EVAL_BATCH]) for g, m in zip(again[0], measured)):
-            raise VerificationError(f"the written INT8 file {tmp} does not reproduce the measured outputs")
+    feeds = [dict(zip(names, [a[:EVAL_BATCH] for a in data.evaluation]))]
+    staged = commit_measured(path, lambda tmp: Path(tmp).write_bytes(quantized),
+                    lambda tmp: run_litert(tmp, feeds, keras_names=keras_names)[0][0],
+                    [m[:EVAL_BATCH] for m in measured], fidelity)
     return LiteRTInt8Result(
         path=str(path), calibration=data.info(calibration_batch_size, "TFLiteConverter representative dataset"),
         evaluation=data.evaluation_info(), fold=fold_report, fidelity=fidelity,
         size_bytes={"float": float_size, "int8": len(quantized), "ratio": round(len(quantized) / float_size, 4)},
         op_counts=meta.get("op_counts", {}), equalization=equalization, runtime_version=meta.get("version", ""), timings_s=timings,
+        stage=staged.record,
     )

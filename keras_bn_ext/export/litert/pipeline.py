@@ -5,7 +5,6 @@ still renames it, for inspection, and says so); an error leaves nothing behind."
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -15,8 +14,7 @@ import numpy as np
 from keras_bn_ext.export.litert.convert import LiteRTExportReport, export_litert
 from keras_bn_ext.export.litert.verify import LiteRTVerification, verify_litert
 from keras_bn_ext.export.onnx import options
-from keras_bn_ext.model_io import atomic_output
-from keras_bn_ext.progress import phase
+from keras_bn_ext.stage import StageRecord, verify_and_commit
 
 __all__ = ["LiteRTResult", "export_litert_verified"]
 
@@ -26,6 +24,7 @@ class LiteRTResult:
     export: LiteRTExportReport
     verification: LiteRTVerification
     timings_s: dict[str, float] = field(default_factory=dict)
+    stage: StageRecord | None = None
 
     @property
     def passed(self) -> bool:
@@ -35,7 +34,8 @@ class LiteRTResult:
         e = self.export
         return {"output": e.path, "precision": e.precision, "folded": e.fold is not None, "bn_folded": e.bn_folded,
                 "fold": e.fold.to_dict() if e.fold else None, "inputs": e.inputs, "outputs_names": e.outputs,
-                "verification": self.verification.to_dict(), "timings_s": self.timings_s, "passed": self.passed}
+                "verification": self.verification.to_dict(), "timings_s": self.timings_s,
+                "commit": self.stage.code if self.stage else None, "passed": self.passed}
 
 
 def export_litert_verified(
@@ -56,17 +56,16 @@ def export_litert_verified(
     float16's with `fp16` (the ONNX target's, same reasons)."""
     atol = atol if atol is not None else (options.FP16_ATOL if fp16 else options.FP32_ATOL)
     rtol = rtol if rtol is not None else (options.FP16_RTOL if fp16 else options.FP32_RTOL)
-    timings: dict[str, float] = {}
-    with atomic_output(path) as tmp:
-        start = time.perf_counter()
-        with phase("fold and convert (LiteRT converter)"):
-            export = export_litert(model, tmp, fold=fold, exclude=exclude, fp16=fp16)
-        timings["export"] = round(time.perf_counter() - start, 4)
-        start = time.perf_counter()
-        with phase("verify on ai-edge-litert"):
-            verification = verify_litert(model, tmp, inputs=inputs, samples=samples, atol=atol, rtol=rtol,
-                                         benchmark=benchmark)
-        timings["verify"] = round(time.perf_counter() - start, 4)
+    staged = verify_and_commit(
+        path,
+        lambda tmp: export_litert(model, tmp, fold=fold, exclude=exclude, fp16=fp16, atomic=False),
+        lambda tmp, _: verify_litert(model, tmp, inputs=inputs, samples=samples, atol=atol, rtol=rtol,
+                                     benchmark=benchmark),
+        keep_failed=True,  # a file outside the tolerance is kept for inspection (exit 1)
+        produce_name="export", produce_phase="fold and convert (LiteRT converter)",
+        check_phase="verify on ai-edge-litert")
+    export = staged.product
     export.path = str(path)
-    export.op_counts = verification.op_counts
-    return LiteRTResult(export=export, verification=verification, timings_s=timings)
+    export.op_counts = staged.check.op_counts
+    return LiteRTResult(export=export, verification=staged.check, timings_s=staged.record.timings_s,
+                        stage=staged.record)

@@ -6,7 +6,8 @@ see _ort_worker). REQUEST is a JSON file:
 
     {"action": "quantize", "model", "output", "calibration" (an .npz of the calibrated
      inputs, samples on axis 0), "input_names", "batch_size", "per_channel",
-     "reduce_range", "method", "nodes_to_exclude", "cache" (calibration cache path)}
+     "reduce_range", "method", "nodes_to_exclude", "cache" (calibration cache path),
+     "progress_fd" (a pipe inherited from the parent: a line per calibration batch, or null)}
     {"action": "rank", "model" (float), "quantized", "samples" (.npz), "input_names",
      "batch_size", "workdir"}
 
@@ -27,7 +28,7 @@ import os
 import sys
 
 
-def _reader(path: str, names: list[str], batch_size: int):
+def _reader(path: str, names: list[str], batch_size: int, progress_fd: int | None = None):
     import numpy as np
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -49,6 +50,8 @@ def _reader(path: str, names: list[str], batch_size: int):
             start = min(self._start, max(0, self._n - batch_size))
             batch = {name: self._arrays[name][start:start + batch_size] for name in names}
             self._start += batch_size
+            if progress_fd is not None:  # one line per batch handed to onnxruntime: the parent's bar
+                os.write(progress_fd, b"1\n")
             return batch
 
         def rewind(self):
@@ -72,7 +75,7 @@ def quantize(req: dict) -> dict:
         "nodes_to_exclude": list(req.get("nodes_to_exclude") or []),
         "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True},
     }
-    reader = _reader(req["calibration"], req["input_names"], int(req["batch_size"]))
+    reader = _reader(req["calibration"], req["input_names"], int(req["batch_size"]), req.get("progress_fd"))
     if req.get("cache") and "calibration_cache_path" in inspect.signature(quantize_static).parameters:
         # The float tensors' ranges do not depend on which nodes are kept in float: the
         # fallback's later runs reuse them instead of calibrating again.

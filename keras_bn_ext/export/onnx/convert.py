@@ -165,6 +165,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     batch_size: int | None = None,
     fp16: bool = False,
+    atomic: bool = True,
 ) -> ExportReport:
     """Export `model` to ONNX at `path` (written atomically), folding BN first.
 
@@ -177,6 +178,8 @@ def export_onnx(
         batch_size: Fix the batch dimension; None keeps it symbolic, named 'batch'.
         fp16: Convert weights and arithmetic to float16 (onnxconverter-common),
             keeping float32 inputs and outputs. Verify it with float16 tolerances.
+        atomic: Write through a temporary file and a rename; False writes `path` directly
+            (for a caller that already holds a temporary path: `stage.verify_and_commit`).
 
     Returns:
         An ExportReport: names and shapes of the inputs, output names, ONNX op
@@ -203,8 +206,11 @@ def export_onnx(
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ExportError(f"onnx.checker rejected the converted model: {exc}") from exc
-    with atomic_output(path) as tmp:
-        onnx.save_model(proto, str(tmp))
+    if not atomic:
+        onnx.save_model(proto, str(path))
+    else:
+        with atomic_output(path) as tmp:
+            onnx.save_model(proto, str(tmp))
     inputs = [
         {"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
         for i in proto.graph.input

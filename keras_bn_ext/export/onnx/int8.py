@@ -42,13 +42,14 @@ from keras_bn_ext.export.onnx.convert import export_onnx
 from keras_bn_ext.export.onnx.quantize import quantize_onnx, rank_nodes
 from keras_bn_ext.export.onnx.verify import run_onnxruntime
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
-from keras_bn_ext.model_io import atomic_output
 from keras_bn_ext.progress import phase
+from keras_bn_ext.progress import steps as counted_steps
+from keras_bn_ext.stage import StageRecord
 from keras_bn_ext.quantization import options
 from keras_bn_ext.quantization.cpu import CpuTarget, cpu_target, detect_cpu
 from keras_bn_ext.quantization.equalize import EqualizationReport, equalize_verified
 from keras_bn_ext.quantization.calibration import prepare
-from keras_bn_ext.quantization.fidelity import Criteria, FidelityReport, measure
+from keras_bn_ext.quantization.fidelity import Criteria, FidelityReport, commit_measured, measure
 
 __all__ = ["Int8Result", "export_int8"]
 
@@ -87,6 +88,7 @@ class Int8Result:
     onnxruntime_version: str
     latency_ms: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
+    stage: StageRecord | None = None  # what the verify-and-commit stage did
     opset: int = onnx_options.DEFAULT_OPSET
     op_counts: dict = field(default_factory=dict)
 
@@ -123,6 +125,7 @@ class Int8Result:
             "bn_total": self.fold.bn_total,
             "latency_ms": self.latency_ms,
             "timings_s": self.timings_s,
+            "commit": self.stage.code if self.stage else None,
             "passed": self.passed,
         }
 
@@ -226,10 +229,13 @@ def export_int8(
             if not float_path.exists():
                 with phase("convert (tf2onnx)"):
                     export_onnx(candidate, float_path, fold=False, opset=opset, batch_size=batch_size)
-            with phase(f"calibrate and quantize ({calibration_info['batches']} batches)"):
+            calibrated = Path(cache).exists()  # the ranges of an earlier attempt are reused
+            with counted_steps("quantize (calibration cached)" if calibrated else "calibrate and quantize",
+                       0 if calibrated else calibration_info["batches"]) as advance:
                 meta = quantize_onnx(float_path, int8_path, calib_npz, names, per_channel=per_channel,
                                      reduce_range=target.reduce_range, method=method,
-                                     batch_size=calibration_batch_size, nodes_to_exclude=excluded, cache=cache)
+                                     batch_size=calibration_batch_size, nodes_to_exclude=excluded, cache=cache,
+                                     on_batch=advance)
             with phase(f"measure on {len(evaluation[0])} samples"):
                 got, _ = _run_file(int8_path, evaluation, names, model)
             fidelity = measure(reference, got, output_names(model), labels=labels, criteria=criteria)
@@ -286,12 +292,10 @@ def export_int8(
             for label, file in (("float", float_path), ("int8", int8_path)):
                 _, m = run_onnxruntime(file, feed, provider="cpu", repeats=30)
                 latency[label] = m["latency_ms"]
-        with atomic_output(path) as tmp:
-            shutil.copyfile(int8_path, tmp)
-            # What is written is what was measured: the file run again from where it lies.
-            again, _ = _run_file(tmp, [a[:_EVAL_BATCH] for a in evaluation], names, model)
-            if any(not np.array_equal(a, g[:_EVAL_BATCH]) for a, g in zip(again, got)):
-                raise VerificationError(f"the written INT8 file {tmp} does not reproduce the measured outputs")
+        staged = commit_measured(
+            path, lambda tmp: shutil.copyfile(int8_path, tmp),
+            lambda tmp: _run_file(tmp, [a[:_EVAL_BATCH] for a in evaluation], names, model)[0],
+            [g[:_EVAL_BATCH] for g in got], fidelity)
         timings["verify"] = round(time.perf_counter() - start, 4)
         import onnx
 
@@ -308,5 +312,5 @@ def export_int8(
         equalization=eq_report, equalize_requested=equalize, kept_in_float=excluded, fallback=steps,
         fallback_budget=fallback_budget, fidelity=fidelity, float_onnx_max_rel_err=float_err,
         equalization_max_rel_err=eq_err, size_bytes=sizes, onnxruntime_version=meta.get("version", ""),
-        latency_ms=latency, timings_s=timings, opset=opset, op_counts=dict(sorted(op_counts.items())),
+        latency_ms=latency, timings_s=timings, stage=staged.record, opset=opset, op_counts=dict(sorted(op_counts.items())),
     )

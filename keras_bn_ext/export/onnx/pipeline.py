@@ -8,7 +8,6 @@ says so in the result; an error leaves nothing behind.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -18,8 +17,7 @@ import numpy as np
 from keras_bn_ext.export.onnx import options
 from keras_bn_ext.export.onnx.convert import ExportReport, export_onnx
 from keras_bn_ext.export.onnx.verify import VerificationReport, verify_onnx
-from keras_bn_ext.model_io import atomic_output
-from keras_bn_ext.progress import phase
+from keras_bn_ext.stage import StageRecord, verify_and_commit
 
 __all__ = ["OnnxResult", "export_verified"]
 
@@ -29,17 +27,22 @@ class OnnxResult:
     export: ExportReport
     verification: VerificationReport
     timings_s: dict[str, float] = field(default_factory=dict)
+    stage: StageRecord | None = None
 
     @property
     def passed(self) -> bool:
         return self.verification.passed
+
+    @property
+    def precision(self) -> str:
+        return "float16 weights, float32 inputs/outputs" if self.export.fp16 else "float32"
 
     def to_dict(self) -> dict:
         e, v = self.export, self.verification
         return {
             "output": e.path,
             "opset": e.opset,
-            "precision": "float16 weights, float32 inputs/outputs" if e.fp16 else "float32",
+            "precision": self.precision,
             "folded": e.fold is not None,
             "bn_folded": e.bn_folded,
             "fold": e.fold.to_dict() if e.fold else None,
@@ -59,6 +62,7 @@ class OnnxResult:
             "placement": v.placement.to_dict() if v.placement else None,
             "exact_arithmetic": v.exact.to_dict() if v.exact else None,
             "timings_s": self.timings_s,
+            "commit": self.stage.code if self.stage else None,
             "passed": self.passed,
         }
 
@@ -92,21 +96,17 @@ def export_verified(
     """
     atol = atol if atol is not None else (options.FP16_ATOL if fp16 else options.FP32_ATOL)
     rtol = rtol if rtol is not None else (options.FP16_RTOL if fp16 else options.FP32_RTOL)
-    timings: dict[str, float] = {}
-    with atomic_output(path) as tmp:
-        start = time.perf_counter()
-        with phase("fold and convert (tf2onnx)"):
-            export = export_onnx(model, tmp, fold=fold, exclude=exclude, opset=opset,
-                                 batch_size=batch_size, fp16=fp16)
-        timings["export"] = round(time.perf_counter() - start, 4)
-        start = time.perf_counter()
-        with phase("verify on onnxruntime"):
-            verification = verify_onnx(
-                model, tmp, inputs=inputs, samples=samples,
-                batch_sizes=(batch_size,) if batch_size else options.BATCH_SIZES,
-                provider=provider, require_gpu=require_gpu, require_all_gpu=require_all_gpu, atol=atol, rtol=rtol,
-                benchmark=benchmark,
-            )
-        timings["verify"] = round(time.perf_counter() - start, 4)
-    export.path = str(path)
-    return OnnxResult(export=export, verification=verification, timings_s=timings)
+    staged = verify_and_commit(
+        path,
+        lambda tmp: export_onnx(model, tmp, fold=fold, exclude=exclude, opset=opset, batch_size=batch_size, fp16=fp16,
+                                atomic=False),
+        lambda tmp, _: verify_onnx(
+            model, tmp, inputs=inputs, samples=samples,
+            batch_sizes=(batch_size,) if batch_size else options.BATCH_SIZES,
+            provider=provider, require_gpu=require_gpu, require_all_gpu=require_all_gpu, atol=atol, rtol=rtol,
+            benchmark=benchmark),
+        keep_failed=True,  # a file outside the tolerance is kept for inspection (exit 1)
+        produce_name="export", produce_phase="fold and convert (tf2onnx)", check_phase="verify on onnxruntime")
+    staged.product.path = str(path)
+    return OnnxResult(export=staged.product, verification=staged.check, timings_s=staged.record.timings_s,
+                      stage=staged.record)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from keras_bn_ext.errors import ExportError
 from keras_bn_ext.export.onnx import _quantize_worker
@@ -18,14 +18,39 @@ from keras_bn_ext.export.onnx import _quantize_worker
 __all__ = ["quantize_onnx", "rank_nodes"]
 
 
-def _run(request: dict) -> dict:
+def _run(request: dict, on_batch: Callable[[], None] | None = None) -> dict:
+    """Run the worker on `request`; `on_batch` is called for each calibration batch it
+    reports through an inherited pipe (the progress bar)."""
     with tempfile.TemporaryDirectory(prefix="keras_bn_ext_quant_") as tmp:
         req, res = os.path.join(tmp, "request.json"), os.path.join(tmp, "response.json")
-        with open(req, "w", encoding="utf-8") as f:
-            json.dump(request, f)
-        proc = subprocess.run([sys.executable, _quantize_worker.__file__, req, res], capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        read_fd, write_fd = os.pipe()
+        try:
+            with open(req, "w", encoding="utf-8") as f:
+                json.dump({**request, "progress_fd": write_fd}, f)
+            with open(os.path.join(tmp, "log"), "w+", encoding="utf-8") as log:
+                proc = subprocess.Popen([sys.executable, _quantize_worker.__file__, req, res], stdout=log,
+                                        stderr=log, pass_fds=(write_fd,), text=True)
+                os.close(write_fd)
+                write_fd = None
+                try:
+                    with os.fdopen(read_fd, "rb") as lines:
+                        read_fd = None
+                        for _ in lines:  # ends when the worker exits (its end of the pipe closes)
+                            if on_batch is not None:
+                                on_batch()
+                    returncode = proc.wait()
+                finally:
+                    if proc.poll() is None:  # interrupted (Ctrl-C, SIGTERM): the worker goes too
+                        proc.kill()
+                        proc.wait()
+                log.seek(0)
+                stderr = log.read()
+        finally:
+            for fd in (read_fd, write_fd):
+                if fd is not None:
+                    os.close(fd)
+        if returncode != 0:
+            last = (stderr.strip().splitlines() or ["no output"])[-1]
             raise ExportError(f"onnxruntime quantization ({request['action']}) failed on {request['model']}: "
                               f"{last[:400]}")
         with open(res, encoding="utf-8") as f:
@@ -44,16 +69,18 @@ def quantize_onnx(
     batch_size: int,
     nodes_to_exclude: Sequence[str] = (),
     cache: str | os.PathLike | None = None,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict:
     """`onnxruntime.quantization.quantize_static` of `float_path` into `out_path`, calibrated
     on the arrays of `calibration_npz` (keyed by input name), streamed `batch_size` at a
-    time. `cache`: a calibration-range cache file (written on the first run, read after)."""
+    time. `cache`: a calibration-range cache file (written on the first run, read after).
+    `on_batch`: called as each calibration batch is handed to onnxruntime."""
     return _run({
         "action": "quantize", "model": str(Path(float_path).resolve()), "output": str(Path(out_path).resolve()),
         "calibration": str(calibration_npz), "input_names": list(input_names), "batch_size": int(batch_size),
         "per_channel": bool(per_channel), "reduce_range": bool(reduce_range), "method": method,
         "nodes_to_exclude": list(nodes_to_exclude), "cache": str(cache) if cache else None,
-    })
+    }, on_batch)
 
 
 def rank_nodes(float_path, quantized_path, samples_npz, input_names: Sequence[str], *, batch_size: int,
