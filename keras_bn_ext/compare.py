@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -122,10 +123,46 @@ def check_inputs(model: keras.Model, arrays: Sequence[np.ndarray]) -> None:
 
 
 def keras_outputs(model: keras.Model, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Inference outputs of a Keras model as numpy arrays, flattened like output_names()."""
+    """Inference outputs of a Keras model as numpy arrays, flattened like output_names().
+
+    On TensorFlow the model runs as a `tf.function` (one per model, kept while the model
+    lives): TensorFlow's eager mode keeps a high-water mark of every activation it made
+    (ResNet152 at batch 8: +2.4 GB of RSS eagerly, +0.17 GB as a graph), which made
+    verification the peak of an export. Models whose call cannot be traced run eagerly.
+    """
     x = list(arrays) if len(arrays) > 1 else arrays[0]
-    out = model(x, training=False)
+    out = _forward(model)(x)
     return [np.asarray(keras.ops.convert_to_numpy(o)) for o in keras.tree.flatten(out)]
+
+
+_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _forward(model):
+    eager = lambda x: model(x, training=False)  # noqa: E731
+    if keras.backend.backend() != "tensorflow":
+        return eager
+    try:
+        fn = _FORWARD.get(model)
+    except TypeError:  # not weak-referenceable
+        return eager
+    if fn is None:
+        import tensorflow as tf
+
+        ref = weakref.ref(model)  # the cache must not keep the model alive
+        graph = tf.function(lambda x: ref()(x, training=False), reduce_retracing=True, autograph=False)
+
+        def fn(x):
+            nonlocal graph
+            if graph is not None:
+                try:
+                    return graph(x)
+                except Exception:  # noqa: BLE001 - a call() that only runs eagerly (numpy, Python state)
+                    graph = None
+            return ref()(x, training=False)
+
+        _FORWARD[model] = fn
+    return fn
 
 
 def _accumulate(stats: dict, name: str, ref: np.ndarray, got: np.ndarray) -> None:

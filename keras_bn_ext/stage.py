@@ -13,20 +13,30 @@ KeyboardInterrupt, so the same `finally` runs).
 Whether a failed check still commits is the caller's policy: a float export that misses
 its tolerance is kept for inspection (and says so, exit 1), a .keras file that does not
 load back is not written at all.
+
+An output that is a file with companions (an ONNX model and its external-data file, which
+the model names relative to itself) is produced as a bundle: in a temporary directory
+beside the output, under the final names, so the check runs the files exactly as they
+will lie; the commit moves the companions first and the main file last, with SIGINT and
+SIGTERM held back until both renames are done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generic, Protocol, TypeVar
+from typing import Callable, Generic, Iterator, Protocol, TypeVar
 
 from keras_bn_ext.model_io import atomic_output
 from keras_bn_ext.progress import phase
 
-__all__ = ["COMMIT_CODES", "Check", "StageRecord", "Staged", "verify_and_commit"]
+__all__ = ["COMMIT_CODES", "Check", "StageRecord", "Staged", "atomic_bundle", "verify_and_commit"]
 
 # What the stage did with the candidate; `StageRecord.code`.
 COMMIT_CODES = {
@@ -86,6 +96,7 @@ def verify_and_commit(
     check_name: str = "verify",
     produce_phase: str | None = None,
     check_phase: str | None = None,
+    bundle: bool = False,
 ) -> Staged[P, C]:
     """Produce a candidate for `path`, check it where it lies, commit it or leave nothing.
 
@@ -100,6 +111,9 @@ def verify_and_commit(
             measured, though a criterion was missed").
         produce_name, check_name: Keys of the two steps' seconds in `timings_s`.
         produce_phase, check_phase: Progress phase names (default: the keys).
+        bundle: `produce` may write companion files beside the path it is given (in a
+            temporary directory, the path under the output's own name); all are
+            committed together, the path last.
 
     Returns:
         A `Staged` with the product, the check and the `StageRecord`.
@@ -116,8 +130,9 @@ def verify_and_commit(
         timings[name] = round(time.perf_counter() - start, 4)
         return value
 
+    output = atomic_bundle if bundle else atomic_output
     try:
-        with atomic_output(path) as tmp:
+        with output(path) as tmp:
             product = timed(produce_name, produce_phase, lambda: produce(tmp))
             result = timed(check_name, check_phase, lambda: check(tmp, product))
             if result.passed:
@@ -126,9 +141,47 @@ def verify_and_commit(
                 code = "kept_failed"
             else:
                 raise _Abandon()
-    except _Abandon:  # atomic_output removed the temporary file
+    except _Abandon:  # the temporary file (or directory) was removed
         return Staged(product, result, StageRecord(output=None, code="not_written", timings_s=timings))
     return Staged(product, result, StageRecord(output=str(Path(path)), code=code, timings_s=timings))
+
+
+@contextlib.contextmanager
+def atomic_bundle(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield `TMPDIR/<name of path>` in a temporary directory beside `path`; when the
+    block succeeds, move every file written there beside `path` (companions first, `path`
+    last), else remove the directory. Signals wait until the renames are done."""
+    path = Path(path)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.resolve().parent))
+    try:
+        main = work / path.name
+        yield main
+        if not main.exists():
+            raise FileNotFoundError(f"the bundle's main file {main} was not written")
+        umask = os.umask(0)
+        os.umask(umask)
+        companions = [f for f in sorted(work.iterdir()) if f != main]
+        with _signals_held():
+            for file in companions + [main]:
+                os.chmod(file, 0o666 & ~umask)
+                os.replace(file, path.parent / file.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM delivered after the block (main thread; elsewhere, nothing held)."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    except (AttributeError, ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _Abandon(Exception):

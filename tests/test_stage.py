@@ -88,3 +88,47 @@ def test_an_error_or_interrupt_removes_the_candidate(tmp_path, where, error):
     with pytest.raises(error):
         verify_and_commit(out, produce, check)
     assert _leftovers(tmp_path, set()) == []
+
+
+def test_a_bundle_is_checked_under_its_final_names_and_committed_together(tmp_path):
+    """A model that names its data file relative to itself (ONNX external data) must be
+    checked where that name resolves, and both files must land, or neither."""
+    out = tmp_path / "m.onnx"
+    seen = {}
+
+    def produce(tmp):
+        assert tmp.name == "m.onnx" and tmp.parent != tmp_path  # final name, in a temporary directory
+        (tmp.parent / "m.onnx.data").write_text("weights")
+        tmp.write_text("model -> m.onnx.data")
+
+    def check(tmp, _):
+        seen["data"] = (tmp.parent / "m.onnx.data").read_text()
+        return Verdict(True)
+
+    staged = verify_and_commit(out, produce, check, bundle=True)
+    assert seen["data"] == "weights" and staged.record.code == "passed"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").read_text() == "weights"
+
+
+@pytest.mark.parametrize("error", [None, RuntimeError, KeyboardInterrupt])
+def test_a_failed_or_interrupted_bundle_leaves_nothing(tmp_path, error):
+    out = tmp_path / "m.onnx"
+    (tmp_path / "m.onnx.data").write_text("old weights")  # a previous export's data stays as it was
+
+    def produce(tmp):
+        (tmp.parent / "m.onnx.data").write_text("new")
+        tmp.write_text("model")
+
+    def check(tmp, _):
+        if error:
+            raise error()
+        return Verdict(False)
+
+    if error:
+        with pytest.raises(error):
+            verify_and_commit(out, produce, check, bundle=True)
+    else:
+        assert verify_and_commit(out, produce, check, bundle=True).record.code == "not_written"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").read_text() == "old weights"

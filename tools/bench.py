@@ -662,7 +662,69 @@ def write_markdown(result: dict, path: Path) -> None:
                          f"{sp['float_ms']['median_ms']:.1f} | {sp['int8_ms']['median_ms']:.1f} | "
                          f"{sp['latency_ratio']:.2f} |")
         lines.append("")
+    lines += _export_memory_lines(result.get("export_memory"))
     path.write_text("\n".join(lines))
+
+
+def bench_export_memory() -> dict:
+    """Section 9: tools/bench_export.py (beside this script) in this process."""
+    import bench_export
+
+    return bench_export.measure()
+
+
+def _export_memory_lines(e: dict | None) -> list[str]:
+    """Section 9, from `tools/bench_export.py`'s measurement."""
+    if not e:
+        return []
+    gib = lambda mib: f"{mib / 1024:.2f}"  # noqa: E731
+    lines = [
+        f"## 9. Export memory and time (fresh processes, peak RSS in GiB; measured {e['date']}; "
+        "`python tools/bench.py --only-export-memory`)",
+        "",
+        "keras.applications at 224x224, weights=None with random BN statistics. Plain tf2onnx = "
+        "`tf2onnx.convert.from_function` on the loaded model (its convert seconds); bn-export-onnx = the whole tool "
+        "(load, fold, convert, write, verify on onnxruntime CPU) with its export phase and verification apart; "
+        "*frozen* = the same tool on tf2onnx's own route (`--conversion frozen`, what it did before).",
+        "",
+        "| model | params | plain tf2onnx convert s | plain peak | bn-export-onnx export s (ratio) | verify s | "
+        "peak (ratio) | frozen export s | frozen peak | same ops | bn-fold s | bn-fold peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in e["models"].items():
+        p, b, f = r["plain_tf2onnx"], r["bn_export_onnx"], r.get("bn_export_onnx_frozen")
+        export_s = b["timings_s"]["export"]
+        ratio_s = f" ({export_s / p['convert_s']:.2f})" if p.get("convert_s") else ""
+        ratio_m = f" ({b['peak_mib'] / p['peak_mib']:.2f})" if p["rc"] == 0 else ""
+        lines.append(
+            f"| {name} | {r['params'] / 1e6:.1f} M | {p['convert_s']:.1f} | {gib(p['peak_mib'])} | "
+            f"{export_s:.1f}{ratio_s} | {b['timings_s']['verify']:.1f} | {gib(b['peak_mib'])}{ratio_m} | "
+            + (f"{f['timings_s']['export']:.1f} | {gib(f['peak_mib'])} | {'yes' if r['same_op_counts'] else 'NO'} | "
+               if f else "– | – | – | ")
+            + f"{r['bn_fold']['seconds']:.1f} | {gib(r['bn_fold']['peak_mib'])} |")
+    for conversion, rows in e.get("profile", {}).items():
+        lines += ["", f"ResNet50, phase by phase ({conversion} conversion; peak of the process and its onnxruntime "
+                      "child during the phase, GiB):", "", "| phase | s | peak |", "|---|---|---|"]
+        for row in rows:
+            lines.append(f"| {'&nbsp;' * 4 * row['depth']}{row['phase']} | {row['seconds']:.1f} | "
+                         f"{gib(row['peak_mib'])} |")
+    big = e.get("big")
+    if big:
+        b, p = big["bn_export_onnx"], big["plain_tf2onnx"]
+        lines += [
+            "",
+            f"A BN network of {big['params'] / 1e6:.0f} M parameters (`tools/bench_export.big_bn_network`, seed 0; "
+            f".keras {big['keras_bytes'] / 2**30:.2f} GiB): bn-export-onnx "
+            + (f"exported it with external data ({b['external_data_bytes'] / 2**30:.2f} GiB beside a "
+               f"{(big['onnx_bytes'] or 0) / 1024:.0f} KiB model) and verified it (max rel err "
+               f"{b['max_rel_err']:.1e}) in {b['seconds']:.0f} s at {gib(b['peak_mib'])} GiB peak"
+               if b["rc"] == 0 else f"failed (exit {b['rc']})")
+            + "; plain tf2onnx "
+            + (f"converted it in {p['convert_s']:.0f} s at {gib(p['peak_mib'])} GiB" if p["rc"] == 0
+               else f"did not: {p['error']} after {p['seconds']:.0f} s, at {gib(p['peak_mib'])} GiB peak"),
+            "",
+        ]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -681,6 +743,9 @@ def main(argv=None) -> int:
                         help="measure section 7 only and update it in bench.json/BENCHMARKS.md")
     parser.add_argument("--only-int8", action="store_true",
                         help="measure section 8 only and update it in bench.json/BENCHMARKS.md")
+    parser.add_argument("--only-export-memory", action="store_true",
+                        help="measure section 9 (export memory and time, tools/bench_export.py; ~25 min, needs "
+                             "~16 GB for plain tf2onnx on ResNet152) and update it in bench.json/BENCHMARKS.md")
     args = parser.parse_args(argv)
     repeats = args.repeats or (10 if args.quick else 50)
     if args.only_train:
@@ -695,6 +760,7 @@ def main(argv=None) -> int:
         "only_recalibration": lambda r: r.update(recalibration=bench_recalibration(args.quick)),
         "only_int8": lambda r: r.update(int8=bench_int8(args.quick, repeats, threads)),
         "only_pad_guard": lambda r: r.update(pad_guard=bench_pad_guard(args.quick, repeats, threads)),
+        "only_export_memory": lambda r: r.update(export_memory=bench_export_memory()),
         "only_startup": lambda r: (r.setdefault("targets", {}).update(TARGETS),
                                    r.update(startup=bench_startup(rounds=args.repeats or 10))),
     }

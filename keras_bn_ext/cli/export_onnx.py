@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fp16", action="store_true",
                         help="float16 weights and arithmetic, float32 inputs and outputs "
                              "(verified with float16 tolerances)")
+    gib = options.EXTERNAL_DATA_THRESHOLD / (1 << 30)
+    parser.add_argument("--external-data", action="store_true",
+                        help="write the weights to OUT.onnx.data beside the model (ONNX external data; model and "
+                             f"data file are written together or not at all). Automatic above {gib:g} GiB of "
+                             "weights: a protobuf cannot exceed 2 GiB")
+    parser.add_argument("--conversion", choices=options.CONVERSIONS, default="structure",
+                        help="structure (default): tf2onnx converts the model with its kernels as inputs and the "
+                             "values are attached after, at a small multiple of the weights' memory; frozen: "
+                             "tf2onnx freezes every variable (its own route, ~260 bytes of memory per parameter)")
     parser.add_argument("--benchmark", action="store_true",
                         help="also report median latency of Keras (tf.function) and onnxruntime "
                              "(with --int8: of the float and the INT8 file on onnxruntime's CPU provider)")
@@ -120,7 +129,8 @@ def _work(args) -> int:
         )
     result = export_verified(
         model, output, fold=not args.no_fold, exclude=args.exclude, opset=args.opset,
-        batch_size=args.batch_size, fp16=args.fp16, inputs=inputs, samples=args.samples,
+        batch_size=args.batch_size, fp16=args.fp16, external_data=True if args.external_data else None,
+        conversion=args.conversion, inputs=inputs, samples=args.samples,
         provider=args.provider, require_gpu=args.require_gpu, require_all_gpu=args.require_all_gpu,
         atol=args.atol, rtol=args.rtol,
         benchmark=args.benchmark,
@@ -149,6 +159,10 @@ def _print_summary(result) -> None:
         )
     ops = ", ".join(f"{k} {n}" for k, n in e.op_counts.items())
     console.print(f"wrote {e.path} (opset {e.opset}; {ops})")
+    if e.external_data:
+        console.print(f"  weights in {e.external_data} ({e.external_data_bytes:,} bytes, ONNX external data)")
+    if e.conversion_fallback:
+        console.print(f"  [yellow]{e.conversion_fallback}[/yellow]")
     for guard in e.guards:
         console.print(f"  guarded {guard}")
     console.print(f"onnxruntime {v.onnxruntime_version} ran on [bold]{v.provider}[/bold]")
@@ -248,10 +262,13 @@ def _print_int8(r) -> None:
 
 
 def _int8_usage_errors(args) -> str | None:
+    if args.fp16 and args.external_data:
+        return "--fp16 cannot be combined with --external-data"
     if not args.int8:
         return "--eval needs --int8" if args.eval_data else None
     for flag, value in (("--no-fold", args.no_fold), ("--fp16", args.fp16), ("--inputs", args.inputs),
-                        ("--require-gpu", args.require_gpu), ("--require-all-gpu", args.require_all_gpu)):
+                        ("--require-gpu", args.require_gpu), ("--require-all-gpu", args.require_all_gpu),
+                        ("--external-data", args.external_data)):
         if value:
             return f"--int8 cannot be combined with {flag}"
     return None

@@ -6,17 +6,26 @@ import collections
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import keras
+import numpy as np
 
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.compare import input_specs, output_names
 from keras_bn_ext.errors import ExportError, require_tensorflow_backend
 from keras_bn_ext.export.onnx.guards import guard_pad_into_maxpool
-from keras_bn_ext.export.onnx.options import BATCH_DIM, DEFAULT_OPSET, SUPPORTED_OPSETS
+from keras_bn_ext.export.onnx.options import (
+    BATCH_DIM,
+    CONVERSIONS,
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_THRESHOLD,
+    SUPPORTED_OPSETS,
+)
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.model_io import atomic_output
+from keras_bn_ext.progress import phase
+from keras_bn_ext.stage import atomic_bundle
 
 __all__ = ["export_onnx", "to_onnx_proto", "ExportReport"]
 
@@ -32,6 +41,10 @@ class ExportReport:
     fp16: bool = False  # float16 weights and arithmetic, float32 inputs and outputs
     # Nodes given an equivalent form that onnxruntime's optimizer cannot break (`guards`).
     guards: list[str] = field(default_factory=list)
+    conversion: str = "structure"  # options.CONVERSIONS: how tf2onnx met the weights
+    conversion_fallback: str | None = None  # why "structure" gave way to "frozen"
+    external_data: str | None = None  # the weights' file beside the model, when external
+    external_data_bytes: int = 0
 
     @property
     def bn_folded(self) -> int:
@@ -122,14 +135,69 @@ def _reject_unconverted(proto, model: keras.Model) -> None:
     )
 
 
-def to_onnx_proto(model: keras.Model, *, opset: int = DEFAULT_OPSET, batch_size: int | None = None):
-    """Convert a Keras model (TensorFlow backend) to an onnx.ModelProto, named as Keras names it."""
+def to_onnx_proto(model: keras.Model, *, opset: int = DEFAULT_OPSET, batch_size: int | None = None,
+                  conversion: str = "structure", to_tensor: Callable[[str, np.ndarray], object] | None = None):
+    """Convert a Keras model (TensorFlow backend) to an onnx.ModelProto, named as Keras names it.
+
+    Args:
+        conversion: "structure" (default): tf2onnx converts the model traced with its
+            kernels as inputs, and their values are attached afterwards
+            (`export.onnx.structure`): the graph tf2onnx gives, at a small multiple of the
+            weights' memory. "frozen": tf2onnx freezes every variable into the graph (its
+            own route: ~260 bytes of memory per parameter).
+        to_tensor: With "structure", makes each attached initializer from `(name, array)`
+            (an external-data writer; default: the bytes inside the graph).
+    """
+    return _convert(model, opset=opset, batch_size=batch_size, conversion=conversion, to_tensor=to_tensor)[0]
+
+
+def _convert(model, *, opset, batch_size, conversion, to_tensor=None) -> tuple[object, str, str | None]:
+    """(proto, the conversion used, why "structure" fell back to "frozen" or None)."""
     require_tensorflow_backend("ONNX export (tf2onnx)")
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(
             f"opset must be {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} (tf2onnx's range); "
             f"got {opset}"
         )
+    if conversion not in CONVERSIONS:
+        raise ValueError(f"conversion must be one of {CONVERSIONS}. Received: conversion={conversion!r}")
+    fallback = None
+    if conversion == "structure":
+        from keras_bn_ext.export.onnx.structure import attach_weights, to_onnx_structure
+
+        try:
+            structure = to_onnx_structure(model, opset=opset, batch_size=batch_size)
+        except Exception as exc:  # noqa: BLE001 - any failure of the lean route: tf2onnx's own route decides
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            fallback = f"the structure conversion failed ({type(exc).__name__}: {first}); weights frozen instead"
+        else:
+            loops = sorted({n.op_type for n in structure.proto.graph.node if n.op_type in _CONTROL_FLOW})
+            if loops:
+                # Weights read inside a loop body come from the outer scope, where tf2onnx's loop
+                # conversion types them differently when they are inputs (a GRU's Loop then
+                # fails onnxruntime's type inference): recurrent models keep tf2onnx's route.
+                fallback = (f"the graph has control flow ({', '.join(loops)}): weights frozen, as tf2onnx "
+                            "converts loops")
+            else:
+                attach_weights(structure, to_tensor)
+                proto, function, input_names = structure.proto, structure.function, set(structure.input_names)
+            del structure
+    if conversion == "frozen" or fallback is not None:
+        if to_tensor is not None:
+            raise ExportError("weights can be streamed to external data only by the structure conversion"
+                              + (f": {fallback}" if fallback else ""))
+        proto, function, input_names = _convert_frozen(model, opset=opset, batch_size=batch_size)
+    _freeze_captured_constants(proto, function, input_names)
+    _reject_unconverted(proto, model)
+    _order_outputs(proto, output_names(model))
+    _dim_names(proto, batch_size)
+    return proto, "frozen" if fallback else conversion, fallback
+
+
+_CONTROL_FLOW = {"Loop", "If", "Scan"}
+
+
+def _convert_frozen(model, *, opset, batch_size):
     import tensorflow as tf
     import tf2onnx
 
@@ -149,11 +217,7 @@ def to_onnx_proto(model: keras.Model, *, opset: int = DEFAULT_OPSET, batch_size:
             proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
     except Exception as exc:  # tf2onnx raises whatever its handlers raise
         raise ExportError(f"tf2onnx could not convert the model: {type(exc).__name__}: {exc}") from exc
-    _freeze_captured_constants(proto, function, {spec.name for spec in specs})
-    _reject_unconverted(proto, model)
-    _order_outputs(proto, names)
-    _dim_names(proto, batch_size)
-    return proto
+    return proto, function, {spec.name for spec in specs}
 
 
 def export_onnx(
@@ -165,6 +229,8 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     batch_size: int | None = None,
     fp16: bool = False,
+    external_data: bool | None = None,
+    conversion: str = "structure",
     atomic: bool = True,
 ) -> ExportReport:
     """Export `model` to ONNX at `path` (written atomically), folding BN first.
@@ -178,12 +244,17 @@ def export_onnx(
         batch_size: Fix the batch dimension; None keeps it symbolic, named 'batch'.
         fp16: Convert weights and arithmetic to float16 (onnxconverter-common),
             keeping float32 inputs and outputs. Verify it with float16 tolerances.
-        atomic: Write through a temporary file and a rename; False writes `path` directly
-            (for a caller that already holds a temporary path: `stage.verify_and_commit`).
+        external_data: Write the weights to `<path>.data` beside the model (ONNX external
+            data, streamed as they are attached); None: when they exceed
+            `options.EXTERNAL_DATA_THRESHOLD` (a protobuf cannot exceed 2 GiB).
+        conversion: "structure" or "frozen" (see `to_onnx_proto`).
+        atomic: Write through temporary files and renames (model and data file
+            together); False writes `path` (and its data file) directly, for a caller
+            that already holds a temporary place: `stage.verify_and_commit`.
 
     Returns:
         An ExportReport: names and shapes of the inputs, output names, ONNX op
-        counts and the fold report.
+        counts, the conversion used and the fold report.
 
     Raises:
         ExportError: tf2onnx failed, or the result does not pass onnx.checker.
@@ -191,26 +262,49 @@ def export_onnx(
     A zero Pad feeding a MaxPool is written in a form onnxruntime's `Pad_Fusion` rewrite
     leaves alone (see `guards`); the report lists each.
     """
-    import onnx
-
     fold_report = None
     if fold:
-        model, fold_report = fold_batchnorms(model, exclude=exclude)
-    proto = to_onnx_proto(model, opset=opset, batch_size=batch_size)
-    if fp16:
-        proto = _to_float16(proto)
-    guards = guard_pad_into_maxpool(proto)
-    try:
-        # The structural check; shape errors would show in verify_onnx's onnxruntime run
-        # anyway, and full_check's shape inference costs ~0.4 s on ResNet50.
-        onnx.checker.check_model(proto)
-    except Exception as exc:
-        raise ExportError(f"onnx.checker rejected the converted model: {exc}") from exc
+        with phase("fold"):
+            model, fold_report = fold_batchnorms(model, exclude=exclude)
+    weight_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+    external = external_data if external_data is not None else weight_bytes > EXTERNAL_DATA_THRESHOLD
+    if external and fp16:
+        raise ExportError("float16 conversion of a model with external data is not supported; "
+                          "export float32 (or without --external-data)")
+
+    def write(target: Path) -> tuple:
+        import onnx
+
+        sink = _ExternalData(target) if external else None
+        try:
+            with phase("convert (tf2onnx)"):
+                proto, used, fallback = _convert(model, opset=opset, batch_size=batch_size, conversion=conversion,
+                                                 to_tensor=sink)
+        finally:
+            if sink is not None:
+                sink.close()
+        if fp16:
+            proto = _to_float16(proto)
+        guards = guard_pad_into_maxpool(proto)
+        with phase("write"):
+            onnx.save_model(proto, str(target))
+        try:
+            # The structural check (from the file: external data is checked where it lies);
+            # shape errors would show in verify_onnx's onnxruntime run anyway, and
+            # full_check's shape inference costs ~0.4 s on ResNet50.
+            onnx.checker.check_model(str(target))
+        except Exception as exc:
+            raise ExportError(f"onnx.checker rejected the converted model: {exc}") from exc
+        return proto, used, fallback, guards, sink
+
     if not atomic:
-        onnx.save_model(proto, str(path))
+        proto, used, fallback, guards, sink = write(Path(path))
+    elif external:
+        with atomic_bundle(path) as tmp:
+            proto, used, fallback, guards, sink = write(tmp)
     else:
         with atomic_output(path) as tmp:
-            onnx.save_model(proto, str(tmp))
+            proto, used, fallback, guards, sink = write(tmp)
     inputs = [
         {"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
         for i in proto.graph.input
@@ -224,7 +318,48 @@ def export_onnx(
         fold=fold_report,
         fp16=fp16,
         guards=guards,
+        conversion=used,
+        conversion_fallback=fallback,
+        external_data=str(Path(path).with_name(sink.location)) if sink else None,
+        external_data_bytes=sink.offset if sink else 0,
     )
+
+
+class _ExternalData:
+    """A tensor maker for `structure.attach_weights`: each initializer's bytes are appended to
+    `<model>.data` (page-aligned, as onnx's own external-data writer aligns them) and the
+    graph gets a tensor that points there (onnx's external-data fields: location,
+    offset, length). Nothing but one weight is held at a time."""
+
+    ALIGN = 4096
+
+    def __init__(self, model_path: Path):
+        self.location = model_path.name + ".data"
+        self.file = open(model_path.with_name(self.location), "wb")
+        self.offset = 0
+
+    def __call__(self, name: str, array: np.ndarray):
+        import onnx
+        from onnx import helper
+
+        array = np.ascontiguousarray(array)
+        if array.dtype.byteorder == ">":  # ONNX stores little-endian
+            array = array.astype(array.dtype.newbyteorder("<"))
+        pad = -self.offset % self.ALIGN
+        if pad:
+            self.file.write(b"\0" * pad)
+            self.offset += pad
+        length = self.file.write(memoryview(array).cast("B"))
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  dims=list(array.shape), data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += length
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _to_float16(proto):

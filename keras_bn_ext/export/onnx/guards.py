@@ -36,7 +36,9 @@ def _opset(proto) -> int:
 def _constant_values(proto) -> dict:
     import onnx
 
-    values = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    # Pads and shapes are small: weights are neither copied nor read from external data.
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer
+              if int(np.prod(i.dims)) <= 4096 and i.data_location != onnx.TensorProto.EXTERNAL}
     for node in proto.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)

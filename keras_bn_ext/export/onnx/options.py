@@ -7,6 +7,14 @@ SUPPORTED_OPSETS = range(13, 19)
 DEFAULT_OPSET = 17
 BATCH_DIM = "batch"  # the name of the symbolic batch dimension
 
+# How tf2onnx meets the weights: "structure" converts the model traced with its kernels
+# as inputs and attaches their values after (export.onnx.structure); "frozen" is tf2onnx's
+# own route (every variable frozen into the graph: ~260 bytes of memory per parameter).
+CONVERSIONS = ("structure", "frozen")
+# A protobuf cannot exceed 2 GiB: above this much weight data the initializers go to an
+# external-data file beside the model (always with --external-data).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
 # auto = CUDA when onnxruntime can really use it, else the CPU.
 PROVIDERS = ("auto", "cuda", "cpu")
 

@@ -8,6 +8,7 @@ says so in the result; an error leaves nothing behind.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -52,6 +53,10 @@ class OnnxResult:
             "inputs": e.inputs,
             "outputs": [vars(o) for o in v.comparison.outputs],
             "op_counts": e.op_counts,
+            "conversion": e.conversion,
+            "conversion_fallback": e.conversion_fallback,
+            "external_data": e.external_data,
+            "external_data_bytes": e.external_data_bytes,
             "guards": e.guards,
             "batch_sizes": v.batch_sizes,
             "atol": v.comparison.atol,
@@ -76,6 +81,8 @@ def export_verified(
     opset: int = options.DEFAULT_OPSET,
     batch_size: int | None = None,
     fp16: bool = False,
+    external_data: bool | None = None,
+    conversion: str = "structure",
     inputs: Sequence[np.ndarray] | None = None,
     samples: int = options.SAMPLES,
     provider: str = "auto",
@@ -99,14 +106,17 @@ def export_verified(
     staged = verify_and_commit(
         path,
         lambda tmp: export_onnx(model, tmp, fold=fold, exclude=exclude, opset=opset, batch_size=batch_size, fp16=fp16,
-                                atomic=False),
+                                external_data=external_data, conversion=conversion, atomic=False),
         lambda tmp, _: verify_onnx(
             model, tmp, inputs=inputs, samples=samples,
             batch_sizes=(batch_size,) if batch_size else options.BATCH_SIZES,
             provider=provider, require_gpu=require_gpu, require_all_gpu=require_all_gpu, atol=atol, rtol=rtol,
             benchmark=benchmark),
         keep_failed=True,  # a file outside the tolerance is kept for inspection (exit 1)
-        produce_name="export", produce_phase="fold and convert (tf2onnx)", check_phase="verify on onnxruntime")
+        produce_name="export", produce_phase="export", check_phase="verify on onnxruntime",
+        bundle=True)  # the model and, with external data, its weights file: both or neither
     staged.product.path = str(path)
+    if staged.product.external_data:
+        staged.product.external_data = str(Path(path).with_name(Path(staged.product.external_data).name))
     return OnnxResult(export=staged.product, verification=staged.check, timings_s=staged.record.timings_s,
                       stage=staged.record)
