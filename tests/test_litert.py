@@ -94,3 +94,20 @@ def test_cli_int8_bad_data_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no array 'image'" in err[0]
     assert not (tmp_path / "lenet.int8.tflite").exists()
+
+
+def test_recurrent_layers_are_converted_with_the_batch_fixed_to_one(tmp_path):
+    """The converter lowers a GRU's tensor lists to builtin ops only with static shapes: the
+    dynamic batch gives way to batch 1, the report says so, and verification runs at 1."""
+    from keras_bn_ext import BatchNormalization
+
+    inputs = keras.Input((20, 13), name="audio")
+    x = keras.layers.GRU(16, return_sequences=True)(inputs)
+    x = BatchNormalization(name="bn")(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(x))
+    randomize_batchnorms(model)
+    result = export_litert_verified(model, tmp_path / "gru.tflite")
+    assert result.passed and result.export.batch_size == 1 and "static shapes" in result.export.batch_note
+    assert result.verification.batch_sizes == [1] and result.export.bn_folded == 1
+    assert result.to_dict()["batch_size"] == 1
+    assert result.export.inputs == [{"name": "audio", "shape": [1, 20, 13]}]

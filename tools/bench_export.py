@@ -139,7 +139,7 @@ def big_bn_network(seed: int = 0):
         x = layers.Conv2D(filters, 3, padding="same", name=f"conv{i}")(x)
         x = layers.ReLU()(layers.BatchNormalization(name=f"conv{i}_bn")(x))
     x = layers.GlobalAveragePooling2D()(x)
-    for i, units in enumerate((8192, 8192, 8192)):
+    for i, units in enumerate((8192, 8192, 8192, 8192)):
         x = layers.Dense(units, name=f"dense{i}")(x)
         x = layers.ReLU()(layers.BatchNormalization(name=f"dense{i}_bn")(x))
     model = keras.Model(inputs, layers.Dense(1000, name="logits")(x), name="big_bn")
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=".", help="folder for export_memory.json")
     parser.add_argument("--no-big", action="store_true", help="leave out the 620 M-parameter network")
-    parser.add_argument("--models", nargs="+", default=["MobileNetV2", "ResNet50", "ResNet152"],
+    parser.add_argument("--models", nargs="*", default=["MobileNetV2", "ResNet50", "ResNet152"],
                         help="keras.applications models (default: MobileNetV2 ResNet50 ResNet152)")
     args = parser.parse_args(argv)
     result = measure(models=args.models, big=not args.no_big)

@@ -5,6 +5,12 @@ every Keras variable, so the converter freezes them), with one `serving_default`
 signature whose inputs are named as the Keras inputs and whose outputs are a dict keyed
 by the Keras output names; the batch dimension stays dynamic (resizable on the
 interpreter). Then `tf.lite.TFLiteConverter.from_saved_model` converts it.
+
+Recurrent layers (GRU, LSTM) run a while loop over a TensorList whose element shape
+holds the batch: the converter lowers it to builtin ops only when that shape is static
+("requires element_shape to be static"). For those models the batch is fixed to 1 and
+the report says so (`batch_size`); the alternative the converter suggests (Select TF ops)
+needs TensorFlow's Flex delegate, which ai-edge-litert does not ship.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from keras_bn_ext.errors import ExportError, require_tensorflow_backend
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.model_io import atomic_output
 
-__all__ = ["LiteRTExportReport", "export_litert", "SIGNATURE"]
+__all__ = ["LiteRTExportReport", "convert_litert", "export_litert", "SIGNATURE"]
 
 SIGNATURE = "serving_default"
 
@@ -34,6 +40,8 @@ class LiteRTExportReport:
     op_counts: dict[str, int] = field(default_factory=dict)  # read by the runner (verify)
     fold: FoldReport | None = None
     precision: str = "float32"  # float32 | float16 weights | int8
+    batch_size: int | None = None  # None: dynamic; 1 where the converter needs static shapes
+    batch_note: str | None = None  # why the batch is fixed
 
     @property
     def bn_folded(self) -> int:
@@ -46,12 +54,17 @@ class LiteRTExportReport:
         return d
 
 
-def _serving_function(model: keras.Model):
+STATIC_SHAPES_NEEDED = "requires element_shape to be static"  # the converter's words for a TensorList
+STATIC_BATCH_NOTE = ("batch fixed to 1: the LiteRT converter lowers the recurrent layers' tensor lists to builtin "
+                     "ops only with static shapes")
+
+
+def _serving_function(model: keras.Model, batch_size: int | None = None):
     import tensorflow as tf
 
     specs = input_specs(model)
     names = output_names(model)
-    signature = [tf.TensorSpec((None,) + tuple(shape[1:]), dtype, name=name) for name, shape, dtype in specs]
+    signature = [tf.TensorSpec((batch_size,) + tuple(shape[1:]), dtype, name=name) for name, shape, dtype in specs]
 
     def serve(*inputs):
         out = model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
@@ -60,13 +73,26 @@ def _serving_function(model: keras.Model):
     return serve, signature
 
 
-def to_tflite_bytes(model: keras.Model, *, fp16: bool = False, representative=None) -> bytes:
+def convert_litert(model: keras.Model, *, fp16: bool = False, representative=None) -> tuple[bytes, int | None]:
+    """`to_tflite_bytes` with a dynamic batch, or with the batch fixed to 1 where the
+    converter needs static shapes (recurrent layers). Returns (bytes, batch_size or None)."""
+    try:
+        return to_tflite_bytes(model, fp16=fp16, representative=representative), None
+    except ExportError as exc:
+        if STATIC_SHAPES_NEEDED not in str(exc.__cause__ or exc):
+            raise
+    return to_tflite_bytes(model, fp16=fp16, representative=representative, batch_size=1), 1
+
+
+def to_tflite_bytes(model: keras.Model, *, fp16: bool = False, representative=None,
+                    batch_size: int | None = None) -> bytes:
     """Convert `model` (TensorFlow backend) to LiteRT flatbuffer bytes. `representative`: a
-    callable yielding lists of input arrays, for full-integer INT8."""
+    callable yielding lists of input arrays, for full-integer INT8. `batch_size`: fix the
+    batch (None: dynamic)."""
     require_tensorflow_backend("LiteRT export")
     import tensorflow as tf
 
-    serve, signature = _serving_function(model)
+    serve, signature = _serving_function(model, batch_size)
     with tempfile.TemporaryDirectory(prefix="keras_bn_ext_litert_") as tmp:
         archive = keras.export.ExportArchive()
         archive.track(model)
@@ -115,7 +141,7 @@ def export_litert(
     fold_report = None
     if fold:
         model, fold_report = fold_batchnorms(model, exclude=exclude)
-    data = to_tflite_bytes(model, fp16=fp16)
+    data, batch_size = convert_litert(model, fp16=fp16)
     if not atomic:
         Path(path).write_bytes(data)
     else:
@@ -123,9 +149,11 @@ def export_litert(
             Path(tmp).write_bytes(data)
     return LiteRTExportReport(
         path=str(path),
-        inputs=[{"name": n, "shape": [None] + [None if d is None else int(d) for d in s[1:]]}
+        inputs=[{"name": n, "shape": [batch_size] + [None if d is None else int(d) for d in s[1:]]}
                 for n, s, _ in input_specs(model)],
         outputs=output_names(model),
         fold=fold_report,
         precision="float16 weights" if fp16 else "float32",
+        batch_size=batch_size,
+        batch_note=STATIC_BATCH_NOTE if batch_size else None,
     )

@@ -34,6 +34,7 @@ class LiteRTResult:
         e = self.export
         return {"output": e.path, "precision": e.precision, "folded": e.fold is not None, "bn_folded": e.bn_folded,
                 "fold": e.fold.to_dict() if e.fold else None, "inputs": e.inputs, "outputs_names": e.outputs,
+                "batch_size": e.batch_size, "batch_note": e.batch_note,
                 "verification": self.verification.to_dict(), "timings_s": self.timings_s,
                 "commit": self.stage.code if self.stage else None, "passed": self.passed}
 
@@ -59,8 +60,8 @@ def export_litert_verified(
     staged = verify_and_commit(
         path,
         lambda tmp: export_litert(model, tmp, fold=fold, exclude=exclude, fp16=fp16, atomic=False),
-        lambda tmp, _: verify_litert(model, tmp, inputs=inputs, samples=samples, atol=atol, rtol=rtol,
-                                     benchmark=benchmark),
+        lambda tmp, export: verify_litert(model, tmp, inputs=inputs, samples=samples, atol=atol, rtol=rtol,
+                                          benchmark=benchmark, fixed_batch=export.batch_size),
         keep_failed=True,  # a file outside the tolerance is kept for inspection (exit 1)
         produce_name="export", produce_phase="fold and convert (LiteRT converter)",
         check_phase="verify on ai-edge-litert")

@@ -91,14 +91,20 @@ def verify_litert(
     rtol: float = options.FP32_RTOL,
     seed: int = 0,
     benchmark: bool = False,
+    fixed_batch: int | None = None,
 ) -> LiteRTVerification:
     """Compare the LiteRT file's outputs on ai-edge-litert with the Keras model's (inference,
     float32): random batches of each size in `batch_sizes` (the interpreter resizes its
     dynamic batch for each) or the given real `inputs`. Where float32 against float32 misses
-    the tolerance, the float64 judgement of the ONNX target decides (`exact`)."""
+    the tolerance, the float64 judgement of the ONNX target decides (`exact`).
+    `fixed_batch`: the file's batch is fixed (`LiteRTExportReport.batch_size`): every
+    batch has that size (the inputs are split into such batches)."""
+    if fixed_batch is not None:
+        batch_sizes = (fixed_batch,)
     if inputs is not None:
         check_inputs(model, inputs)
-        batches = [list(inputs)]
+        n = fixed_batch or len(inputs[0])
+        batches = [[a[i:i + n] for a in inputs] for i in range(0, len(inputs[0]), n)]
     else:
         batches = [random_inputs(model, batch_size=bs, seed=seed + 100 * i + bs)
                    for i in range(samples) for bs in batch_sizes]
