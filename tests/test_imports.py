@@ -79,12 +79,11 @@ def test_lower_modules_import_nothing_above_them():
 
 
 def test_every_written_output_goes_through_the_stage():
-    """Only the stage (and the converters' own stand-alone, unchecked write) holds a
+    """Only the stage (and the LiteRT converter's own stand-alone, unchecked write) holds a
     temporary output: fold, recalibrate and the four export paths commit through
     `stage.verify_and_commit`."""
     package = os.path.join(REPO, "keras_bn_ext")
-    allowed = {"model_io.py", "stage.py", os.path.join("export", "onnx", "convert.py"),
-               os.path.join("export", "litert", "convert.py")}
+    allowed = {"model_io.py", "stage.py", os.path.join("export", "litert", "convert.py")}
     for root, _, files in os.walk(package):
         for name in files:
             rel = os.path.relpath(os.path.join(root, name), package)

@@ -88,6 +88,8 @@ def test_structure_conversion_is_the_frozen_graph(name):
     # No weight input is left unbound, and the weights are all there.
     assert not any(i.name.startswith(structure.WEIGHT_PREFIX) for i in lean.graph.input)
     size = lambda p: sum(len(t.raw_data) for t in p.graph.initializer)  # noqa: E731
+    # The same weights; only small constants may differ (shape tensors, a bias tf2onnx keeps
+    # unfused in one route): measured up to 0.2% (EfficientNetB0), so 1% catches a lost kernel.
     assert abs(size(lean) - size(frozen)) <= 0.01 * size(frozen)
     feeds = _inputs(model)
     want, got = _run(frozen, feeds), _run(lean, feeds)

@@ -226,15 +226,13 @@ def _print_int8(r) -> None:
     """The summary of an `Int8Result`, read from its typed fields."""
     from rich.console import Console
 
-    from keras_bn_ext.quantization.cpu import detect_cpu
-
     console = Console()
     console.print(f"folded {r.fold.bn_folded} of {r.fold.bn_total} BatchNormalization layers")
     print_equalization(console, r.equalization, r.equalization_max_rel_err)
     cpu, cal, ev = r.target_cpu, r.calibration, r.evaluation
     console.print(f"target CPU {cpu.name} ({'this machine' if cpu.detected else 'given'}): "
                   f"reduce_range={r.reduce_range}: {cpu.reason}")
-    measured_on = detect_cpu().name
+    measured_on = r.measured_on_cpu
     if measured_on != cpu.name:
         console.print(f"  [yellow]measured on this {measured_on} CPU, not on the {cpu.name} target: "
                       "its int8 kernels may give other numbers there[/yellow]")

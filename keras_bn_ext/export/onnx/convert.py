@@ -23,7 +23,6 @@ from keras_bn_ext.export.onnx.options import (
     SUPPORTED_OPSETS,
 )
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
-from keras_bn_ext.model_io import atomic_output
 from keras_bn_ext.progress import phase
 from keras_bn_ext.stage import atomic_bundle
 
@@ -299,11 +298,8 @@ def export_onnx(
 
     if not atomic:
         proto, used, fallback, guards, sink = write(Path(path))
-    elif external:
+    else:  # the model and, with external data, its data file: both or neither
         with atomic_bundle(path) as tmp:
-            proto, used, fallback, guards, sink = write(tmp)
-    else:
-        with atomic_output(path) as tmp:
             proto, used, fallback, guards, sink = write(tmp)
     inputs = [
         {"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}

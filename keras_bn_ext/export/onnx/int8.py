@@ -96,6 +96,12 @@ class Int8Result:
     def passed(self) -> bool:
         return self.fidelity.passed
 
+    @property
+    def measured_on_cpu(self) -> str:
+        """The CPU the fidelity was measured on (this machine's onnxruntime): where it is not
+        the target (8-bit weights for VNNI measured on AVX2), the numbers may differ there."""
+        return detect_cpu().name
+
     def to_dict(self) -> dict:
         return {
             "output": self.path,
@@ -105,9 +111,7 @@ class Int8Result:
             "per_channel": self.per_channel,
             "reduce_range": self.reduce_range,
             "target_cpu": self.target_cpu.to_dict(),
-            # The fidelity was measured on this machine's onnxruntime: where its CPU is not the
-            # target (e.g. 8-bit weights for VNNI measured on AVX2), the numbers may differ there.
-            "measured_on_cpu": detect_cpu().name,
+            "measured_on_cpu": self.measured_on_cpu,
             "calibration": self.calibration,
             "evaluation": self.evaluation,
             "equalize": self.equalize_requested,

@@ -135,16 +135,14 @@ def attach_weights(structure: Structure, to_tensor: Callable[[str, np.ndarray], 
     and returns a tensor pointing there). The group's nodes and the weight inputs leave the
     graph. A weight used directly by a graph node is attached as it is, under its name.
     """
-    from onnx import numpy_helper
-    from onnx import helper
+    from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
     graph = structure.proto.graph
-    to_tensor = to_tensor or numpy_helper.from_array
+    make = to_tensor or (lambda name, array: numpy_helper.from_array(array, name))
 
     def sink(name, array):
-        graph.initializer.append(to_tensor(array, name) if to_tensor is numpy_helper.from_array
-                                 else to_tensor(name, array))
+        graph.initializer.append(make(name, array))
 
     weight_names = set(structure.weights)
     groups, constant = _weight_only_groups(graph, weight_names)
@@ -168,7 +166,8 @@ def attach_weights(structure: Structure, to_tensor: Callable[[str, np.ndarray], 
         inits = [initializers[x] for x in sorted({x for n in group for x in n.input if x in initializers})]
         sub = helper.make_model(
             helper.make_graph(list(group), "weights",
-                              [helper.make_tensor_value_info(x, helper.np_dtype_to_tensor_dtype(value(x).dtype), None)
+                              [helper.make_tensor_value_info(
+                                  x, helper.np_dtype_to_tensor_dtype(np.dtype(structure.weights[x].dtype)), None)
                                for x in inputs],
                               [helper.make_tensor_value_info(x, 0, None) for x in outputs], inits),
             opset_imports=opsets, ir_version=structure.proto.ir_version)
