@@ -109,6 +109,10 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
                        help="when a criterion is missed, keep up to N quantized segments (a conv and its "
                             "fused activation) in float, worst first "
                             f"(default: {q.FALLBACK_BUDGET}; 0: no fallback)")
+    group.add_argument("--no-preprocess", action="store_true",
+                       help="quantize the exported graph as it is, without onnxruntime's pre-quantization step "
+                            "(quant_pre_process: a zero Pad moved into its Conv, so it does not run in float "
+                            "between INT8 ops; checked against the exported graph)")
 
 
 def _work(args) -> int:
@@ -217,7 +221,7 @@ def _work_int8(args) -> int:
         target_cpu=args.target_cpu, equalize=args.equalize, relu6_to_relu=args.relu6_to_relu,
         criteria=int8_criteria(args),
         fallback_budget=args.fallback_budget, calibration_batch_size=args.calibration_batch_size,
-        benchmark=args.benchmark,
+        benchmark=args.benchmark, preprocess=not args.no_preprocess,
     )
     return finish_int8(args, result, seconds, _print_int8)
 
@@ -239,6 +243,15 @@ def _print_int8(r) -> None:
     console.print(f"QDQ u8/s8, {'per-channel' if r.per_channel else 'per-tensor'} weights; calibrated with "
                   f"{cal['method']} on {cal['samples']} samples ({cal['batches']} batches of {cal['batch_size']}); "
                   f"evaluated on {ev['samples']} samples ({ev['source']})")
+    pre = r.preprocess
+    if pre is not None and pre.code != "off":
+        removed = ", ".join(f"{op} {n}" for op, n in pre.removed.items()) or "nothing"
+        console.print({"applied": f"onnxruntime pre-quantization: removed {removed} "
+                                  f"(float graph within {fmt(pre.max_rel_err)} of the export)",
+                       "rejected_mismatch": f"[yellow]onnxruntime pre-quantization not used: its graph was "
+                                            f"{fmt(pre.max_rel_err)} off the export[/yellow]",
+                       "skipped_external_data": "onnxruntime pre-quantization skipped: the graph has "
+                                                "external data"}[pre.code])
     for s in r.fallback:
         what = {"equalize": "tried equalization", "without_equalization": "tried without equalization"}.get(
             s.action) or f"kept {'+'.join(s.op_types)} '{s.nodes[0]}' in float (it lost {s.added_db:.1f} dB)"

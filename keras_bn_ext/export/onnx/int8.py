@@ -6,9 +6,11 @@
 2. BNs are folded; cross-layer equalization (`quantization.equalize`) is applied when
    asked (by default with per-tensor weights) and verified exact against the model in
    float (<= 1e-5, like a fold).
-3. The float graph is exported with tf2onnx and quantized by onnxruntime (QDQ, u8
-   activations, s8 weights), calibrated batch by batch; `reduce_range` follows the CPU
-   the file is for (`quantization.cpu`).
+3. The float graph is exported with tf2onnx, passed through onnxruntime's own
+   pre-quantization step (`quant_pre_process`: a zero Pad moved into its Conv, so no Pad
+   runs in float between a DequantizeLinear and a QuantizeLinear) and quantized by
+   onnxruntime (QDQ, u8 activations, s8 weights), calibrated batch by batch;
+   `reduce_range` follows the CPU the file is for (`quantization.cpu`).
 4. The INT8 file runs on onnxruntime's CPU provider over the evaluation data and is
    compared with the *original* float Keras model (`quantization.fidelity`).
    With equalize="auto" and per-tensor weights, the file without equalization is made
@@ -39,7 +41,7 @@ from keras_bn_ext.data import array_batches
 from keras_bn_ext.errors import VerificationError
 from keras_bn_ext.export.onnx import options as onnx_options
 from keras_bn_ext.export.onnx.convert import export_onnx
-from keras_bn_ext.export.onnx.quantize import quantize_onnx, rank_nodes
+from keras_bn_ext.export.onnx.quantize import preprocess_onnx, quantize_onnx, rank_nodes
 from keras_bn_ext.export.onnx.verify import run_onnxruntime
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.progress import phase
@@ -55,6 +57,9 @@ __all__ = ["Int8Result", "export_int8"]
 
 _EVAL_BATCH = 256  # samples per onnxruntime / Keras call during evaluation
 _RANK_SAMPLES = 256  # evaluation samples the fallback ranks nodes on
+# onnxruntime's pre-step rewrites float arithmetic (a Pad into a Conv, constants folded): its
+# graph must give the exported graph's outputs to float32 rounding, scaled to the output.
+_PREPROCESS_RTOL = 1e-5
 
 
 @dataclass
@@ -65,6 +70,26 @@ class FallbackStep:
     added_db: float | None  # SQNR its quantization lost beyond its inputs (the ranking)
     score: float  # FidelityReport.score() after the step
     passed: bool
+
+
+@dataclass
+class Preprocess:
+    """What onnxruntime's pre-quantization step did to the float graph that was quantized."""
+
+    code: str  # "applied" | "rejected_mismatch" | "skipped_external_data" | "off"
+    ops_before: dict
+    ops_after: dict
+    max_rel_err: float | None = None  # the pre-processed float graph against the exported one
+
+    @property
+    def removed(self) -> dict:
+        """Op types the step removed (or merged into others), with how many."""
+        return {op: n - self.ops_after.get(op, 0) for op, n in self.ops_before.items()
+                if n > self.ops_after.get(op, 0)}
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "removed": self.removed, "max_rel_err": self.max_rel_err,
+                "ops_before": self.ops_before, "ops_after": self.ops_after}
 
 
 @dataclass
@@ -82,7 +107,7 @@ class Int8Result:
     fallback: list[FallbackStep]
     fallback_budget: int
     fidelity: FidelityReport
-    float_onnx_max_rel_err: float  # the float ONNX graph against the original Keras model, same data
+    float_onnx_max_rel_err: float  # the float ONNX graph that was quantized against the original Keras model
     equalization_max_rel_err: float | None  # the equalized Keras model against the folded one
     size_bytes: dict  # {"float", "int8", "ratio"}
     onnxruntime_version: str
@@ -91,6 +116,7 @@ class Int8Result:
     stage: StageRecord | None = None  # what the verify-and-commit stage did
     opset: int = onnx_options.DEFAULT_OPSET
     op_counts: dict = field(default_factory=dict)
+    preprocess: Preprocess | None = None
 
     @property
     def passed(self) -> bool:
@@ -125,6 +151,7 @@ class Int8Result:
             "onnxruntime_version": self.onnxruntime_version,
             "opset": self.opset,
             "op_counts": self.op_counts,
+            "preprocess": self.preprocess.to_dict() if self.preprocess else None,
             "bn_folded": self.fold.bn_folded,
             "bn_total": self.fold.bn_total,
             "latency_ms": self.latency_ms,
@@ -171,6 +198,7 @@ def export_int8(
     fallback_budget: int = options.FALLBACK_BUDGET,
     calibration_batch_size: int = options.CALIBRATION_BATCH_SIZE,
     benchmark: bool = False,
+    preprocess: bool = True,
 ) -> Int8Result:
     """Quantize `model` to an INT8 ONNX file at `path` and measure it against the float model.
 
@@ -192,6 +220,8 @@ def export_int8(
         fallback_budget: Segments of nodes (a Conv and its fused activation) the fallback may
             keep in float, worst first (0: no fallback).
         benchmark: Also time the float and INT8 files on onnxruntime's CPU provider.
+        preprocess: Pass the float graph through onnxruntime's `quant_pre_process` before
+            quantizing (skipped for a graph with external data, which it cannot write).
 
     Raises:
         InputDataError, ExportError, VerificationError, ValueError (an argument).
@@ -228,11 +258,29 @@ def export_int8(
         np.savez(rank_npz, **{n: a[:_RANK_SAMPLES] for n, a in zip(names, evaluation)})
         calibration_info = data.info(calibration_batch_size, method)
 
+        prepared: dict[str, Preprocess] = {}
+
+        def float_graph(candidate, tag: str) -> Path:
+            """The float graph that is quantized: exported, then onnxruntime's pre-step."""
+            exported, pre = work / f"{tag}.float.onnx", work / f"{tag}.pre.onnx"
+            if tag in prepared:
+                return pre if prepared[tag].code == "applied" else exported
+            with phase("convert (tf2onnx)"):
+                export_onnx(candidate, exported, fold=False, opset=opset, batch_size=batch_size)
+            if not preprocess:
+                prepared[tag] = Preprocess("off", {}, {})
+            elif (work / f"{exported.name}.data").exists():  # onnxruntime's step writes one protobuf
+                prepared[tag] = Preprocess("skipped_external_data", {}, {})
+            else:
+                with phase("onnxruntime pre-quantization"):
+                    counts = preprocess_onnx(exported, pre)
+                    err = _max_rel(_run_file(exported, first, names, model)[0], _run_file(pre, first, names, model)[0])
+                code = "applied" if err <= _PREPROCESS_RTOL else "rejected_mismatch"
+                prepared[tag] = Preprocess(code, counts["ops_before"], counts["ops_after"], err)
+            return float_graph(candidate, tag)
+
         def attempt(candidate, tag: str, excluded: Sequence[str], cache):
-            float_path, int8_path = work / f"{tag}.float.onnx", work / f"{tag}.int8.onnx"
-            if not float_path.exists():
-                with phase("convert (tf2onnx)"):
-                    export_onnx(candidate, float_path, fold=False, opset=opset, batch_size=batch_size)
+            float_path, int8_path = float_graph(candidate, tag), work / f"{tag}.int8.onnx"
             calibrated = Path(cache).exists()  # the ranges of an earlier attempt are reused
             with counted_steps("quantize (calibration cached)" if calibrated else "calibrate and quantize",
                        0 if calibrated else calibration_info["batches"]) as advance:
@@ -307,7 +355,7 @@ def export_int8(
         op_counts = {}
         for node in proto.graph.node:
             op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
-        sizes = {"float": os.path.getsize(float_path), "int8": os.path.getsize(path)}
+        sizes = {"float": os.path.getsize(work / f"{tag}.float.onnx"), "int8": os.path.getsize(path)}
         sizes["ratio"] = round(sizes["int8"] / sizes["float"], 4)
     return Int8Result(
         path=str(path), calibration=calibration_info,
@@ -317,4 +365,5 @@ def export_int8(
         fallback_budget=fallback_budget, fidelity=fidelity, float_onnx_max_rel_err=float_err,
         equalization_max_rel_err=eq_err, size_bytes=sizes, onnxruntime_version=meta.get("version", ""),
         latency_ms=latency, timings_s=timings, stage=staged.record, opset=opset, op_counts=dict(sorted(op_counts.items())),
+        preprocess=prepared[tag],
     )
