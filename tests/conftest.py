@@ -29,11 +29,21 @@ def backend_runs_nchw_conv() -> bool:
         keras.backend.clear_session()  # tests rely on Keras's default layer names
 
 
+# The files with the longest tests (child processes that run a whole tool or test suite:
+# minutes each on a 2-core machine), longest first. pytest-xdist (`-n 2 --dist loadfile`,
+# setup.cfg) hands files to its workers in collection order: these start first, and the
+# short files fill the gaps after them, so no worker is left with a long file at the end.
+LONGEST_FILES = ("test_backends.py", "test_zoo.py", "test_bench.py", "test_lenet_mnist.py", "test_gpu_check.py",
+                 "test_kerashub.py", "test_onnx_structure.py")
+
+
 def pytest_collection_modifyitems(config, items):
     nchw = [item for item in items if item.get_closest_marker("nchw_conv")]
     if nchw and not backend_runs_nchw_conv():
         for item in nchw:
             item.add_marker(pytest.mark.skip(reason=NCHW_SKIP_REASON))
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ def test_layer_tests_pass_under_other_backends(backend):
         pytest.skip(f"{backend} not installed (the test extra brings it on Linux x86_64, Python 3.11)")
     env = dict(os.environ, KERAS_BACKEND=backend)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *BACKEND_TESTS[backend]],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *BACKEND_TESTS[backend]],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
@@ -44,7 +44,7 @@ def test_nchw_tests_pass_under_jax():
         pytest.skip("already on JAX")
     env = dict(os.environ, KERAS_BACKEND="jax")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "nchw_conv", "tests/test_fold.py"],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-m", "nchw_conv", "tests/test_fold.py"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
