@@ -30,9 +30,11 @@ def backend_runs_nchw_conv() -> bool:
 
 
 # The files with the longest tests (child processes that run a whole tool or test suite:
-# minutes each on a 2-core machine), longest first. pytest-xdist (`-n 2 --dist loadfile`,
-# setup.cfg) hands files to its workers in collection order: these start first, and the
-# short files fill the gaps after them, so no worker is left with a long file at the end.
+# minutes each on a 2-core machine), longest first. pytest-xdist (`-n 2 --dist loadfile
+# --no-loadscope-reorder`, setup.cfg) hands files to its workers in collection order: these
+# start first and the short files fill the gaps after them, so no worker is left with a long
+# file at the end. (xdist's own reordering, by test count, put the one-test zoo and
+# benchmark files last: 5 minutes with one worker idle.)
 LONGEST_FILES = ("test_backends.py", "test_zoo.py", "test_bench.py", "test_lenet_mnist.py", "test_gpu_check.py",
                  "test_kerashub.py", "test_onnx_structure.py")
 

@@ -1,6 +1,6 @@
-"""onnxruntime's static quantization of an ONNX file (QDQ, u8 activations, s8 weights), and
-the ranking of quantized nodes by the error they add, each run in a child process
-(`_quantize_worker`: onnxruntime and TensorFlow never share a process)."""
+"""onnxruntime's pre-quantization step and static quantization of an ONNX file (QDQ, u8
+activations, s8 weights), and the ranking of quantized nodes by the error they add, each run
+in a child process (`_quantize_worker`: onnxruntime and TensorFlow never share a process)."""
 
 from __future__ import annotations
 
