@@ -797,7 +797,7 @@ def main(argv=None) -> int:
     print("4. tools ...", flush=True)
     tools = bench_tools(args.quick, rounds=1 if args.quick else 3)
     print("5. start-up ...", flush=True)
-    startup = bench_startup(rounds=3 if args.quick else 10)
+    startup = bench_startup(rounds=1 if args.quick else 10)  # quick: CI's smoke run
     print("6. ONNX Pad guard ...", flush=True)
     pad_guard = bench_pad_guard(args.quick, repeats, threads)
     print("7. recalibration ...", flush=True)

@@ -48,7 +48,9 @@ from keras_bn_ext.testing import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 1e-5  # max relative error allowed for the fold and for the ONNX export
-QUICK_APPLICATIONS = ("MobileNetV3Small", "EfficientNetB0", "InceptionV3", "DenseNet121")
+# --quick: what the other tests do not already fold and export (tests/test_fold_applications.py
+# has InceptionV3 and EfficientNetB0): hard-swish and squeeze-excite, BN before conv in dense blocks.
+QUICK_APPLICATIONS = ("MobileNetV3Small", "DenseNet121")
 # --quick (CI) converts these to LiteRT too; the full sweep converts every model.
 QUICK_LITERT = ("MobileNetV3Small", "MobileNetBackbone (V3)", "HGNetV2Backbone")
 QUICK_KERASHUB = ("ResNetBackbone bottleneck pre-activation", "CSPNetBackbone dark", "MobileNetBackbone (V3)",
