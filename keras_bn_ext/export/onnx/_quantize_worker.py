@@ -12,8 +12,7 @@ see _ort_worker). REQUEST is a JSON file:
      "batch_size", "workdir"}
     {"action": "preprocess", "model", "output"}
 
-RESPONSE (JSON): quantize -> {"quantized_nodes": [...], "version"}; preprocess -> {"ops_before",
-"ops_after"} (op counts); rank -> {"ranking":
+RESPONSE (JSON): quantize -> {"quantized_nodes": [...], "version"}; preprocess -> {"log"}; rank -> {"ranking":
 [{"nodes", "op_types", "added_db", "sqnr_db"}]}: segments of the float graph between measured
 (quantized) tensors, the one whose output loses the most SQNR against the float model beyond
 what its inputs had lost first.
@@ -93,15 +92,6 @@ def quantize(req: dict) -> dict:
             "log": printed.getvalue()[-2000:]}
 
 
-def _op_counts(path: str) -> dict:
-    import onnx
-
-    counts: dict = {}
-    for node in onnx.load(path, load_external_data=False).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
-
-
 def preprocess(req: dict) -> dict:
     """onnxruntime's own pre-quantization pass (`quant_pre_process`): its basic graph
     optimizations (a zero Pad moved into the next Conv's pads, constants folded) and onnx
@@ -114,7 +104,7 @@ def preprocess(req: dict) -> dict:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         quant_pre_process(req["model"], req["output"], skip_symbolic_shape=True)
-    return {"ops_before": _op_counts(req["model"]), "ops_after": _op_counts(req["output"])}
+    return {"log": printed.getvalue()[-2000:]}
 
 
 def rank(req: dict) -> dict:

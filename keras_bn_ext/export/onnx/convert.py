@@ -26,7 +26,7 @@ from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.progress import phase
 from keras_bn_ext.stage import atomic_bundle
 
-__all__ = ["export_onnx", "to_onnx_proto", "ExportReport"]
+__all__ = ["export_onnx", "file_op_counts", "op_counts", "to_onnx_proto", "ExportReport"]
 
 
 @dataclass
@@ -219,6 +219,18 @@ def _convert_frozen(model, *, opset, batch_size):
     return proto, function, {spec.name for spec in specs}
 
 
+def op_counts(proto) -> dict:
+    """{op type: nodes} of an ONNX model's main graph, sorted by op type."""
+    return dict(sorted(collections.Counter(n.op_type for n in proto.graph.node).items()))
+
+
+def file_op_counts(path) -> dict:
+    """`op_counts` of the ONNX file at `path` (its external data is not read)."""
+    import onnx
+
+    return op_counts(onnx.load(str(path), load_external_data=False))
+
+
 def export_onnx(
     model: keras.Model,
     path: str | Path,
@@ -310,7 +322,7 @@ def export_onnx(
         opset=opset,
         inputs=inputs,
         outputs=[o.name for o in proto.graph.output],
-        op_counts=dict(sorted(collections.Counter(n.op_type for n in proto.graph.node).items())),
+        op_counts=op_counts(proto),
         fold=fold_report,
         fp16=fp16,
         guards=guards,

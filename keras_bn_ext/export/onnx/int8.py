@@ -40,7 +40,7 @@ from keras_bn_ext.compare import input_specs, output_names
 from keras_bn_ext.data import array_batches
 from keras_bn_ext.errors import VerificationError
 from keras_bn_ext.export.onnx import options as onnx_options
-from keras_bn_ext.export.onnx.convert import export_onnx
+from keras_bn_ext.export.onnx.convert import export_onnx, file_op_counts
 from keras_bn_ext.export.onnx.quantize import preprocess_onnx, quantize_onnx, rank_nodes
 from keras_bn_ext.export.onnx.verify import run_onnxruntime
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
@@ -266,17 +266,17 @@ def export_int8(
             if tag in prepared:
                 return pre if prepared[tag].code == "applied" else exported
             with phase("convert (tf2onnx)"):
-                export_onnx(candidate, exported, fold=False, opset=opset, batch_size=batch_size)
+                report = export_onnx(candidate, exported, fold=False, opset=opset, batch_size=batch_size)
             if not preprocess:
                 prepared[tag] = Preprocess("off", {}, {})
             elif (work / f"{exported.name}.data").exists():  # onnxruntime's step writes one protobuf
                 prepared[tag] = Preprocess("skipped_external_data", {}, {})
             else:
                 with phase("onnxruntime pre-quantization"):
-                    counts = preprocess_onnx(exported, pre)
+                    preprocess_onnx(exported, pre)
                     err = _max_rel(_run_file(exported, first, names, model)[0], _run_file(pre, first, names, model)[0])
                 code = "applied" if err <= _PREPROCESS_RTOL else "rejected_mismatch"
-                prepared[tag] = Preprocess(code, counts["ops_before"], counts["ops_after"], err)
+                prepared[tag] = Preprocess(code, report.op_counts, file_op_counts(pre), err)
             return float_graph(candidate, tag)
 
         def attempt(candidate, tag: str, excluded: Sequence[str], cache):
@@ -349,12 +349,6 @@ def export_int8(
             lambda tmp: _run_file(tmp, [a[:_EVAL_BATCH] for a in evaluation], names, model)[0],
             [g[:_EVAL_BATCH] for g in got], fidelity)
         timings["verify"] = round(time.perf_counter() - start, 4)
-        import onnx
-
-        proto = onnx.load(str(path), load_external_data=False)
-        op_counts = {}
-        for node in proto.graph.node:
-            op_counts[node.op_type] = op_counts.get(node.op_type, 0) + 1
         sizes = {"float": os.path.getsize(work / f"{tag}.float.onnx"), "int8": os.path.getsize(path)}
         sizes["ratio"] = round(sizes["int8"] / sizes["float"], 4)
     return Int8Result(
@@ -364,6 +358,6 @@ def export_int8(
         equalization=eq_report, equalize_requested=equalize, kept_in_float=excluded, fallback=steps,
         fallback_budget=fallback_budget, fidelity=fidelity, float_onnx_max_rel_err=float_err,
         equalization_max_rel_err=eq_err, size_bytes=sizes, onnxruntime_version=meta.get("version", ""),
-        latency_ms=latency, timings_s=timings, stage=staged.record, opset=opset, op_counts=dict(sorted(op_counts.items())),
+        latency_ms=latency, timings_s=timings, stage=staged.record, opset=opset, op_counts=file_op_counts(path),
         preprocess=prepared[tag],
     )

@@ -57,12 +57,11 @@ def _run(request: dict, on_batch: Callable[[], None] | None = None) -> dict:
             return json.load(f)
 
 
-def preprocess_onnx(float_path: str | os.PathLike, out_path: str | os.PathLike) -> dict:
+def preprocess_onnx(float_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
     """onnxruntime's `quant_pre_process` of `float_path` into `out_path` (graph
-    optimizations that make a better INT8 graph: a zero Pad moved into its Conv). Returns
-    {"ops_before", "ops_after"}: op counts of the two files."""
-    return _run({"action": "preprocess", "model": str(Path(float_path).resolve()),
-                 "output": str(Path(out_path).resolve())})
+    optimizations that make a better INT8 graph: a zero Pad moved into its Conv)."""
+    _run({"action": "preprocess", "model": str(Path(float_path).resolve()),
+          "output": str(Path(out_path).resolve())})
 
 
 def quantize_onnx(
