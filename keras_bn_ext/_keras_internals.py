@@ -30,6 +30,7 @@ __all__ = [
     "in_inference",
     "standardized_inputs",
     "all_sublayers",
+    "layer_tree",
     "unsafe_deserialization",
     "traceable_convolutions",
     "forget_build_shapes",
@@ -132,6 +133,13 @@ def all_sublayers(model) -> list:
     """Every layer inside `model`, at any depth, including those a custom layer holds
     as attributes (which the graph does not show). `model.layers` is one level only."""
     return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def layer_tree(layer) -> list:
+    """`layer` and every layer inside it, in the order keras.saving walks them to save and
+    load their own variables (`save_own_variables`/`load_own_variables`). The public
+    `layer.layers` exists on models only, and one level deep."""
+    return list(layer._flatten_layers(include_self=True, recursive=True))
 
 
 def forget_build_shapes(layer) -> None:

@@ -9,6 +9,8 @@ __all__ = [
     "OutputPathError",
     "InvalidBatchNormError",
     "UnsupportedModelError",
+    "RebuildMismatchError",
+    "FoldError",
     "InputDataError",
     "ExportError",
     "VerificationError",
@@ -18,46 +20,97 @@ __all__ = [
 
 
 class KerasBnExtError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose. `code` is a stable name of
+    the kind; `layer` and `op` name the Keras layer and the operation it is about, when
+    one is known."""
+
+    code = "error"  # stable, in the CLIs' --json error objects
+    layer: str | None = None
+    op: str | None = None
 
 
 class ModelLoadError(KerasBnExtError):
     """A model file cannot be read: missing, not a .keras archive, broken, or unsafe."""
 
+    code = "model_load"
+
 
 class OutputPathError(KerasBnExtError):
     """An output path cannot be written: it is the input, exists, or its folder is missing."""
+
+    code = "output_path"
 
 
 class InvalidBatchNormError(KerasBnExtError):
     """A BatchNormalization layer holds statistics that cannot be folded (negative or
     non-finite variance, non-finite gamma/beta/mean)."""
 
+    code = "invalid_batchnorm"
+
 
 class UnsupportedModelError(KerasBnExtError):
     """A model whose graph cannot be rebuilt (subclassed, unbuilt)."""
+
+    code = "unsupported_model"
+
+
+class RebuildMismatchError(UnsupportedModelError):
+    """A rebuilt layer computes something else than its original on the same inputs: state
+    that its config and weights do not carry (and that keras.saving's per-layer variables
+    and assets did not restore either). `layer` names it; `max_rel_err` and `mismatches`
+    (non-finite elements of the wrong kind) say by how much."""
+
+    code = "rebuild_mismatch"
+
+    def __init__(self, message: str, *, layer: str, max_rel_err: float, mismatches: int = 0):
+        super().__init__(message)
+        self.layer = layer
+        self.max_rel_err = max_rel_err
+        self.mismatches = mismatches
+
+
+class FoldError(KerasBnExtError):
+    """`fold_batchnorms` made a model that does not reproduce the original within the
+    tolerance (nor within float32 rounding, judged in float64). `report` holds the
+    comparison."""
+
+    code = "fold_not_exact"
+
+    def __init__(self, message: str, *, report=None):
+        super().__init__(message)
+        self.report = report
 
 
 class InputDataError(KerasBnExtError):
     """Arrays given for verification do not fit the model's inputs."""
 
+    code = "input_data"
+
 
 class ExportError(KerasBnExtError):
     """The ONNX conversion failed or produced an invalid model."""
+
+    code = "export"
 
 
 class VerificationError(KerasBnExtError):
     """A written model cannot be checked against the original: its runtime failed, or its
     outputs differ in names or shapes (a mismatch of values is a failed report, not this)."""
 
+    code = "verification"
+
 
 class GPUUnavailableError(KerasBnExtError):
     """A GPU run was required (require_gpu=True) but onnxruntime ran on the CPU."""
+
+    code = "gpu_unavailable"
 
 
 class BackendError(KerasBnExtError):
     """The work needs Keras's TensorFlow backend (conversion goes through TensorFlow) but
     Keras runs on another one in this process."""
+
+    code = "backend"
 
 
 def require_tensorflow_backend(what: str) -> None:

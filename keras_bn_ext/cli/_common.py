@@ -327,12 +327,15 @@ def _progress(enabled: bool):
         stream.close()
 
 
-def run(prog: str, work: Callable[[], int], *, debug: bool, show_progress: bool = True) -> int:
+def run(prog: str, work: Callable[[], int], *, debug: bool, show_progress: bool = True,
+        json_errors: bool = False) -> int:
     """Run `work`, turning the library's typed errors (and a full disk, a permission
-    error) into one stderr line and exit 2; SIGTERM and Ctrl-C clean up and exit 143/130.
-    On a terminal (and with `show_progress`: not --json), the library's phases are shown
-    as they run."""
-    error = None
+    error) into one stderr line and exit 2 (1 for a fold found wrong: `FoldError`, nothing
+    written); SIGTERM and Ctrl-C clean up and exit 143/130. With `json_errors` (--json)
+    the same error is also printed on stdout as one JSON object,
+    `{"error": {"code", "message", "layer", "op"}}`. On a terminal (and with
+    `show_progress`: not --json), the library's phases are shown as they run."""
+    error, code, exc_seen, status = None, "unexpected", None, EXIT_USAGE
     try:
         use_tensorflow_backend()
         with terminate_as_interrupt(), _progress(show_progress), captured_native_stderr(not debug):
@@ -341,19 +344,28 @@ def run(prog: str, work: Callable[[], int], *, debug: bool, show_progress: bool 
         # Every `finally` has run (temporary files removed, child processes killed). Exit
         # now, without the interpreter's teardown: TensorFlow's threads, stopped mid-work,
         # can crash it (seen as SIGSEGV after a clean-up that had succeeded).
-        print(f"{prog}: terminated (SIGTERM); temporary files removed, nothing written", file=sys.stderr)
+        message = "terminated (SIGTERM); temporary files removed, nothing written"
+        print(f"{prog}: {message}", file=sys.stderr)
+        if json_errors:
+            _print_json_error("terminated", message, None)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_TERMINATED)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; temporary files removed, nothing written", file=sys.stderr)
+        message = "interrupted; temporary files removed, nothing written"
+        print(f"{prog}: {message}", file=sys.stderr)
+        if json_errors:
+            _print_json_error("interrupted", message, None)
         return 130
     except KerasBnExtError as exc:
-        error = str(exc)
+        error, code, exc_seen = str(exc), exc.code, exc
+        if exc.code == "fold_not_exact":
+            status = EXIT_VERIFY_FAILED
         if debug:
             traceback.print_exc()
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         error = _os_error_line(exc) if isinstance(exc, OSError) else None
+        code = "os_error" if error is not None else "unexpected"
         if debug:
             traceback.print_exc()
         if error is None:
@@ -361,7 +373,16 @@ def run(prog: str, work: Callable[[], int], *, debug: bool, show_progress: bool 
             if not debug:
                 error += " (run with --debug for the traceback)"
     print(f"{prog}: error: {error}", file=sys.stderr)
-    return EXIT_USAGE
+    if json_errors:
+        _print_json_error(code, error, exc_seen)
+    return status
+
+
+def _print_json_error(code: str, message: str, exc) -> None:
+    import json
+
+    print(json.dumps({"error": {"code": code, "message": message, "layer": getattr(exc, "layer", None),
+                                "op": getattr(exc, "op", None)}}))
 
 
 @contextmanager
@@ -379,11 +400,30 @@ def output_table(title: str, outputs):
     from rich.table import Table
 
     table = Table(title=title)
-    for column in ("output", "max abs err", "max rel err", "mean abs err", "result"):
+    # NaN/inf: shown when any output has some, in the reference or the candidate.
+    special = any(o.nonfinite_mismatches or o.reference_nonfinite for o in outputs)
+    columns = ("output", "max abs err", "max rel err", "mean abs err") + (("NaN/inf mismatches",) if special else ())
+    for column in columns + ("result",):
         table.add_column(column)
     for o in outputs:
-        table.add_row(o.name, fmt(o.max_abs_err), fmt(o.max_rel_err), fmt(o.mean_abs_err), verdict(o.passed))
+        cells = [o.name, fmt(o.max_abs_err), fmt(o.max_rel_err), fmt(o.mean_abs_err)]
+        if special:
+            cells.append(f"{o.nonfinite_mismatches:,} (reference has {o.reference_nonfinite:,})")
+        table.add_row(*cells, verdict(o.passed))
     return table
+
+
+def exact_line(exact, *, original: str, candidate: str, what: str) -> str:
+    """The float64 judgement (`compare.ExactArithmeticCheck`) in one line, the same for every
+    tool: whether its float64 reference could judge at all, then the verdict."""
+    if not exact.reference_valid:
+        return (f"float64 judgement not applied ({exact.reference_code}): {exact.reference_reason}; "
+                f"{exact.reference_detail or ''} — the float32 verdict stands: {verdict(False)}")
+    bad = (f", {exact.candidate_nonfinite_mismatches:,} NaN/inf where the reference has none"
+           if exact.candidate_nonfinite_mismatches else "")
+    return (f"against the model in float64 (exact arithmetic, its twin checked layer by layer): {original} "
+            f"{fmt(exact.original_max_rel_err)}, {candidate} {fmt(exact.candidate_max_rel_err)} relative{bad} — "
+            f"{what} adds no error beyond float32 rounding: {verdict(exact.passed)}")
 
 
 def fidelity_table(fidelity):

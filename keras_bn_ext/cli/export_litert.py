@@ -14,6 +14,7 @@ from keras_bn_ext.cli._common import (
     EXIT_VERIFY_FAILED,
     add_common_arguments,
     add_int8_arguments,
+    exact_line,
     fidelity_table,
     finish_int8,
     int8_criteria,
@@ -130,6 +131,9 @@ def _print_summary(result) -> None:
                   f"{', '.join(e.outputs)}; {ops})")
     console.print(output_table(f"LiteRT outputs vs Keras outputs (ai-edge-litert {v.runtime_version}, batch sizes "
                                f"{v.batch_sizes})", v.comparison.outputs))
+    if v.exact:
+        console.print("above tolerance in float32; "
+                      + exact_line(v.exact, original="Keras", candidate="LiteRT", what="the export"))
     if v.latency_ms:
         console.print("median latency (ms): " + ", ".join(f"batch {b}: {ms:.3f}" for b, ms in v.latency_ms.items()))
     if not result.passed:
@@ -144,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--no-fold", args.no_fold), ("--fp16", args.fp16), ("--inputs", args.inputs)):
         if args.int8 and value:
             parser.error(f"--int8 cannot be combined with {flag}")
-    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json)
+    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json,
+               json_errors=args.json)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from keras_bn_ext.cli._common import (
     add_int8_arguments,
     fidelity_table,
     finish_int8,
+    exact_line,
     fmt,
     int8_criteria,
     int8_data,
@@ -195,11 +196,8 @@ def _print_summary(result) -> None:
             bench.add_row(str(bs), f"{k:.3f}", f"{o:.3f}", f"{k / o:.2f}x" if o else "-")
         console.print(bench)
     if v.exact:
-        console.print(
-            f"above tolerance in float32; against the model in float64 (exact arithmetic): Keras "
-            f"{fmt(v.exact.original_max_rel_err)}, ONNX {fmt(v.exact.candidate_max_rel_err)} relative — "
-            f"the export adds no error beyond float32 rounding: {verdict(v.exact.passed)}"
-        )
+        console.print("above tolerance in float32; "
+                      + exact_line(v.exact, original="Keras", candidate="ONNX", what="the export"))
     if not result.passed:
         console.print(f"[red]verification failed; {e.path} is kept for inspection[/red]")
         if v.diagnosis:
@@ -291,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     problem = _int8_usage_errors(args)
     if problem:
         parser.error(problem)
-    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json)
+    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json,
+               json_errors=args.json)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from keras_bn_ext.cli._common import (
     EXIT_VERIFY_FAILED,
     add_common_arguments,
     add_recalibration_arguments,
+    exact_line,
     fmt,
     load_input_model,
     run,
@@ -125,13 +126,7 @@ def _print_summary(outcome, *, model_path: str) -> None:
         f"(atol {fmt(comparison.atol)}, rtol {fmt(comparison.rtol)}): {result_text}"
     )
     if outcome.exact is not None:
-        exact = outcome.exact
-        result_text = verdict(exact.passed)
-        console.print(
-            f"against the original in float64 (exact arithmetic): original {fmt(exact.original_max_rel_err)}, "
-            f"folded {fmt(exact.candidate_max_rel_err)} relative — the fold adds no error beyond float32 "
-            f"rounding: {result_text}"
-        )
+        console.print(exact_line(outcome.exact, original="original", candidate="folded", what="the fold"))
     for line in outcome.build_configs_dropped:
         console.print(f"  {line}")
     if outcome.file_check is not None:
@@ -149,7 +144,8 @@ def _print_summary(outcome, *, model_path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json)
+    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json,
+               json_errors=args.json)
 
 
 if __name__ == "__main__":

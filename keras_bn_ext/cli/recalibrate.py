@@ -106,7 +106,8 @@ def _print_summary(outcome) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json)
+    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json,
+               json_errors=args.json)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,17 @@ from dataclasses import asdict, dataclass, field
 import keras
 
 from keras_bn_ext import _keras_internals as internals
-from keras_bn_ext.folding import rules
+from keras_bn_ext.compare import (
+    ComparisonReport,
+    ExactArithmeticCheck,
+    compare_output_lists,
+    fold_exact_check,
+    keras_outputs,
+    output_names,
+    random_inputs,
+)
+from keras_bn_ext.errors import FoldError
+from keras_bn_ext.folding import options, rules
 from keras_bn_ext.folding.affine import batchnorm_of, bn_affine, bn_axis, is_batchnorm
 from keras_bn_ext.folding.graph import analyze
 from keras_bn_ext.folding.inline import InlineReport, inline_traceable_layers
@@ -46,6 +56,10 @@ class FoldReport:
     # Layers the folded model uses as they are, because their config does not recreate
     # them (a keras_hub bug, say): inference and export work, a saved file would not load.
     not_recreated: list[str] = field(default_factory=list)
+    # `fold_batchnorms(verify=True)`: the folded model against the original on seeded
+    # random batches, and the float64 judgement when float32 missed the tolerance.
+    verification: ComparisonReport | None = None
+    exact: ExactArithmeticCheck | None = None
 
     @property
     def bn_total(self) -> int:
@@ -56,10 +70,14 @@ class FoldReport:
         return len(self.folded)
 
     def to_dict(self) -> dict:
+        fields = asdict(self)
+        fields.pop("verification"), fields.pop("exact")
         return {
             "bn_total": self.bn_total,
             "bn_folded": self.bn_folded,
-            **asdict(self),
+            **fields,
+            "verification": self.verification.to_dict() if self.verification else None,
+            "exact_arithmetic": self.exact.to_dict() if self.exact else None,
         }
 
 
@@ -75,8 +93,19 @@ def _input_layout(d, scale, shift):
             rules.per_feature(shift, shape, axis, flattens[0].data_format))
 
 
+# The rebuild's layer-by-layer check runs on one seeded batch of this size.
+_CHECK_BATCH = 2
+_CHECK_SEED = 7919
+
+
 def fold_batchnorms(
-    model: keras.Model, *, exclude: tuple[str, ...] | list[str] = (), inline: bool = True
+    model: keras.Model,
+    *,
+    exclude: tuple[str, ...] | list[str] = (),
+    inline: bool = True,
+    verify: bool = True,
+    atol: float = options.ATOL,
+    rtol: float = options.RTOL,
 ) -> tuple[keras.Model, FoldReport]:
     """Fold every BatchNormalization that the maths allows into its producer layer.
 
@@ -103,6 +132,14 @@ def fold_batchnorms(
             symbolically by that graph (a nested Functional model of the same name),
             so its BNs fold too (`folding.inline`); the report lists them in
             `inlined`. False keeps every custom layer as it is.
+        verify: Compare the folded model with the original on `options.SAMPLES`
+            seeded random batches before returning it (an output passes when
+            max|a-b| <= atol + rtol * max|reference|, NaN and inf in the same places;
+            where float32 misses that, the float64 judgement decides,
+            `compare.fold_exact_check`). False returns it unchecked (`fold_to_file`
+            checks it itself). Either way every rebuilt layer that the fold does not
+            change is checked against its original on the same inputs.
+        atol, rtol: The tolerances of `verify`.
 
     Returns:
         `(folded_model, report)`. The folded model is a new model with the same
@@ -112,6 +149,9 @@ def fold_batchnorms(
     Raises:
         UnsupportedModelError: a subclassed model, or a Sequential without input.
         InvalidBatchNormError: a BN with negative or non-finite variance.
+        RebuildMismatchError: a layer rebuilt from its config and state computes
+            something else than its original (state neither carries).
+        FoldError: `verify` found the folded model off the original; `exc.report`.
     """
     source, inlined = inline_traceable_layers(model) if inline else (model, InlineReport())
     decisions = analyze(source, exclude=frozenset(exclude), opaque=inlined.not_traced)
@@ -144,6 +184,28 @@ def fold_batchnorms(
             report.unused.append(KeptBN(bn=layer.name, code="not_called", reason=(
                 "held by the model but never called in its graph: it computes nothing, and the "
                 "folded model (built from the graph) does not hold it")))
-    folded = rebuild(source, plan, shared=report.not_recreated)
+    check_batch = random_inputs(source, batch_size=_CHECK_BATCH, seed=_CHECK_SEED)
+    folded = rebuild(source, plan, shared=report.not_recreated, check_inputs=check_batch)
     report.params_after = folded.count_params()
+    if verify:
+        _verify(model, folded, report, atol=atol, rtol=rtol)
     return folded, report
+
+
+def _verify(model, folded, report: FoldReport, *, atol: float, rtol: float) -> None:
+    batches = [random_inputs(model, batch_size=options.VERIFY_BATCH, seed=i) for i in range(options.SAMPLES)]
+    model_out = [keras_outputs(model, b) for b in batches]
+    folded_out = [keras_outputs(folded, b) for b in batches]
+    report.verification = compare_output_lists(model_out, folded_out, output_names(model), atol=atol, rtol=rtol)
+    if report.verification.passed:
+        return
+    report.exact = fold_exact_check(model, folded, batches, atol=atol, rtol=rtol, model_outputs=model_out,
+                                    folded_outputs=folded_out)
+    if not report.exact.passed:
+        v = report.verification
+        bad = f", {v.nonfinite_mismatches} NaN/inf where the original has none" if v.nonfinite_mismatches else ""
+        raise FoldError(
+            f"the folded model is not the original's function: max rel err {v.max_rel_err:.3g} on "
+            f"{len(batches)} random batches (atol {atol:g}, rtol {rtol:g}){bad}, and float64 does not account for "
+            f"it ({report.exact.reference_code}: candidate {report.exact.candidate_max_rel_err:.3g}, original "
+            f"{report.exact.original_max_rel_err:.3g})", report=report)

@@ -146,7 +146,8 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
         timings[name] = round(time.perf_counter() - start, 4)
         return value
 
-    folded, report = timed("fold", lambda: fold_batchnorms(model, exclude=exclude, inline=inline))
+    # Verified below, with the saved file (verify=False: not twice).
+    folded, report = timed("fold", lambda: fold_batchnorms(model, exclude=exclude, inline=inline, verify=False))
     # One set of seeded batches for every check; each model runs on them once.
     batches = [random_inputs(model, batch_size=options.VERIFY_BATCH, seed=i) for i in range(samples)]
     names = output_names(model)
@@ -163,7 +164,7 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
                         timings_s=timings)
     if not comparison.passed:
         result.exact = timed("verify_float64", lambda: fold_exact_check(
-            model, folded, batches, atol=atol, rtol=rtol, model_outputs=model_out))
+            model, folded, batches, atol=atol, rtol=rtol, model_outputs=model_out, folded_outputs=folded_out))
     if not result.folded_ok:
         return result
     result.build_configs_dropped = loadable_build_configs(folded, leave=model)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from keras_bn_ext import nonfinite
 from keras_bn_ext.errors import InputDataError
 from keras_bn_ext.quantization import options
 
@@ -60,6 +61,9 @@ class OutputFidelity:
     accuracy_quantized: float | None = None
     accuracy_drop_pt: float | None = None
     failed: list[str] = field(default_factory=list)  # which criteria it missed, as codes
+    # Elements where the quantized output has NaN/inf and the float one not (or the other
+    # way round): any one fails the output ("nonfinite"), whatever the other figures say.
+    nonfinite_mismatches: int = 0
 
     @property
     def passed(self) -> bool:
@@ -135,15 +139,21 @@ def measure(reference: Sequence[np.ndarray], quantized: Sequence[np.ndarray], na
     labelled = False
     for name, ref, got in zip(names, reference, quantized):
         ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-        diff = np.abs(got - ref)
-        top = float(np.max(np.abs(ref))) if ref.size else 0.0
-        mean = float(np.mean(np.abs(ref))) if ref.size else 0.0
+        # Figures over the elements where both are finite; the rest is counted apart.
+        both = np.isfinite(ref) & np.isfinite(got)
+        diff = np.abs(got[both] - ref[both])
+        d = nonfinite.differences(ref, got)
+        top = d.reference_max
+        mean = float(np.mean(np.abs(ref[both]))) if diff.size else 0.0
         o = OutputFidelity(
-            name=name, sqnr_db=round(_sqnr_db(ref, got - ref), 3),
-            max_rel_err=float(np.max(diff)) / top if top else float(np.max(diff, initial=0.0)),
+            name=name, sqnr_db=round(_sqnr_db(ref[both], got[both] - ref[both]), 3),
+            max_rel_err=d.max_abs / top if top else d.max_abs,
             mean_rel_err=float(np.mean(diff)) / mean if mean else float(np.mean(diff)) if diff.size else 0.0,
             classifier=is_classifier_output(ref),
+            nonfinite_mismatches=d.mismatches,
         )
+        if d.mismatches:
+            o.failed.append("nonfinite")
         if o.classifier:
             ref_top, got_top = np.argmax(ref, axis=1), np.argmax(got, axis=1)
             o.top1_agreement = float(np.mean(ref_top == got_top))

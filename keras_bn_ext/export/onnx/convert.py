@@ -114,24 +114,29 @@ def _reject_unconverted(proto, model: keras.Model) -> None:
     graph unconverted (onnx.checker would only say "No Op registered for ...")."""
     import onnx
 
+    from keras_bn_ext.export.onnx import handlers
+
     unconverted = [n for n in proto.graph.node
                    if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type, n.domain)]
     if not unconverted:
         return
     by_name = {layer.name: layer for layer in internals.all_sublayers(model)}
-    culprits = []
+    culprits, first = [], None
     for node in unconverted:
         # TensorFlow name scopes are the layer names, uniquified with a "_1" suffix.
         parts = [p for part in node.name.split("/") for p in (part, re.sub(r"_\d+$", "", part))]
         layer = next((by_name[p] for p in reversed(parts) if p in by_name), None)
         where = f"layer '{layer.name}' ({type(layer).__name__})" if layer else f"node '{node.name}'"
         culprit = f"{where}: {node.op_type}"
+        if node.op_type in handlers.REFUSED:
+            culprit += f" ({handlers.REFUSED[node.op_type]})"
+        first = first or (layer.name if layer else None, node.op_type)
         if culprit not in culprits:
             culprits.append(culprit)
     more = f" and {len(culprits) - 3} more" if len(culprits) > 3 else ""
-    raise ExportError(
-        "tf2onnx left TensorFlow operations unconverted in " + "; ".join(culprits[:3]) + more
-    )
+    error = ExportError("tf2onnx left TensorFlow operations unconverted in " + "; ".join(culprits[:3]) + more)
+    error.layer, error.op = first
+    raise error
 
 
 def to_onnx_proto(model: keras.Model, *, opset: int = DEFAULT_OPSET, batch_size: int | None = None,
@@ -199,6 +204,10 @@ _CONTROL_FLOW = {"Loop", "If", "Scan"}
 def _convert_frozen(model, *, opset, batch_size):
     import tensorflow as tf
     import tf2onnx
+
+    from keras_bn_ext.export.onnx import handlers
+
+    handlers.register()  # this project's tf2onnx handlers (Erfc, Expm1, Where kept, ...)
 
     specs = [
         tf.TensorSpec((batch_size,) + tuple(shape[1:]), tf.as_dtype(dtype), name=name)

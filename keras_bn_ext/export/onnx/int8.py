@@ -36,6 +36,8 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from keras_bn_ext import nonfinite
+
 from keras_bn_ext.compare import input_specs, output_names
 from keras_bn_ext.data import array_batches
 from keras_bn_ext.errors import VerificationError
@@ -172,10 +174,13 @@ def _run_file(path, arrays, names, model) -> tuple[list[np.ndarray], dict]:
 
 
 def _max_rel(reference, got) -> float:
+    """max|g - r| / max|r| over outputs; inf when NaN/inf appear where they should not."""
     worst = 0.0
     for r, g in zip(reference, got):
-        top = float(np.max(np.abs(r))) or 1.0
-        worst = max(worst, float(np.max(np.abs(np.asarray(r, np.float64) - g))) / top)
+        d = nonfinite.differences(r, g)
+        if d.mismatches:
+            return float("inf")
+        worst = max(worst, d.max_abs / (d.reference_max or 1.0))
     return worst
 
 

@@ -60,6 +60,10 @@ def to_onnx_structure(model: keras.Model, *, opset: int, batch_size: int | None)
     import tensorflow as tf
     import tf2onnx
 
+    from keras_bn_ext.export.onnx import handlers
+
+    handlers.register()  # this project's tf2onnx handlers (Erfc, Expm1, Where kept, ...)
+
     specs = [tf.TensorSpec((batch_size,) + tuple(shape[1:]), tf.as_dtype(dtype), name=name)
              for name, shape, dtype in input_specs(model)]
     trainable, non_trainable = list(model.trainable_variables), list(model.non_trainable_variables)

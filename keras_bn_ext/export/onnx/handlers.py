@@ -1,0 +1,286 @@
+"""tf2onnx handlers for TensorFlow ops that Keras 3 emits and tf2onnx 1.17 lacks or gets
+wrong, registered through tf2onnx's own extension API (`tf2onnx.handler.tf_op`, the
+decorator its built-in handlers use), each in standard ONNX ops.
+
+Importing this module registers them, process-wide, for every later conversion
+(`register()` is that import, named). What each one does and why:
+
+- `Select`/`SelectV2` (Keras's `ops.where`): tf2onnx writes `Cast(c)*a + Cast(!c)*b` for
+  float outputs unless the condition is a bare IsNaN/IsInf, so a branch not taken that is
+  inf or NaN (a guarded `log`, `sqrt`, `nan_to_num`) gives `inf*0 = NaN`. Here a float
+  `Where` stays a `Where`: exact for every value.
+- `Erfc` (Keras's exact `gelu`, `ops.erfc`): Numerical Recipes' Chebyshev fit (fractional
+  error < 1.2e-7 everywhere), with exp(-x^2) split as exp(-h^2) exp(-(x-h)(x+h)) so the
+  relative error stays at float32's for large |x|, where 1 - erf(x) would be 0.
+- `Expm1` (`celu`, `ops.expm1`) and `Log1p` (`ops.log1p`, `logaddexp`): Kahan's
+  formulas, accurate near 0 where exp(x) - 1 and log(1 + x) lose every digit.
+- `Erfinv`: Giles' single-precision approximation (2010), exact at +-1.
+- `Bitcast` float32 -> int32 read only through a sign-bit mask, then `BitwiseAnd`
+  (TensorFlow's `signbit`, which Keras's `argmax`/`argmin` use to tell -0.0 from 0.0):
+  the sign as `x < 0 or 1/x < 0` (true for -0.0), as the int32 the mask would give.
+  Any other bitcast is refused by name.
+- `Bucketize` (`Discretization`): the number of boundaries b with not (x < b), as
+  TensorFlow's upper_bound counts them (NaN falls in the last bucket, as there).
+- `Cumprod` with a negative axis: tf2onnx's handler crashes; the axis is made positive.
+- `OneHot` (`ops.one_hot`): TensorFlow gives an all-off row for any index outside
+  [0, depth); ONNX counts a negative index from the end. Negative indices are moved out of
+  range first.
+- `ResizeBicubic`: refused (`REFUSED`), with the reason.
+
+`REFUSED` holds the reason for each op that ONNX cannot express as TensorFlow computes
+it; the converter names them when they are left unconverted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+from tf2onnx import utils
+from tf2onnx.graph_builder import GraphBuilder
+from tf2onnx.handler import tf_op
+from tf2onnx.onnx_opset import controlflow as _controlflow
+from tf2onnx.onnx_opset import math as _math
+from tf2onnx.onnx_opset import tensor as _tensor
+
+__all__ = ["REFUSED", "register"]
+
+REFUSED = {
+    "ResizeBicubic": (
+        "TensorFlow's bicubic resize looks its Keys weights up in a 1024-entry table (the "
+        "fractional source position rounded to 1/1024); ONNX Resize computes them exactly, "
+        "so the two differ by ~6e-4 of the output"),
+    "ScaleAndTranslate": (
+        "antialiased and Lanczos/Gaussian/Mitchell resizes (TensorFlow's ScaleAndTranslate) "
+        "have no ONNX Resize mode"),
+}
+
+_FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+_SIGN_PREFIX = "keras_bn_ext_sign_as_int32"
+_INT32_MIN = np.iinfo(np.int32).min
+
+
+def register() -> None:
+    """The handlers are registered when this module is imported; this names that step."""
+
+
+class _Builder:
+    """Makes nodes in the scope of the node being replaced, in its input's dtype."""
+
+    def __init__(self, ctx, node, dtype=None):
+        self.ctx, self.node = ctx, node
+        self.dtype = dtype if dtype is not None else ctx.get_dtype(node.input[0])
+        self.np_dtype = utils.map_onnx_to_numpy_type(self.dtype)
+
+    def __call__(self, op_type, *inputs, **attr):
+        return self.ctx.make_node(op_type, list(inputs), attr=attr, op_name_scope=self.node.name).output[0]
+
+    def const(self, value, np_dtype=None):
+        array = np.array(value, dtype=np_dtype or self.np_dtype)
+        return self.ctx.make_const(utils.make_name(f"{self.node.name}_c"), array).output[0]
+
+    def poly(self, t, coefficients):
+        """Horner: c0 + t*(c1 + t*(c2 + ...))."""
+        acc = self.const(coefficients[-1])
+        for c in reversed(coefficients[:-1]):
+            acc = self("Add", self.const(c), self("Mul", t, acc))
+        return acc
+
+    def replace(self, result, name=None):
+        """The replaced node's outputs now come from `result`."""
+        ctx, node = self.ctx, self.node
+        outputs, shapes = node.output, [ctx.get_shape(node.output[0])]
+        dtypes = [ctx.get_dtype(node.output[0])]
+        ctx.remove_node(node.name)
+        ctx.make_node("Identity", [result], outputs=outputs, shapes=shapes, dtypes=dtypes,
+                      name=name or utils.make_name(node.name))
+
+
+# -- Where that stays Where ---------------------------------------------------------------
+
+@tf_op(["Select", "SelectV2"])
+class Select(_controlflow.Select):
+    @classmethod
+    def version_9(cls, ctx, node, **kwargs):
+        if ctx.get_dtype(node.output[0]) in _FLOATS:
+            node.set_attr("handles_nan", True)  # tf2onnx's own switch: keep Where
+        super().version_9(ctx, node, **kwargs)
+
+
+# -- Erfc, Expm1, Log1p, Erfinv -------------------------------------------------------------
+
+_ERFC = [-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398,
+         1.48851587, -0.82215223, 0.17087277]
+
+
+@tf_op("Erfc")
+class Erfc:
+    @classmethod
+    def version_13(cls, ctx, node, **kwargs):
+        b = _Builder(ctx, node)
+        x = node.input[0]
+        z = b("Abs", x)
+        t = b("Div", b.const(1.0), b("Add", b.const(1.0), b("Mul", b.const(0.5), z)))
+        # exp(-z^2) = exp(-h^2) * exp(-(z - h)(z + h)), h = z rounded down to 1/16: h^2 is exact.
+        h = b("Div", b("Floor", b("Mul", z, b.const(16.0))), b.const(16.0))
+        split = b("Mul", b("Sub", z, h), b("Add", z, h))
+        tail = b("Mul", b("Exp", b("Neg", b("Mul", h, h))), b("Exp", b("Sub", b.poly(t, _ERFC), split)))
+        positive = b("Mul", t, tail)
+        # z = inf: t = 0 and the exponentials 0 (or NaN through inf - inf): erfc is 0 there.
+        positive = b("Where", b("IsInf", z), b.const(0.0), positive)
+        b.replace(b("Where", b("Less", x, b.const(0.0)), b("Sub", b.const(2.0), positive), positive))
+
+
+@tf_op("Expm1")
+class Expm1:
+    @classmethod
+    def version_13(cls, ctx, node, **kwargs):
+        b = _Builder(ctx, node)
+        x = node.input[0]
+        u = b("Exp", x)
+        um1 = b("Sub", u, b.const(1.0))
+        # Kahan: (u - 1) * x / log(u) cancels the rounding of u; u == 1 means |x| below ulp.
+        kahan = b("Mul", um1, b("Div", x, b("Log", u)))  # x / log(u) ~ 1: no overflow
+        r = b("Where", b("Equal", um1, b.const(-1.0)), b.const(-1.0), kahan)
+        r = b("Where", b("Equal", u, b.const(1.0)), x, r)
+        b.replace(b("Where", b("IsInf", u), u, r))
+
+
+@tf_op("Log1p")
+class Log1p:
+    @classmethod
+    def version_13(cls, ctx, node, **kwargs):
+        b = _Builder(ctx, node)
+        x = node.input[0]
+        u = b("Add", x, b.const(1.0))
+        # Goldberg: log(u) * x / (u - 1) cancels the rounding of 1 + x.
+        r = b("Mul", b("Log", u), b("Div", x, b("Sub", u, b.const(1.0))))
+        r = b("Where", b("Equal", u, b.const(1.0)), x, r)
+        r = b("Where", b("Equal", u, b.const(0.0)), b.const(-np.inf), r)
+        b.replace(b("Where", b("IsInf", u), u, r))
+
+
+_ERFINV_CENTRAL = [1.50140941, 0.246640727, -0.00417768164, -0.00125372503, 0.00021858087, -4.39150654e-06,
+                   -3.5233877e-06, 3.43273939e-07, 2.81022636e-08]
+_ERFINV_TAIL = [2.83297682, 1.00167406, 0.00943887047, -0.0076224613, 0.00573950773, -0.00367342844,
+                0.00134934322, 0.000100950558, -0.000200214257]
+
+
+@tf_op("Erfinv")
+class Erfinv:
+    @classmethod
+    def version_13(cls, ctx, node, **kwargs):
+        b = _Builder(ctx, node)
+        x = node.input[0]
+        w = b("Neg", b("Log", b("Mul", b("Sub", b.const(1.0), x), b("Add", b.const(1.0), x))))
+        central = b.poly(b("Sub", w, b.const(2.5)), _ERFINV_CENTRAL)
+        tail = b.poly(b("Sub", b("Sqrt", w), b.const(3.0)), _ERFINV_TAIL)
+        p = b("Where", b("Less", w, b.const(5.0)), central, tail)
+        r = b("Mul", p, x)
+        # |x| = 1: +-inf (the polynomial would give inf * -inf); |x| > 1 stays NaN (log < 0).
+        b.replace(b("Where", b("Equal", b("Abs", x), b.const(1.0)), b("Mul", x, b.const(np.inf)), r))
+
+
+# -- signbit: Bitcast float32 -> int32, then BitwiseAnd with the sign mask ------------------
+
+def _is_sign_mask(ctx, name) -> bool:
+    producer = ctx.get_node_by_output(name)
+    return producer is not None and producer.is_const() and np.all(
+        producer.get_tensor_value(as_list=False) == _INT32_MIN)
+
+
+@tf_op("Bitcast")
+class Bitcast:
+    @classmethod
+    def version_13(cls, ctx, node, **kwargs):
+        src, dst = ctx.get_dtype(node.input[0]), ctx.get_dtype(node.output[0])
+        consumers = ctx.find_output_consumers(node.output[0])
+        utils.make_sure(
+            src == TensorProto.FLOAT and dst == TensorProto.INT32 and consumers and all(
+                c.type == "BitwiseAnd" and any(_is_sign_mask(ctx, i) for i in c.input) for c in consumers),
+            "Bitcast %s: ONNX has no bitcast; only float32 -> int32 read through the sign-bit mask "
+            "(TensorFlow's signbit) is converted", node.name)
+        b = _Builder(ctx, node)
+        x = node.input[0]
+        negative = b("Or", b("Less", x, b.const(0.0)), b("Less", b("Div", b.const(1.0), x), b.const(0.0)))
+        as_int = b("Where", negative, b.const(_INT32_MIN, np.int32), b.const(0, np.int32))
+        b.replace(as_int, name=utils.make_name(_SIGN_PREFIX))
+
+
+@tf_op("BitwiseAnd")
+class BitwiseAnd:
+    @classmethod
+    def _sign_read(cls, ctx, node):
+        for value, mask in ((0, 1), (1, 0)):
+            producer = ctx.get_node_by_output(node.input[value])
+            if producer is not None and producer.name.startswith(_SIGN_PREFIX) and _is_sign_mask(
+                    ctx, node.input[mask]):
+                return node.input[value]
+        return None
+
+    @classmethod
+    def version_13(cls, ctx, node, **kwargs):
+        sign = cls._sign_read(ctx, node)
+        utils.make_sure(sign is not None, "BitwiseAnd %s needs opset 18 (ONNX BitwiseAnd)", node.name)
+        cls._identity(ctx, node, sign)
+
+    @classmethod
+    def version_18(cls, ctx, node, **kwargs):
+        sign = cls._sign_read(ctx, node)
+        if sign is not None:
+            cls._identity(ctx, node, sign)  # INT32_MIN or 0, masked by INT32_MIN: itself
+
+    @staticmethod
+    def _identity(ctx, node, value):
+        ctx.replace_inputs(node, [value])
+        node.type = "Identity"
+
+
+# -- Bucketize, Cumprod, refusals -----------------------------------------------------------
+
+@tf_op("Bucketize")
+class Bucketize:
+    @classmethod
+    def version_13(cls, ctx, node, **kwargs):
+        boundaries = [float(v) for v in node.get_attr_value("boundaries")]
+        b = _Builder(ctx, node)
+        x = node.input[0]
+        gb = GraphBuilder(ctx)
+        column = gb.make_unsqueeze({"data": x, "axes": [-1]})
+        below = b("Less", column, b.const(boundaries))  # x < b, for each boundary
+        counted = b("Cast", b("Not", below), to=TensorProto.INT32)
+        total = gb.make_reduce_sum({"data": counted, "axes": [-1], "keepdims": 0, "noop_with_empty_axes": 1})
+        b.replace(total)
+
+
+@tf_op("Cumprod")
+class Cumprod(_math.CumProd):
+    @classmethod
+    def version_10(cls, ctx, node, **kwargs):
+        axis = node.inputs[1]
+        if axis.is_const():
+            value = int(axis.get_tensor_value())
+            if value < 0:
+                value += len(ctx.get_shape(node.input[0]))
+                const = ctx.make_const(utils.make_name(f"{node.name}_axis"),
+                                       np.array(value, dtype=axis.get_tensor_value(as_list=False).dtype))
+                ctx.replace_input(node, node.input[1], const.output[0], 1)
+        super().version_10(ctx, node, **kwargs)
+
+
+@tf_op("OneHot")
+class OneHot(_tensor.OneHot):
+    @classmethod
+    def version_13(cls, ctx, node, **kwargs):
+        b = _Builder(ctx, node)
+        indices = node.input[0]
+        depth = b("Cast", node.input[1], to=ctx.get_dtype(indices))
+        zero = b.const(0, utils.map_onnx_to_numpy_type(ctx.get_dtype(indices)))
+        ctx.replace_input(node, indices, b("Where", b("Less", indices, zero), depth, indices), 0)
+        super().version_13(ctx, node, **kwargs)
+
+
+@tf_op(list(REFUSED))
+class Refused:
+    @classmethod
+    def version_13(cls, ctx, node, **kwargs):
+        raise ValueError(f"{node.type} is not converted: {REFUSED[node.type]}")
