@@ -39,8 +39,9 @@ __all__ = ["LayerCheck", "RebuildPlan", "rebuild", "with_dtype", "SAME_DTYPE_RTO
 SAME_DTYPE_RTOL = 1e-6
 # One float32 layer against its float64 copy on the same (float32) inputs differs only by
 # that layer's own float32 rounding: a few units of 2^-24 of the terms it sums, far below
-# 1e-4 of max|output| for any layer of a real network (measured: EfficientNetV2 with
-# random BN statistics, the worst case here, 3e-6). A layer that lost state errs by O(1).
+# 1e-4 of max|output| for any layer of a real network (measured with random BN statistics:
+# at most 6.1e-7 over the 272 layers of EfficientNetV2B0, 5.7e-7 on ResNet50, 4.7e-7 on
+# MobileNetV2). A layer that lost state errs by O(1).
 DTYPE_TWIN_RTOL = 1e-4
 
 

@@ -36,7 +36,7 @@ def backend_runs_nchw_conv() -> bool:
 # file at the end. (xdist's own reordering, by test count, put the one-test zoo and
 # benchmark files last: 5 minutes with one worker idle.)
 LONGEST_FILES = ("test_backends.py", "test_zoo.py", "test_bench.py", "test_lenet_mnist.py", "test_gpu_check.py",
-                 "test_kerashub.py", "test_onnx_structure.py")
+                 "test_kerashub.py", "test_op_coverage.py", "test_verification_holes.py", "test_onnx_structure.py")
 
 
 def pytest_collection_modifyitems(config, items):

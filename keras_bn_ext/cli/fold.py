@@ -64,6 +64,13 @@ def _work(args) -> int:
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
         model = load_input_model(args, output, other_inputs=[args.data] if args.data else [])
+    from keras_bn_ext.testing import count_batchnorms
+
+    if count_batchnorms(model) == 0:
+        # Said at once (a BN-free net used to spend a minute folding before saying so);
+        # the model is still saved and checked, so a pipeline fold -> export runs the same.
+        print(f"{PROG}: {args.model} holds no BatchNormalization layer: nothing to fold; it is saved as it is",
+              file=sys.stderr, flush=True)
     recalibration = None
     if args.data:
         from keras_bn_ext.cli._common import recalibration_data

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import keras
 
+from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.compare import (
     ComparisonReport,
     ExactArithmeticCheck,
@@ -146,8 +147,15 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
         timings[name] = round(time.perf_counter() - start, 4)
         return value
 
-    # Verified below, with the saved file (verify=False: not twice).
-    folded, report = timed("fold", lambda: fold_batchnorms(model, exclude=exclude, inline=inline, verify=False))
+    from keras_bn_ext.folding.affine import is_batchnorm
+
+    if not any(is_batchnorm(layer) for layer in internals.all_sublayers(model)):
+        # Nothing to fold: the model itself is saved (no rebuild, which takes a minute on
+        # a large BN-free net), and the file is still reloaded and checked against it.
+        folded, report = model, FoldReport(params_before=model.count_params(), params_after=model.count_params())
+    else:
+        # Verified below, with the saved file (verify=False: not twice).
+        folded, report = timed("fold", lambda: fold_batchnorms(model, exclude=exclude, inline=inline, verify=False))
     # One set of seeded batches for every check; each model runs on them once.
     batches = [random_inputs(model, batch_size=options.VERIFY_BATCH, seed=i) for i in range(samples)]
     names = output_names(model)
@@ -156,7 +164,8 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
         return [keras_outputs(m, b) for b in batches]
 
     def verify():
-        return outputs(model), outputs(folded)
+        model_out = outputs(model)
+        return model_out, (model_out if folded is model else outputs(folded))
 
     model_out, folded_out = timed("verify", verify)
     comparison = compare_output_lists(model_out, folded_out, names, atol=atol, rtol=rtol)

@@ -1,0 +1,144 @@
+"""Issue 26's two holes, reproduced on every CLI: no tool exits 0 on a file that is not the
+original's function. The oracle is the original model itself (float32, on the same inputs).
+
+1. A rebuild that loses layer state (an adapted Normalization) made a wrong fold AND a wrong
+   float64 twin that vouched for it. Both defects are re-created on purpose here.
+2. tf2onnx's Mul/Add rewrite of `Where` gave NaN everywhere, and max(0, nan) = 0 passed it.
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from keras import layers, ops
+
+from keras_bn_ext.cli import export_litert, export_onnx, fold
+from keras_bn_ext.testing import randomize_batchnorms
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the CLIs run on TensorFlow")
+
+CLIS = {"bn-fold": (fold, "m.folded.keras", []), "bn-export-onnx": (export_onnx, "m.onnx", ["--provider", "cpu"]),
+        "bn-export-litert": (export_litert, "m.tflite", [])}
+
+
+@pytest.fixture(scope="module")
+def norm_path(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    x = keras.Input((12, 12, 3), name="image")
+    h = layers.BatchNormalization()(layers.Conv2D(6, 3)(x))
+    norm = layers.Normalization()
+    norm.adapt(rng.normal(3.0, 5.0, size=(32, 10, 10, 6)).astype("float32"))
+    y = layers.Dense(3)(layers.GlobalAveragePooling2D()(norm(h)))
+    model = keras.Model(x, y)
+    randomize_batchnorms(model)
+    path = tmp_path_factory.mktemp("norm") / "m.keras"
+    model.save(path)
+    return path
+
+
+def _run(cli, argv, capsys):
+    code = cli.main([str(a) for a in argv] + ["--json"])
+    out, _ = capsys.readouterr()
+    return code, json.loads(out.strip().splitlines()[-1] if out.strip().startswith("{\"error\"") else out)
+
+
+@pytest.mark.parametrize("tool", sorted(CLIS))
+def test_the_normalization_model_folds_and_exports_exactly(tool, norm_path, tmp_path, capsys):
+    cli, name, extra = CLIS[tool]
+    out = tmp_path / name
+    code, report = _run(cli, [norm_path, "-o", out, *extra], capsys)
+    assert code == 0 and report["passed"] and out.exists()
+    outputs = report["outputs"] if tool == "bn-export-onnx" else report["verification"]["outputs"]
+    assert max(o["max_rel_err"] for o in outputs) <= 1e-5 and sum(o["nonfinite_mismatches"] for o in outputs) == 0
+
+
+def _lose_state_as_before(monkeypatch, *, check_layers: bool):
+    """The rebuild of b2747e6: weights by set_weights only (no load_own_variables, so the
+    Normalization's statistics stay at their initial values), and, unless `check_layers`,
+    no layer-by-layer check: the folded model and the float64 twin both come out wrong."""
+    from keras_bn_ext import rebuild
+
+    monkeypatch.setattr(rebuild._Rebuilder, "_copy_state",
+                        lambda self, old, new: new.set_weights([self._cast(w) for w in old.get_weights()]))
+    if not check_layers:
+        monkeypatch.setattr(rebuild._Rebuilder, "check", lambda self, *a, **k: [])
+
+
+@pytest.mark.parametrize("tool", sorted(CLIS))
+def test_a_fold_and_a_twin_both_wrong_never_pass(tool, norm_path, tmp_path, capsys, monkeypatch):
+    _lose_state_as_before(monkeypatch, check_layers=False)
+    cli, name, extra = CLIS[tool]
+    out = tmp_path / name
+    code, report = _run(cli, [norm_path, "-o", out, *extra], capsys)
+    assert code == 1 and not out.exists()
+    if tool == "bn-fold":
+        assert report["passed"] is False and report["exact_arithmetic"]["reference_code"] == "model_differs"
+    else:  # the export's own fold is verified before any conversion
+        assert report["error"]["code"] == "fold_not_exact"
+
+
+@pytest.mark.parametrize("tool", sorted(CLIS))
+def test_lost_state_is_refused_by_layer_name(tool, norm_path, tmp_path, capsys, monkeypatch):
+    _lose_state_as_before(monkeypatch, check_layers=True)
+    cli, name, extra = CLIS[tool]
+    code, report = _run(cli, [norm_path, "-o", tmp_path / name, *extra], capsys)
+    assert code == 2 and report["error"]["code"] == "rebuild_mismatch"
+    assert report["error"]["layer"] == "normalization" and not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("tool", sorted(CLIS))
+def test_a_fold_that_writes_nan_never_passes(tool, norm_path, tmp_path, capsys, monkeypatch):
+    # Fault injection: one folded bias is NaN. Every output turns NaN; no verdict may pass it.
+    from keras_bn_ext.folding import rules
+
+    right = rules.fold_backward
+
+    def nan_bias(layer, scale, shift, weights=None):
+        shift = np.array(shift, np.float64)
+        shift[0] = np.nan
+        return right(layer, scale, shift, weights)
+
+    monkeypatch.setattr(rules, "fold_backward", nan_bias)
+    cli, name, extra = CLIS[tool]
+    code, report = _run(cli, [norm_path, "-o", tmp_path / name, *extra], capsys)
+    assert code == 1 and not (tmp_path / name).exists()
+    if tool == "bn-fold":
+        assert report["verification"]["nonfinite_mismatches"] > 0
+        assert report["exact_arithmetic"]["candidate_nonfinite_mismatches"] > 0
+
+
+def test_an_onnx_file_full_of_nan_fails_and_says_how_many(tmp_path, capsys, monkeypatch):
+    # tf2onnx's own Select handler back in place: Where becomes Cast(c)*a + Cast(!c)*b, and
+    # the branch not taken (log of 0) makes every output NaN.
+    from tf2onnx import constants
+    from tf2onnx.handler import tf_op
+    from tf2onnx.onnx_opset import controlflow
+
+    from keras_bn_ext.export.onnx import handlers
+
+    handlers.register()
+    for op in ("Select", "SelectV2"):
+        monkeypatch.setitem(tf_op.get_opsets()[constants.ONNX_DOMAIN][9], op, (controlflow.Select.version_9, {}))
+    x = keras.Input((8, 8, 3), name="image")
+    h = layers.BatchNormalization()(layers.Conv2D(4, 3)(x))
+    h = ops.where(h > 0, ops.log(ops.maximum(h, 0.0)), 0.0)
+    model = keras.Model(x, layers.Dense(2)(layers.Flatten()(h)))
+    randomize_batchnorms(model)
+    model.save(tmp_path / "g.keras")
+    code, report = _run(export_onnx, [tmp_path / "g.keras", "--provider", "cpu"], capsys)
+    assert code == 1 and report["passed"] is False
+    assert report["outputs"][0]["nonfinite_mismatches"] > 0
+    assert report["exact_arithmetic"]["passed"] is False
+
+
+def test_the_guarded_log_exports_right_with_where_kept(tmp_path, capsys):
+    x = keras.Input((8, 8, 3), name="image")
+    h = layers.BatchNormalization()(layers.Conv2D(4, 3)(x))
+    h = ops.where(h > 0, ops.log(ops.maximum(h, 0.0)), 0.0)
+    model = keras.Model(x, layers.Dense(2)(layers.Flatten()(h)))
+    randomize_batchnorms(model)
+    model.save(tmp_path / "g.keras")
+    code, report = _run(export_onnx, [tmp_path / "g.keras", "--provider", "cpu"], capsys)
+    assert code == 0 and report["passed"] and report["outputs"][0]["nonfinite_mismatches"] == 0
+    assert report["op_counts"].get("Where", 0) >= 1
