@@ -31,6 +31,7 @@ __all__ = [
     "standardized_inputs",
     "all_sublayers",
     "layer_tree",
+    "lambda_output_shape",
     "unsafe_deserialization",
     "traceable_convolutions",
     "forget_build_shapes",
@@ -140,6 +141,12 @@ def layer_tree(layer) -> list:
     load their own variables (`save_own_variables`/`load_own_variables`). The public
     `layer.layers` exists on models only, and one level deep."""
     return list(layer._flatten_layers(include_self=True, recursive=True))
+
+
+def lambda_output_shape(layer):
+    """The `output_shape` a Lambda layer was made with (None, a shape or a function): it
+    keeps it privately, and its config holds only a serialized form."""
+    return layer._output_shape
 
 
 def forget_build_shapes(layer) -> None:

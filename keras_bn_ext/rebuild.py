@@ -112,6 +112,12 @@ class _Rebuilder:
                 new = self.model(layer)
         elif not isinstance(layer, keras.layers.Layer):
             new = _copy_operation(layer)
+        elif type(layer) is keras.layers.Lambda:
+            # Made from the function object in memory, as the user made it: its config holds
+            # the bytecode, which reloads without the globals it reads (`keras`, say).
+            new = keras.layers.Lambda(layer.function, output_shape=internals.lambda_output_shape(layer), mask=layer.mask,
+                                      arguments=layer.arguments, name=layer.name,
+                                      dtype=self.plan.dtype or layer.dtype_policy.name)
         elif type(layer) is keras.layers.Identity:
             # Stateless; a parent layer may have made it with arguments its config cannot
             # hold (keras_hub's HGNetV2 layers do), so it is made afresh.
@@ -320,7 +326,14 @@ def rebuild(model: keras.Model, plan: RebuildPlan, *, shared: list | None = None
             shared.extend(rebuilder.shared)
     if check_inputs is not None:
         rtol = DTYPE_TWIN_RTOL if plan.dtype else SAME_DTYPE_RTOL
-        found = rebuilder.check(model, check_inputs, rtol=rtol)
+        try:
+            found = rebuilder.check(model, check_inputs, rtol=rtol)
+        except Exception as exc:  # noqa: BLE001 - a graph that cannot be replayed eagerly
+            if plan.dtype:  # a twin that cannot be checked does not judge anything
+                raise UnsupportedModelError(
+                    f"the {plan.dtype} twin cannot be checked layer by layer: the graph does not replay "
+                    f"eagerly ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+            found = []  # the caller's whole-model comparison is then the only check
         if checks is not None:
             checks.extend(found)
         bad = next((c for c in found if not c.passed), None)

@@ -71,8 +71,9 @@ def test_nothing_to_fold_still_writes_the_model(tmp_path, capsys):
     # `bn-fold m.keras -o f.keras && bn-export-onnx f.keras` must work on every model.
     inputs = keras.Input((4,))
     path = _save(keras.Model(inputs, layers.Dense(2, activation="relu")(inputs)), tmp_path / "plain.keras")
-    code, out, _ = _run([path], capsys)
+    code, out, err = _run([path], capsys)
     assert code == 0 and "nothing to fold" in out
+    assert "holds no BatchNormalization layer" in err  # said right after loading
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.folded.keras", "plain.keras"]
     code, out, _ = _run([path, "-o", str(tmp_path / "again.keras"), "--json"], capsys)
     report = json.loads(out)
@@ -302,3 +303,14 @@ def test_unusable_h5_exit_2(kind, tmp_path, capsys, lenet_path):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert ("only weights" if kind == "weights_only" else "damaged or truncated") in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("argv, code_name", [(["nope.keras"], "model_load"), (["{model}", "-o", "{model}"], "output_path")])
+def test_json_refusals_print_one_error_object(argv, code_name, tmp_path, capsys, lenet_path):
+    # Scripts read stdout: a refusal under --json is one JSON object there too, exit 2.
+    argv = [a.format(model=lenet_path) if "{" in a else (str(tmp_path / a) if a.endswith(".keras") else a)
+            for a in argv]
+    code, out, err = _run(argv + ["--json"], capsys)
+    error = json.loads(out)["error"]
+    assert code == 2 and error["code"] == code_name and error["message"] in err
+    assert set(error) == {"code", "message", "layer", "op"}

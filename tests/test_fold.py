@@ -607,3 +607,72 @@ def test_every_kept_bn_has_a_stable_code():
     codes = {k.bn: k.code for k in report.kept}
     assert codes == {"after_relu": "producer_activation", "after_add": "input_not_conv_dense"}
     assert all(k.code in KEPT_CODES for k in report.kept)
+
+
+# --- folds found on third-party nets (issue 26): through Concatenate, through averages, Lambda ---
+
+def test_bn_after_concatenate_folds_slice_by_slice():
+    # ResNeSt's pattern: separately foldable convs joined on the channel axis, then one BN.
+    x = keras.Input((10, 10, 3))
+    parts = [layers.Conv2D(4, 3, padding="same")(x), layers.Conv2D(5, 1, use_bias=False)(x),
+             layers.DepthwiseConv2D(3, padding="same")(x)]
+    y = layers.ReLU()(layers.BatchNormalization()(layers.Concatenate()(parts)))
+    model = keras.Model(x, y)
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=1)
+    assert report.folded[0].into == "conv2d+conv2d_1+depthwise_conv2d (through concatenate)"
+
+
+@pytest.mark.parametrize("blocker", ["relu", "shared", "axis"])
+def test_concatenate_slices_keep_the_bn_when_one_input_cannot_take_it(blocker):
+    x = keras.Input((8, 8, 3))
+    a = layers.Conv2D(4, 3, padding="same", activation="relu" if blocker == "relu" else None)(x)
+    b = layers.Conv2D(4 if blocker == "axis" else 2, 1)(x)  # joined on the height axis: same channels
+    extra = [layers.ReLU()(b)] if blocker == "shared" else []
+    joined = layers.Concatenate(axis=1 if blocker == "axis" else -1)([a, b])
+    bn = layers.BatchNormalization(axis=1 if blocker == "axis" else -1)
+    model = keras.Model(x, [bn(joined)] + extra)
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    assert report.bn_folded == 0 and report.kept[0].code == "input_not_conv_dense"
+    assert "not per slice" in report.kept[0].reason
+
+
+@pytest.mark.parametrize("pool", ["gap", "gap_keepdims", "avg_valid"])
+def test_bn_folds_forward_through_an_average(pool):
+    # EfficientFormerV2's BN -> GlobalAveragePooling -> Dense: averaging commutes with a
+    # per-channel affine map, so the BN folds into the Dense (or a 'valid' 1x1 conv).
+    x = keras.Input((8, 8, 3))
+    h = layers.BatchNormalization()(layers.Conv2D(6, 3, activation="relu")(x))
+    if pool == "gap":
+        y = layers.Dense(3)(layers.GlobalAveragePooling2D()(h))
+    elif pool == "gap_keepdims":
+        y = layers.Conv2D(3, 1)(layers.GlobalAveragePooling2D(keepdims=True)(h))
+    else:
+        y = layers.Conv2D(3, 1)(layers.AveragePooling2D(2)(h))
+    model = keras.Model(x, y)
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=1)
+    assert report.folded[0].direction == "forward"
+
+
+def test_same_padded_average_pooling_keeps_the_bn():
+    x = keras.Input((8, 8, 3))
+    h = layers.BatchNormalization()(layers.Conv2D(6, 3, activation="relu")(x))
+    model = keras.Model(x, layers.Conv2D(3, 1)(layers.AveragePooling2D(3, strides=2, padding="same")(h)))
+    randomize_batchnorms(model)
+    _, report = fold_batchnorms(model)
+    assert report.bn_folded == 0
+
+
+def test_a_lambda_layer_is_rebuilt_from_its_function():
+    # Its config holds bytecode that reloads without the globals it reads (`keras`).
+    x = keras.Input((10, 10, 3))
+    h = layers.BatchNormalization()(layers.Conv2D(4, 3)(x))
+    h = layers.Lambda(lambda t: keras.activations.gelu(t, approximate=True))(h)
+    model = keras.Model(x, layers.Dense(3)(layers.Flatten()(layers.BatchNormalization()(h))))
+    randomize_batchnorms(model)
+    folded, report = fold_batchnorms(model)
+    _check_folded(model, folded, report, expect_folded=2)

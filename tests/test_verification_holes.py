@@ -108,6 +108,17 @@ def test_a_fold_that_writes_nan_never_passes(tool, norm_path, tmp_path, capsys, 
         assert report["exact_arithmetic"]["candidate_nonfinite_mismatches"] > 0
 
 
+def _guarded_log_model(tmp_path):
+    """Conv -> BN -> where(h > 0, log(max(h, 0)), 0): the branch not taken is -inf at h <= 0."""
+    x = keras.Input((8, 8, 3), name="image")
+    h = layers.BatchNormalization()(layers.Conv2D(4, 3)(x))
+    h = ops.where(h > 0, ops.log(ops.maximum(h, 0.0)), 0.0)
+    model = keras.Model(x, layers.Dense(2)(layers.Flatten()(h)))
+    randomize_batchnorms(model)
+    model.save(tmp_path / "g.keras")
+    return tmp_path / "g.keras"
+
+
 def test_an_onnx_file_full_of_nan_fails_and_says_how_many(tmp_path, capsys, monkeypatch):
     # tf2onnx's own Select handler back in place: Where becomes Cast(c)*a + Cast(!c)*b, and
     # the branch not taken (log of 0) makes every output NaN.
@@ -120,25 +131,13 @@ def test_an_onnx_file_full_of_nan_fails_and_says_how_many(tmp_path, capsys, monk
     handlers.register()
     for op in ("Select", "SelectV2"):
         monkeypatch.setitem(tf_op.get_opsets()[constants.ONNX_DOMAIN][9], op, (controlflow.Select.version_9, {}))
-    x = keras.Input((8, 8, 3), name="image")
-    h = layers.BatchNormalization()(layers.Conv2D(4, 3)(x))
-    h = ops.where(h > 0, ops.log(ops.maximum(h, 0.0)), 0.0)
-    model = keras.Model(x, layers.Dense(2)(layers.Flatten()(h)))
-    randomize_batchnorms(model)
-    model.save(tmp_path / "g.keras")
-    code, report = _run(export_onnx, [tmp_path / "g.keras", "--provider", "cpu"], capsys)
+    code, report = _run(export_onnx, [_guarded_log_model(tmp_path), "--provider", "cpu"], capsys)
     assert code == 1 and report["passed"] is False
     assert report["outputs"][0]["nonfinite_mismatches"] > 0
     assert report["exact_arithmetic"]["passed"] is False
 
 
 def test_the_guarded_log_exports_right_with_where_kept(tmp_path, capsys):
-    x = keras.Input((8, 8, 3), name="image")
-    h = layers.BatchNormalization()(layers.Conv2D(4, 3)(x))
-    h = ops.where(h > 0, ops.log(ops.maximum(h, 0.0)), 0.0)
-    model = keras.Model(x, layers.Dense(2)(layers.Flatten()(h)))
-    randomize_batchnorms(model)
-    model.save(tmp_path / "g.keras")
-    code, report = _run(export_onnx, [tmp_path / "g.keras", "--provider", "cpu"], capsys)
+    code, report = _run(export_onnx, [_guarded_log_model(tmp_path), "--provider", "cpu"], capsys)
     assert code == 0 and report["passed"] and report["outputs"][0]["nonfinite_mismatches"] == 0
     assert report["op_counts"].get("Where", 0) >= 1

@@ -378,6 +378,21 @@ def run(prog: str, work: Callable[[], int], *, debug: bool, show_progress: bool 
     return status
 
 
+def json_usage_errors(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.ArgumentParser:
+    """With --json among `argv`, a usage error also prints the one JSON error object
+    (code "usage") on stdout before argparse's own message and exit 2."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--json" in args:
+        usage_error = parser.error
+
+        def error(message):
+            _print_json_error("usage", message, None)
+            usage_error(message)
+
+        parser.error = error
+    return parser
+
+
 def _print_json_error(code: str, message: str, exc) -> None:
     import json
 

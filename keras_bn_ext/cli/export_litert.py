@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from keras_bn_ext.cli._common import (
+    json_usage_errors,
     EXIT_CODES_HELP,
     EXIT_OK,
     EXIT_VERIFY_FAILED,
@@ -141,7 +142,7 @@ def _print_summary(result) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = json_usage_errors(build_parser(), argv)
     args = parser.parse_args(argv)
     if args.eval_data and not args.int8:
         parser.error("--eval needs --int8")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from keras_bn_ext.cli._common import (
+    json_usage_errors,
     EXIT_CODES_HELP,
     EXIT_OK,
     EXIT_VERIFY_FAILED,
@@ -284,7 +285,7 @@ def _int8_usage_errors(args) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = json_usage_errors(build_parser(), argv)
     args = parser.parse_args(argv)
     problem = _int8_usage_errors(args)
     if problem:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from keras_bn_ext.cli._common import (
+    json_usage_errors,
     EXIT_CODES_HELP,
     EXIT_OK,
     EXIT_VERIFY_FAILED,
@@ -150,7 +151,7 @@ def _print_summary(outcome, *, model_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = json_usage_errors(build_parser(), argv).parse_args(argv)
     return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json,
                json_errors=args.json)
 

@@ -167,6 +167,16 @@ def fold_batchnorms(
         plan.drop.add(id(d.bn))
         if d.keeps_name:
             plan.named_identity.add(id(d.bn))
+        prefix = d.path[: len(d.path) - len(d.bn.name)]
+        if d.slices:  # through a Concatenate: each input's producer takes its channels
+            for layer, start, end in d.slices:
+                plan.new_weights[id(layer)] = rules.fold_backward(
+                    layer, scale[start:end], shift[start:end], plan.new_weights.get(id(layer)))
+                plan.configs[id(layer)] = rules.with_bias(layer, plan.configs.get(id(layer)) or layer.get_config())
+            into = "+".join(prefix + layer.name for layer, _, _ in d.slices)
+            report.folded.append(FoldedBN(bn=d.path, into=f"{into} (through {prefix + d.into.name})",
+                                          direction=d.direction))
+            continue
         current = plan.new_weights.get(id(d.into))  # a layer may take one BN on each side
         if d.direction == "backward":
             plan.new_weights[id(d.into)] = rules.fold_backward(d.into, scale, shift, current)
@@ -175,7 +185,6 @@ def fold_batchnorms(
             plan.new_weights[id(d.into)] = rules.fold_forward(d.into, scale, shift, current)
         # The folded weights always carry a bias.
         plan.configs[id(d.into)] = rules.with_bias(d.into, plan.configs.get(id(d.into)) or d.into.get_config())
-        prefix = d.path[: len(d.path) - len(d.bn.name)]
         report.folded.append(FoldedBN(bn=d.path, into=prefix + d.into.name, direction=d.direction))
     decided = {id(d.bn) for d in decisions} | {id(batchnorm_of(d.bn)) for d in decisions}
     for layer in internals.all_sublayers(model):

@@ -50,6 +50,9 @@ class BNDecision:
     through: tuple = ()  # forward only: Dropout/Flatten layers between BN and consumer
     feature_shape: tuple = ()  # forward only: the BN output's shape without the batch
     keeps_name: bool = False  # backward only: the BN names a model output; an Identity keeps it
+    # Backward through a Concatenate (`into` is the Concatenate): (producer, first channel,
+    # end channel) for each of its inputs, each folded with its slice of the BN's channels.
+    slices: tuple = ()
 
     @property
     def folded(self) -> bool:
@@ -82,7 +85,13 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "",
         blocked = _bn_blocker(op, node, g, exclude)
         if blocked is None:
             blocked = _backward_blocker(op, node, g)
-            if blocked is None:
+            slices, concat_reason = _concat_slices(op, node, g) if blocked and blocked[0] == "input_not_conv_dense" \
+                else ((), None)
+            if slices:
+                decision.into, decision.slices = internals.producer_of(internals.node_inputs(node)[0]), slices
+                decision.keeps_name = not g.dict_outputs and any(
+                    id(t) in g.output_ids for t in internals.node_outputs(node))
+            elif blocked is None:
                 decision.into = internals.producer_of(internals.node_inputs(node)[0])
                 # A model output is named after the layer that produces it (dict keys
                 # aside): the folded BN leaves an Identity under its name behind.
@@ -94,7 +103,9 @@ def analyze(model: keras.Model, *, exclude=frozenset(), prefix: str = "",
                     decision.into, decision.through, decision.direction = target, through, "forward"
                     decision.feature_shape = tuple(internals.node_outputs(node)[0].shape[1:])
                 else:
-                    decision.code, decision.reason = blocked[0], f"{blocked[1]}; no exact forward fold: {forward_reason}"
+                    concat = f"; not per slice: {concat_reason}" if concat_reason else ""
+                    decision.code, decision.reason = blocked[0], (
+                        f"{blocked[1]}{concat}; no exact forward fold: {forward_reason}")
         else:
             decision.code, decision.reason = blocked
         decisions.append(decision)
@@ -130,6 +141,11 @@ def _bn_blocker(bn, node, g: GraphIndex, exclude) -> str | None:
 def _backward_blocker(bn, node, g: GraphIndex) -> str | None:
     """Why the BN cannot fold into the layer that feeds it, or None."""
     tensor = internals.node_inputs(node)[0]
+    return _producer_blocker(tensor, bn_axis(bn, len(tensor.shape)), g)
+
+
+def _producer_blocker(tensor, axis: int, g: GraphIndex):
+    """Why an affine map on channel `axis` of `tensor` cannot fold into its producer, or None."""
     producer = internals.producer_of(tensor)
     pname = describe(producer)
     if rule_for(producer) is None:
@@ -148,12 +164,56 @@ def _backward_blocker(bn, node, g: GraphIndex) -> str | None:
         return "producer_output_is_model_output", f"the output of {pname} is also a model output"
     rank = len(tensor.shape)
     channel = rule_for(producer).output_axis(producer, rank)
-    if bn_axis(bn, rank) != channel:
-        return "axis_mismatch", f"BN axis {bn_axis(bn, rank)} is not the channel axis ({channel}) of {pname}"
+    if axis != channel:
+        return "axis_mismatch", f"BN axis {axis} is not the channel axis ({channel}) of {pname}"
     return None
 
 
+def _concat_slices(bn, node, g: GraphIndex):
+    """A BN after a Concatenate on its channel axis folds slice by slice into the layers
+    that feed the Concatenate, when each of them could take a BN of its own: exact, since
+    BN is per channel. Returns ((producer, start, end), ...) and None, or () and why not."""
+    tensor = internals.node_inputs(node)[0]
+    concat = internals.producer_of(tensor)
+    if not isinstance(concat, keras.layers.Concatenate):
+        return (), None
+    name = describe(concat)
+    rank = len(tensor.shape)
+    axis = bn_axis(bn, rank)
+    if g.calls[id(concat)] > 1:
+        return (), f"{name} is shared"
+    if g.n_consumers(tensor) > 1 or id(tensor) in g.output_ids:
+        return (), f"the output of {name} also feeds other layers or is a model output"
+    if concat.axis % rank != axis:
+        return (), f"{name} joins axis {concat.axis % rank}, the BN normalizes axis {axis}"
+    concat_node = next(n for n in g.nodes if any(t is tensor for t in internals.node_outputs(n)))
+    slices, start = [], 0
+    for part in internals.node_inputs(concat_node):
+        blocked = _producer_blocker(part, axis, g)
+        if blocked is not None:
+            return (), f"input {describe(internals.producer_of(part))} of {name}: {blocked[1]}"
+        width = part.shape[axis]
+        if width is None:
+            return (), f"an input of {name} has an unknown channel count"
+        slices.append((internals.producer_of(part), start, start + width))
+        start += width
+    return tuple(slices), None
+
+
 _PASS_THROUGH = (keras.layers.Dropout, keras.layers.Flatten)  # identity in inference / a reshape
+# Averages within each channel: a per-channel affine map commutes with them exactly
+# (mean(s*x + t) = s*mean(x) + t), so a BN before one folds into the layer after it.
+# AveragePooling only without padding (padded windows average fewer values on some backends).
+_GLOBAL_AVERAGES = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+                    keras.layers.GlobalAveragePooling3D)
+_AVERAGES = _GLOBAL_AVERAGES + (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D,
+                                keras.layers.AveragePooling3D)
+
+
+def _passes(op, _node) -> bool:
+    if type(op) in _PASS_THROUGH:
+        return True
+    return type(op) in _AVERAGES and (type(op) in _GLOBAL_AVERAGES or op.padding == "valid")
 
 
 def _forward_target(bn, node, g: GraphIndex):
@@ -161,11 +221,21 @@ def _forward_target(bn, node, g: GraphIndex):
     its input side is exact. Returns (target, through, None) or (None, (), reason)."""
     tensor = internals.node_outputs(node)[0]
     rank = len(tensor.shape)
-    user, through, reason = single_path_consumer(tensor, g, lambda op, _node: type(op) in _PASS_THROUGH)
+    user, through, reason = single_path_consumer(tensor, g, _passes)
     if reason is not None:
         return None, (), reason
     uname = describe(user)
     flattened = any(isinstance(t, keras.layers.Flatten) for t in through)
+    averages = [t for t in through if type(t) in _AVERAGES]
+    channel = bn_axis(bn, rank)
+    for pool in averages:
+        pool_channel = rank - 1 if pool.data_format == "channels_last" else 1
+        if channel != pool_channel:
+            return None, (), f"BN axis {channel} is not the channel axis of {describe(pool)}"
+        if type(pool) in _GLOBAL_AVERAGES and not pool.keepdims:
+            rank, channel = 2, 1  # (batch, channels)
+    if averages and flattened:
+        return None, (), "an average pooling and a Flatten both stand between it and the layer it feeds"
     if flattened and any(d is None for d in internals.node_outputs(node)[0].shape[1:]):
         return None, (), "its output has unknown dimensions before a Flatten"
     rule = rule_for(user)
@@ -179,7 +249,7 @@ def _forward_target(bn, node, g: GraphIndex):
             return None, (), f"{uname} follows a Flatten"
         return user, tuple(through), None
     axis = rule.input_axis(user, rank)
-    if bn_axis(bn, rank) != axis:
+    if channel != axis:
         what = "the last axis that" if axis == rank - 1 else f"the input channel axis ({axis}) of"
-        return None, (), f"BN axis {bn_axis(bn, rank)} is not {what} {uname} reads"
+        return None, (), f"BN axis {channel} is not {what} {uname} reads"
     return user, tuple(through), None
