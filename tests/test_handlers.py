@@ -137,14 +137,32 @@ def test_cumprod_on_a_negative_axis(tmp_path):
         np.testing.assert_allclose(got, ref, rtol=1e-6)  # a product of <= 5 terms: a few ulp
 
 
+@pytest.mark.parametrize("sizes", [(8, 8, 12, 12), (8, 6, 5, 13), (7, 9, 21, 4), (3, 3, 1, 1)])
+@pytest.mark.parametrize("align_corners, half_pixel_centers", [(False, True), (False, False), (True, False)])
+def test_bicubic_resize_is_tensorflows_own(tmp_path, sizes, align_corners, half_pixel_centers):
+    # ONNX Resize (cubic, a=-0.5) computes the Keys weights exactly; TensorFlow rounds the
+    # fractional position to 1/1024 (its coefficient table) and renormalizes at borders.
+    # Before: 5.5e-4 relative apart. The handler's matrices are TensorFlow's weights:
+    # float32 rounding of a 16-term sum apart (~1e-7; 1e-6 bound).
+    import tensorflow as tf
+
+    h, w, oh, ow = sizes
+    x = np.random.default_rng(0).standard_normal((2, h, w, 3)).astype(np.float32)
+    fn = lambda t: tf.raw_ops.ResizeBicubic(images=t, size=[oh, ow], align_corners=align_corners,  # noqa: E731
+                                            half_pixel_centers=half_pixel_centers)
+    ref, got, proto = _convert_and_run(tmp_path, fn, x)
+    assert "Resize" not in {n.op_type for n in proto.graph.node}
+    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
 def test_refused_ops_are_refused_by_name_with_their_reason(tmp_path):
     from keras_bn_ext.errors import ExportError
     from keras_bn_ext.export.onnx.convert import export_onnx
 
     x = keras.Input((8, 8, 3), name="image")
-    y = keras.layers.Resizing(12, 12, interpolation="bicubic")(x)
+    y = keras.layers.Lambda(lambda t: keras.ops.image.resize(t, (4, 4), antialias=True))(x)
     model = keras.Model(x, y)
-    with pytest.raises(ExportError, match=r"ResizeBicubic \(TensorFlow's bicubic resize looks") as info:
+    with pytest.raises(ExportError, match=r"ScaleAndTranslate \(antialiased and Lanczos") as info:
         export_onnx(model, tmp_path / "m.onnx", fold=False)
-    assert info.value.op == "ResizeBicubic" and info.value.code == "export"
+    assert info.value.op == "ScaleAndTranslate" and info.value.code == "export"
     assert not (tmp_path / "m.onnx").exists()

@@ -43,13 +43,18 @@ def _catalogue():
                  "hard_tanh", "leaky_relu", "linear", "log_sigmoid", "log_softmax", "mish", "relu", "relu6", "selu",
                  "sigmoid", "silu", "soft_shrink", "softmax", "softplus", "softsign", "sparse_plus",
                  "sparse_sigmoid", "sparsemax", "squareplus", "tanh", "tanh_shrink", "threshold"):
+        # As a model applies one: an Activation layer (some call TensorFlow directly, which
+        # a symbolic KerasTensor cannot go through).
         fn = getattr(keras.activations, name)
-        if name == "threshold":
-            add("activation", name, lambda h, fn=fn: fn(h, 0.1, 0.0))
-        else:
+        if name == "glu":  # Activation("glu") reports the input shape, not the halved one (Keras 3.15)
             add("activation", name, lambda h, fn=fn: fn(h))
-    add("activation", "gelu(approximate)", lambda h: keras.activations.gelu(h, approximate=True))
-    add("activation", "celu(alpha=0.5)", lambda h: keras.activations.celu(h, alpha=0.5))
+        elif name == "threshold":
+            add("activation", name, lambda h, fn=fn: layers.Activation(lambda t: fn(t, 0.1, 0.0))(h))
+        else:
+            add("activation", name, lambda h, fn=fn: layers.Activation(fn)(h))
+    add("activation", "gelu(approximate)",
+        lambda h: layers.Activation(lambda t: keras.activations.gelu(t, approximate=True))(h))
+    add("activation", "celu(alpha=0.5)", lambda h: layers.Activation(lambda t: keras.activations.celu(t, alpha=0.5))(h))
 
     unary = {
         "abs": ops.abs, "absolute": ops.absolute, "negative": ops.negative, "square": ops.square,
@@ -153,7 +158,7 @@ def _catalogue():
 
 QUICK = ("gelu", "celu", "erfc", "expm1", "log1p", "erfinv", "signbit", "where(guarded log)", "nan_to_num",
          "argmax(axis=-1)", "one_hot(argmax)(axis=-1)", "cumprod(axis=-1)", "Discretization", "Normalization(adapted)",
-         "Resizing(bicubic)", "relu", "softmax")
+         "Resizing(bicubic)", "resize(antialias)", "relu", "softmax")
 
 
 def _model(name, fn, seed):

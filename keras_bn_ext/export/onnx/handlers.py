@@ -25,7 +25,12 @@ Importing this module registers them, process-wide, for every later conversion
 - `OneHot` (`ops.one_hot`): TensorFlow gives an all-off row for any index outside
   [0, depth); ONNX counts a negative index from the end. Negative indices are moved out of
   range first.
-- `ResizeBicubic`: refused (`REFUSED`), with the reason.
+- `ResizeBicubic` (bicubic `Resizing`, `ops.image.resize`): tf2onnx writes ONNX Resize
+  (cubic, a = -0.5), which computes the Keys weights exactly; TensorFlow looks them up in a
+  1024-entry table (the fractional source position rounded to 1/1024), ~6e-4 of the output
+  apart. Here the resize is TensorFlow's own: its weights, table lookup, border
+  renormalization (half-pixel centers) or clamping (legacy) included, are computed at
+  conversion time into one constant matrix per axis, applied by one Einsum (static sizes).
 
 `REFUSED` holds the reason for each op that ONNX cannot express as TensorFlow computes
 it; the converter names them when they are left unconverted.
@@ -45,10 +50,6 @@ from tf2onnx.onnx_opset import tensor as _tensor
 __all__ = ["REFUSED", "register"]
 
 REFUSED = {
-    "ResizeBicubic": (
-        "TensorFlow's bicubic resize looks its Keys weights up in a 1024-entry table (the "
-        "fractional source position rounded to 1/1024); ONNX Resize computes them exactly, "
-        "so the two differ by ~6e-4 of the output"),
     "ScaleAndTranslate": (
         "antialiased and Lanczos/Gaussian/Mitchell resizes (TensorFlow's ScaleAndTranslate) "
         "have no ONNX Resize mode"),
@@ -277,6 +278,69 @@ class OneHot(_tensor.OneHot):
         zero = b.const(0, utils.map_onnx_to_numpy_type(ctx.get_dtype(indices)))
         ctx.replace_input(node, indices, b("Where", b("Less", indices, zero), depth, indices), 0)
         super().version_13(ctx, node, **kwargs)
+
+
+_TABLE = 1024  # TensorFlow's kTableSize (resize_bicubic_op.cc)
+
+
+def _coefficients(a: float) -> np.ndarray:
+    """TensorFlow's bicubic coefficient table, in float32 as it computes it."""
+    table = np.zeros((_TABLE + 1) * 2, np.float32)
+    a = np.float32(a)
+    for i in range(_TABLE + 1):
+        x = np.float32(i * 1.0 / _TABLE)
+        table[i * 2] = ((a + 2) * x - (a + 3)) * x * x + 1
+        x = x + np.float32(1.0)
+        table[i * 2 + 1] = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return table
+
+
+def bicubic_matrix(n_in: int, n_out: int, *, align_corners: bool, half_pixel_centers: bool) -> np.ndarray:
+    """(n_out, n_in) float32: output row i = sum_p M[i, p] * input row p, as TensorFlow's
+    ResizeBicubic weighs and indexes them along one axis."""
+    keys = half_pixel_centers
+    table = _coefficients(-0.5 if keys else -0.75)
+    scale = np.float32((n_in - 1) / np.float32(n_out - 1)) if align_corners and n_out > 1 else \
+        np.float32(n_in / np.float32(n_out))
+    matrix = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        where = (np.float32(i) + np.float32(0.5)) * scale - np.float32(0.5) if keys else np.float32(i) * scale
+        base = int(np.floor(where))
+        offset = int(np.rint(np.float32(where - np.float32(base)) * np.float32(_TABLE)))
+        taps = [(base - 1, table[offset * 2 + 1]), (base, table[offset * 2]),
+                (base + 1, table[(_TABLE - offset) * 2]), (base + 2, table[(_TABLE - offset) * 2 + 1])]
+        weights = []
+        for index, weight in taps:
+            bounded = min(n_in - 1, max(0, index))
+            weights.append((bounded, np.float32(0.0) if keys and bounded != index else weight))
+        if keys:
+            total = np.float32(sum(w for _, w in weights))
+            if abs(total) >= 1000.0 * np.finfo(np.float32).tiny:
+                weights = [(p, w * (np.float32(1.0) / total)) for p, w in weights]
+        for p, w in weights:
+            matrix[i, p] += w
+    return matrix
+
+
+@tf_op("ResizeBicubic")
+class ResizeBicubic:
+    @classmethod
+    def version_13(cls, ctx, node, **kwargs):
+        shape = ctx.get_shape(node.input[0])  # NHWC
+        size = node.inputs[1]
+        utils.make_sure(size.is_const() and shape is not None and len(shape) == 4 and shape[1] > 0 and shape[2] > 0,
+                        "ResizeBicubic %s: TensorFlow's weights are computed at conversion time, which needs "
+                        "static input and output sizes", node.name)
+        out_h, out_w = (int(v) for v in size.get_tensor_value())
+        options = {"align_corners": bool(node.get_attr_value("align_corners", 0)),
+                   "half_pixel_centers": bool(node.get_attr_value("half_pixel_centers", 0))}
+        b = _Builder(ctx, node, dtype=TensorProto.FLOAT)
+        x = node.input[0]
+        if ctx.get_dtype(x) != TensorProto.FLOAT:
+            x = b("Cast", x, to=TensorProto.FLOAT)
+        rows = b.const(bicubic_matrix(shape[1], out_h, **options))
+        cols = b.const(bicubic_matrix(shape[2], out_w, **options))
+        b.replace(b("Einsum", rows, x, cols, equation="ip,npqc,jq->nijc"))
 
 
 @tf_op(list(REFUSED))
