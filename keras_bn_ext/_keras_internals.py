@@ -32,6 +32,7 @@ __all__ = [
     "all_sublayers",
     "layer_tree",
     "lambda_output_shape",
+    "concatenate_axis",
     "unsafe_deserialization",
     "traceable_convolutions",
     "forget_build_shapes",
@@ -147,6 +148,16 @@ def lambda_output_shape(layer):
     """The `output_shape` a Lambda layer was made with (None, a shape or a function): it
     keeps it privately, and its config holds only a serialized form."""
     return layer._output_shape
+
+
+def concatenate_axis(op) -> int | None:
+    """The axis a `keras.layers.Concatenate` layer or a `keras.ops.concatenate` call joins
+    (None for anything else). The operation's class is not public API."""
+    from keras.src.ops.numpy import Concatenate as ConcatenateOp
+
+    if isinstance(op, (keras.layers.Concatenate, ConcatenateOp)):
+        return int(op.axis)
+    return None
 
 
 def forget_build_shapes(layer) -> None:

@@ -155,14 +155,38 @@ def test_bicubic_resize_is_tensorflows_own(tmp_path, sizes, align_corners, half_
     assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-def test_refused_ops_are_refused_by_name_with_their_reason(tmp_path):
-    from keras_bn_ext.errors import ExportError
-    from keras_bn_ext.export.onnx.convert import export_onnx
+@pytest.mark.parametrize("kernel", ["lanczos1", "lanczos3", "lanczos5", "gaussian", "box", "triangle",
+                                    "keyscubic", "mitchellcubic"])
+@pytest.mark.parametrize("antialias", [True, False])
+def test_scale_and_translate_is_tensorflows_own(tmp_path, kernel, antialias):
+    # Antialiased and Lanczos resizes: no ONNX Resize mode; with static sizes the op is
+    # linear and separable, and the handler's matrices hold TensorFlow's weights.
+    import tensorflow as tf
 
-    x = keras.Input((8, 8, 3), name="image")
-    y = keras.layers.Lambda(lambda t: keras.ops.image.resize(t, (4, 4), antialias=True))(x)
-    model = keras.Model(x, y)
-    with pytest.raises(ExportError, match=r"ScaleAndTranslate \(antialiased and Lanczos") as info:
-        export_onnx(model, tmp_path / "m.onnx", fold=False)
-    assert info.value.op == "ScaleAndTranslate" and info.value.code == "export"
-    assert not (tmp_path / "m.onnx").exists()
+    x = np.random.default_rng(1).standard_normal((2, 9, 7, 3)).astype(np.float32)
+    for size in ((5, 13), (12, 4)):
+        scale = np.array([size[0] / 9, size[1] / 7], np.float32)
+        fn = lambda t: tf.raw_ops.ScaleAndTranslate(  # noqa: E731
+            images=t, size=list(size), scale=scale, translation=np.array([0.3, -0.2], np.float32),
+            kernel_type=kernel, antialias=antialias)
+        ref, got, proto = _convert_and_run(tmp_path, fn, x)
+        assert "ScaleAndTranslate" not in {n.op_type for n in proto.graph.node}
+        assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()  # float32 sums of <= 66 terms
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "lanczos3"])
+def test_keras_resizes_convert_and_dynamic_sizes_are_refused_by_name(tmp_path, interpolation):
+    from keras_bn_ext.errors import ExportError
+    from keras_bn_ext.export.onnx.pipeline import export_verified
+
+    def model(shape):
+        x = keras.Input(shape, name="image")
+        return keras.Model(x, keras.layers.Resizing(12, 12, interpolation=interpolation)(x))
+
+    result = export_verified(model((8, 8, 3)), tmp_path / "static.onnx", provider="cpu")
+    assert result.passed and result.verification.comparison.max_rel_err <= 1e-5
+    op = {"bicubic": "ResizeBicubic", "lanczos3": "ScaleAndTranslate"}[interpolation]
+    with pytest.raises(ExportError, match=op) as info:
+        export_verified(model((None, None, 3)), tmp_path / "dynamic.onnx", provider="cpu")
+    assert info.value.op == op or op in str(info.value)
+    assert not (tmp_path / "dynamic.onnx").exists()

@@ -175,7 +175,8 @@ def _concat_slices(bn, node, g: GraphIndex):
     BN is per channel. Returns ((producer, start, end), ...) and None, or () and why not."""
     tensor = internals.node_inputs(node)[0]
     concat = internals.producer_of(tensor)
-    if not isinstance(concat, keras.layers.Concatenate):
+    joined = internals.concatenate_axis(concat)  # a Concatenate layer or keras.ops.concatenate
+    if joined is None:
         return (), None
     name = describe(concat)
     rank = len(tensor.shape)
@@ -184,8 +185,8 @@ def _concat_slices(bn, node, g: GraphIndex):
         return (), f"{name} is shared"
     if g.n_consumers(tensor) > 1 or id(tensor) in g.output_ids:
         return (), f"the output of {name} also feeds other layers or is a model output"
-    if concat.axis % rank != axis:
-        return (), f"{name} joins axis {concat.axis % rank}, the BN normalizes axis {axis}"
+    if joined % rank != axis:
+        return (), f"{name} joins axis {joined % rank}, the BN normalizes axis {axis}"
     concat_node = next(n for n in g.nodes if any(t is tensor for t in internals.node_outputs(n)))
     slices, start = [], 0
     for part in internals.node_inputs(concat_node):

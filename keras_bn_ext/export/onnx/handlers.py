@@ -25,6 +25,11 @@ Importing this module registers them, process-wide, for every later conversion
 - `OneHot` (`ops.one_hot`): TensorFlow gives an all-off row for any index outside
   [0, depth); ONNX counts a negative index from the end. Negative indices are moved out of
   range first.
+- `ScaleAndTranslate` (antialiased and Lanczos/Gaussian/Mitchell/box resizes): no ONNX Resize
+  mode computes them, but with static sizes the op is linear and separable: its weights
+  (TensorFlow's kernels, spans and normalization) become one constant matrix per axis, one
+  Einsum, as below. Its scale and translation must evaluate to constants at conversion time
+  (Keras's resize computes them from the static input shape); otherwise it is refused.
 - `ResizeBicubic` (bicubic `Resizing`, `ops.image.resize`): tf2onnx writes ONNX Resize
   (cubic, a = -0.5), which computes the Keys weights exactly; TensorFlow looks them up in a
   1024-entry table (the fractional source position rounded to 1/1024), ~6e-4 of the output
@@ -33,7 +38,8 @@ Importing this module registers them, process-wide, for every later conversion
   conversion time into one constant matrix per axis, applied by one Einsum (static sizes).
 
 `REFUSED` holds the reason for each op that ONNX cannot express as TensorFlow computes
-it; the converter names them when they are left unconverted.
+it (none is left); a handler that cannot convert one node (dynamic sizes, a bitcast other
+than signbit's) raises, and the converter names the op.
 """
 
 from __future__ import annotations
@@ -49,11 +55,7 @@ from tf2onnx.onnx_opset import tensor as _tensor
 
 __all__ = ["REFUSED", "register"]
 
-REFUSED = {
-    "ScaleAndTranslate": (
-        "antialiased and Lanczos/Gaussian/Mitchell resizes (TensorFlow's ScaleAndTranslate) "
-        "have no ONNX Resize mode"),
-}
+REFUSED: dict[str, str] = {}
 
 _FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 _SIGN_PREFIX = "keras_bn_ext_sign_as_int32"
@@ -334,17 +336,122 @@ class ResizeBicubic:
         out_h, out_w = (int(v) for v in size.get_tensor_value())
         options = {"align_corners": bool(node.get_attr_value("align_corners", 0)),
                    "half_pixel_centers": bool(node.get_attr_value("half_pixel_centers", 0))}
-        b = _Builder(ctx, node, dtype=TensorProto.FLOAT)
-        x = node.input[0]
-        if ctx.get_dtype(x) != TensorProto.FLOAT:
-            x = b("Cast", x, to=TensorProto.FLOAT)
-        rows = b.const(bicubic_matrix(shape[1], out_h, **options))
-        cols = b.const(bicubic_matrix(shape[2], out_w, **options))
-        b.replace(b("Einsum", rows, x, cols, equation="ip,npqc,jq->nijc"))
+        _separable(_Builder(ctx, node, dtype=TensorProto.FLOAT), node.input[0],
+                   bicubic_matrix(shape[1], out_h, **options), bicubic_matrix(shape[2], out_w, **options))
+
+
+def _separable(b, x, rows, cols):
+    """b.replace with rows @ x @ cols^T over the H and W axes of an NHWC tensor."""
+    if b.ctx.get_dtype(x) != TensorProto.FLOAT:
+        x = b("Cast", x, to=TensorProto.FLOAT)
+    b.replace(b("Einsum", b.const(rows), x, b.const(cols), equation="ip,npqc,jq->nijc"))
+
+
+def _static_value(ctx, name, depth=0):
+    """The value of a tensor computed from constants and static shapes only (float64, NaN
+    for an unknown dimension), or None."""
+    node = ctx.get_node_by_output(name)
+    if node is None or depth > 12:
+        return None
+    if node.is_const():
+        return node.get_tensor_value(as_list=False).astype(np.float64)
+    if node.type == "Shape":
+        shape = ctx.get_shape(node.input[0])
+        return None if shape is None else np.array([d if d >= 0 else np.nan for d in shape], np.float64)
+    args = [_static_value(ctx, i, depth + 1) for i in node.input]
+    if any(a is None for a in args):
+        return None
+    unary = {"Identity": lambda a: a, "Cast": lambda a: a, "Neg": np.negative}
+    binary = {"Div": np.divide, "RealDiv": np.divide, "Mul": np.multiply, "Add": np.add, "Sub": np.subtract}
+    if node.type in unary:
+        return unary[node.type](args[0])
+    if node.type in binary:
+        return binary[node.type](args[0], args[1])
+    if node.type == "Slice" and len(args) >= 3:
+        starts, ends = args[1].astype(int), args[2].astype(int)
+        axes = args[3].astype(int) if len(args) > 3 else range(len(starts))
+        steps = args[4].astype(int) if len(args) > 4 else [1] * len(starts)
+        index = [slice(None)] * args[0].ndim
+        for a, s0, e0, st in zip(axes, starts, ends, steps):
+            index[a] = slice(s0, e0, st)
+        return args[0][tuple(index)]
+    return None
+
+
+_SAMPLING = {
+    "lanczos1": (1.0, lambda x: _lanczos(x, 1.0)), "lanczos3": (3.0, lambda x: _lanczos(x, 3.0)),
+    "lanczos5": (5.0, lambda x: _lanczos(x, 5.0)),
+    "gaussian": (1.5, lambda x: np.float32(0.0) if x >= 1.5 else np.float32(
+        np.exp(-x * x / (2.0 * np.float32(0.5) * np.float32(0.5))))),
+    "box": (1.0, lambda x: np.float32(1.0 if x < 0.5 else 0.5 if x == 0.5 else 0.0)),
+    "triangle": (1.0, lambda x: np.float32(1.0) - x if x < 1.0 else np.float32(0.0)),
+    "keyscubic": (2.0, lambda x: np.float32(0.0) if x >= 2 else (
+        ((np.float32(-0.5) * x + np.float32(2.5)) * x - np.float32(4.0)) * x + np.float32(2.0) if x >= 1
+        else ((np.float32(1.5) * x - np.float32(2.5)) * x) * x + np.float32(1.0))),
+    "mitchellcubic": (2.0, lambda x: np.float32(0.0) if x >= 2 else (
+        (((np.float32(-7.0 / 18.0)) * x + np.float32(2.0)) * x - np.float32(10.0 / 3.0)) * x + np.float32(16.0 / 9.0)
+        if x >= 1 else (((np.float32(7.0 / 6.0)) * x - np.float32(2.0)) * x) * x + np.float32(8.0 / 9.0))),
+}
+
+
+def _lanczos(x, radius):
+    pi = np.float32(3.14159265359)
+    if x > radius:
+        return np.float32(0.0)
+    if x <= 1e-3:
+        return np.float32(1.0)
+    return np.float32(radius * np.sin(pi * x) * np.sin(pi * x / radius) / (pi * pi * x * x))
+
+
+def scale_and_translate_matrix(n_in: int, n_out: int, scale: float, translate: float, *, kernel: str,
+                               antialias: bool) -> np.ndarray:
+    """(n_out, n_in) float32: TensorFlow's ScaleAndTranslate weights along one axis
+    (scale_and_translate_op.cc, ComputeSpansCore)."""
+    radius, fn = _SAMPLING[kernel]
+    inv_scale = np.float32(1.0 / np.float32(scale))
+    inv_translate = np.float32(-inv_scale * np.float32(translate))
+    kernel_scale = np.float32(max(inv_scale, 1.0)) if antialias else np.float32(1.0)
+    matrix = np.zeros((n_out, n_in), np.float32)
+    for x in range(n_out):
+        sample = np.float32(np.float32(x) + np.float32(0.5)) * inv_scale + inv_translate
+        if sample < 0 or sample > n_in:
+            continue
+        start = int(np.ceil(sample - np.float32(radius) * kernel_scale - np.float32(0.5)))
+        end = int(np.floor(sample + np.float32(radius) * kernel_scale - np.float32(0.5)))
+        start, end = min(max(start, 0), n_in - 1), min(max(end, 0), n_in - 1) + 1
+        weights = [fn(np.float32(abs((np.float32(src) + np.float32(0.5) - sample) / kernel_scale)))
+                   for src in range(start, end)]
+        total = np.float32(sum(weights, np.float32(0.0)))
+        if abs(total) >= 1000.0 * np.finfo(np.float32).tiny:
+            matrix[x, start:end] = np.array(weights, np.float32) * (np.float32(1.0) / total)
+    return matrix
+
+
+@tf_op("ScaleAndTranslate")
+class ScaleAndTranslate:
+    @classmethod
+    def version_13(cls, ctx, node, **kwargs):
+        shape = ctx.get_shape(node.input[0])  # NHWC
+        size, scale, translation = (_static_value(ctx, i) for i in node.input[1:4])
+        kernel = node.get_attr_value("kernel_type", b"lanczos3")
+        kernel = kernel.decode() if isinstance(kernel, bytes) else kernel
+        utils.make_sure(
+            shape is not None and len(shape) == 4 and shape[1] > 0 and shape[2] > 0 and all(
+                v is not None and np.all(np.isfinite(v)) for v in (size, scale, translation)),
+            "ScaleAndTranslate %s: its weights are computed at conversion time, which needs static sizes, "
+            "scale and translation", node.name)
+        utils.make_sure(kernel in _SAMPLING, "ScaleAndTranslate %s: unknown kernel_type %s", node.name, kernel)
+        antialias = bool(node.get_attr_value("antialias", 1))
+        rows, cols = (scale_and_translate_matrix(int(shape[1 + k]), int(size[k]), float(scale[k]),
+                                                 float(translation[k]), kernel=kernel, antialias=antialias)
+                      for k in (0, 1))
+        _separable(_Builder(ctx, node, dtype=TensorProto.FLOAT), node.input[0], rows, cols)
 
 
 @tf_op(list(REFUSED))
 class Refused:
+    """Ops refused with their reason (none today: each one found was made to convert)."""
+
     @classmethod
     def version_13(cls, ctx, node, **kwargs):
-        raise ValueError(f"{node.type} is not converted: {REFUSED[node.type]}")
+        raise ValueError(f"{node.type} is not converted: {REFUSED.get(node.type, 'no handler')}")
