@@ -15,6 +15,8 @@ needs TensorFlow's Flex delegate, which ai-edge-litert does not ship.
 
 from __future__ import annotations
 
+import re
+
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,6 +112,15 @@ def to_tflite_bytes(model: keras.Model, *, fp16: bool = False, representative=No
                 # Inputs and outputs stay float32 (quantized inside), as the ONNX INT8 file.
             return converter.convert()
         except Exception as exc:  # noqa: BLE001 - the converter's many error types
+            # "TF Select ops: Erf, Tan": TensorFlow ops with no LiteRT builtin kernel (they would
+            # need the Flex delegate, which ai-edge-litert's interpreter does not carry).
+            select = re.search(r"TF Select ops: ([^\n]+)", str(exc))
+            if select:
+                ops = [o.strip() for o in select.group(1).split(",") if o.strip()]
+                error = ExportError(f"LiteRT has no builtin kernel for the TensorFlow op(s) {', '.join(ops)} "
+                                    "(they would need TensorFlow's Flex delegate)")
+                error.op = ops[0]
+                raise error from exc
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ExportError(f"the LiteRT converter failed: {type(exc).__name__}: {first}") from exc
 
