@@ -7,6 +7,7 @@ its error), wrong (verification failed: the tool exits 1) or refused (with the r
     python tools/op_coverage.py                 # the whole sweep -> docs/OPS.md (~15 min, 2 cores)
     python tools/op_coverage.py --quick --out /tmp/OPS.md --json /tmp/ops.json   # CI's subset
     python tools/op_coverage.py --only gelu,erfc --targets onnx
+    python tools/op_coverage.py --only AveragePooling2D --update rows.json   # re-run rows of a sweep
 
 The op sees the BN's output (values around N(0, 1)); ops with a restricted domain get it
 mapped there first (log of |h| + 0.1, arccos of tanh(h), ...), as a model would.
@@ -129,7 +130,7 @@ def _catalogue():
         "Normalization(adapted)": "adapted",
         "Discretization": lambda h: ops.cast(layers.Discretization(bin_boundaries=[-1.0, 0.0, 0.5])(h), "float32"),
         "Rescaling": lambda h: layers.Rescaling(0.5, offset=0.1)(h),
-        "MaxPooling2D": lambda h: layers.MaxPooling2D()(h), "AveragePooling2D": lambda h: layers.AveragePooling2D()(h),
+        "MaxPooling2D": lambda h: layers.MaxPooling2D()(h), "AveragePooling2D": lambda h: layers.AveragePooling2D(2)(h),
         "ZeroPadding2D": lambda h: layers.ZeroPadding2D(1)(h), "Cropping2D": lambda h: layers.Cropping2D(1)(h),
         "UpSampling2D(nearest)": lambda h: layers.UpSampling2D()(h),
         "UpSampling2D(bilinear)": lambda h: layers.UpSampling2D(interpolation="bilinear")(h),
@@ -284,6 +285,9 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="onnx,litert", help="onnx,litert (default both)")
     parser.add_argument("--out", default=str(REPO / "docs" / "OPS.md"), help="the Markdown table")
     parser.add_argument("--json", help="also write the rows as JSON here")
+    parser.add_argument("--update", metavar="ROWS.json",
+                        help="rows of an earlier sweep (--json): the cases run now replace theirs, the table "
+                             "is written from all of them, and the file is rewritten")
     args = parser.parse_args(argv)
     names = list(_catalogue())
     if args.only:
@@ -292,6 +296,11 @@ def main(argv=None) -> int:
         names = list(QUICK)
     targets = [t for t in args.targets.split(",") if t]
     rows = sweep(names, targets, log=lambda s: print(s, flush=True))
+    if args.update:
+        fresh = {row["name"]: row for row in rows}
+        earlier = json.loads(Path(args.update).read_text())
+        rows = [fresh.pop(row["name"], row) for row in earlier] + list(fresh.values())
+        Path(args.update).write_text(json.dumps(rows, indent=1))
     Path(args.out).write_text(markdown(rows, targets, quick=args.quick))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

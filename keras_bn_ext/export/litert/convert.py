@@ -115,8 +115,9 @@ def to_tflite_bytes(model: keras.Model, *, fp16: bool = False, representative=No
             # "TF Select ops: Erf, Tan": TensorFlow ops with no LiteRT builtin kernel (they would
             # need the Flex delegate, which ai-edge-litert's interpreter does not carry).
             select = re.search(r"TF Select ops: ([^\n]+)", str(exc))
-            if select:
-                ops = [o.strip() for o in select.group(1).split(",") if o.strip()]
+            ops = [o.strip() for o in select.group(1).split(",") if o.strip()] if select else sorted(
+                set(re.findall(r"'tf\.(\w+)' op is neither a custom op nor a flex op", str(exc))))
+            if ops:
                 error = ExportError(f"LiteRT has no builtin kernel for the TensorFlow op(s) {', '.join(ops)} "
                                     "(they would need TensorFlow's Flex delegate)")
                 error.op = ops[0]
