@@ -306,8 +306,8 @@ class ExactArithmeticCheck:
     (`REFERENCE_CODES`); unless it is "agrees", `passed` is False: the float32
     comparison's verdict (failed, or this check would not have run) stands."""
 
-    original_max_rel_err: float
-    candidate_max_rel_err: float
+    original_max_rel_err: float | None  # None when the twin could not be made or checked
+    candidate_max_rel_err: float | None
     passed: bool
     reference_code: str = "agrees"
     reference_detail: str | None = None  # the layer or the numbers behind a code other than "agrees"
@@ -375,7 +375,7 @@ def _judge(references, owns, candidates, *, atol, rtol, factor) -> ExactArithmet
 
 def _refused(code_detail) -> ExactArithmeticCheck:
     code, detail = code_detail
-    return ExactArithmeticCheck(original_max_rel_err=float("nan"), candidate_max_rel_err=float("nan"), passed=False,
+    return ExactArithmeticCheck(original_max_rel_err=None, candidate_max_rel_err=None, passed=False,
                                 reference_code=code, reference_detail=detail)
 
 

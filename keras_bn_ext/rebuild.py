@@ -133,8 +133,7 @@ class _Rebuilder:
                 self.copies[key] = new
                 return new
             weights = self.plan.new_weights.get(key)
-            if weights is not None:
-                self.changed.add(key)
+            if weights is not None:  # a fold target (in `changed` from the plan)
                 self.pending.append((new, lambda new=new, w=weights: new.set_weights(w)))
             else:
                 self.pending.append((new, lambda new=new, old=layer: self._copy_state(old, new)))
@@ -151,9 +150,9 @@ class _Rebuilder:
         """`new` receives `old`'s state as keras.saving would load it: layer by layer of the
         tree, the variables its `save_own_variables` stores (through `load_own_variables`,
         whose hooks finish state the variables alone do not hold), then its assets."""
-        pairs = list(zip(internals.layer_tree(old), internals.layer_tree(new)))
-        if len(internals.layer_tree(old)) != len(internals.layer_tree(new)) or any(
-                type(a) is not type(b) for a, b in pairs):
+        olds, news = internals.layer_tree(old), internals.layer_tree(new)
+        pairs = list(zip(olds, news))
+        if len(olds) != len(news) or any(type(a) is not type(b) for a, b in pairs):
             new.set_weights([self._cast(w) for w in old.get_weights()])  # a tree its config reshaped
             return
         for a, b in pairs:

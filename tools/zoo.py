@@ -135,7 +135,9 @@ def _err(row: dict, key: str) -> str:
         return "–"
     text = f"{row[key]:.1e}"
     exact = row.get(key.replace("max_rel_err", "float64"))
-    if exact:
+    if exact and not exact.get("reference_valid", True):
+        text += f" (float64 not applied: {exact['reference_code']}) FAILED"
+    elif exact:
         text += (f" (vs float64: model {exact['original_max_rel_err']:.1e}, this "
                  f"{exact['candidate_max_rel_err']:.1e}{'' if exact['passed'] else ' FAILED'})")
     return text

@@ -23,7 +23,7 @@ from keras_bn_ext.folding.graph import analyze
 from keras_bn_ext.folding.inline import InlineReport, inline_traceable_layers
 from keras_bn_ext.rebuild import RebuildPlan, rebuild
 
-__all__ = ["fold_batchnorms", "FoldReport", "FoldedBN", "KeptBN"]
+__all__ = ["fold_batchnorms", "check_fold", "FoldCheck", "FoldReport", "FoldedBN", "KeptBN"]
 
 
 @dataclass
@@ -91,6 +91,13 @@ def _input_layout(d, scale, shift):
     axis = bn_axis(d.bn, len(shape) + 1) - 1  # axis within one example
     return (rules.per_feature(scale, shape, axis, flattens[0].data_format),
             rules.per_feature(shift, shape, axis, flattens[0].data_format))
+
+
+def _fold_into(plan: RebuildPlan, layer, fold, scale, shift) -> None:
+    """`layer` takes (scale, shift) on one side, over what it already took (a layer may
+    take one BN on each side); the folded weights always carry a bias."""
+    plan.new_weights[id(layer)] = fold(layer, scale, shift, plan.new_weights.get(id(layer)))
+    plan.configs[id(layer)] = rules.with_bias(layer, plan.configs.get(id(layer)) or layer.get_config())
 
 
 # The rebuild's layer-by-layer check runs on one seeded batch of this size.
@@ -170,21 +177,15 @@ def fold_batchnorms(
         prefix = d.path[: len(d.path) - len(d.bn.name)]
         if d.slices:  # through a Concatenate: each input's producer takes its channels
             for layer, start, end in d.slices:
-                plan.new_weights[id(layer)] = rules.fold_backward(
-                    layer, scale[start:end], shift[start:end], plan.new_weights.get(id(layer)))
-                plan.configs[id(layer)] = rules.with_bias(layer, plan.configs.get(id(layer)) or layer.get_config())
+                _fold_into(plan, layer, rules.fold_backward, scale[start:end], shift[start:end])
             into = "+".join(prefix + layer.name for layer, _, _ in d.slices)
             report.folded.append(FoldedBN(bn=d.path, into=f"{into} (through {prefix + d.into.name})",
                                           direction=d.direction))
             continue
-        current = plan.new_weights.get(id(d.into))  # a layer may take one BN on each side
         if d.direction == "backward":
-            plan.new_weights[id(d.into)] = rules.fold_backward(d.into, scale, shift, current)
+            _fold_into(plan, d.into, rules.fold_backward, scale, shift)
         else:
-            scale, shift = _input_layout(d, scale, shift)
-            plan.new_weights[id(d.into)] = rules.fold_forward(d.into, scale, shift, current)
-        # The folded weights always carry a bias.
-        plan.configs[id(d.into)] = rules.with_bias(d.into, plan.configs.get(id(d.into)) or d.into.get_config())
+            _fold_into(plan, d.into, rules.fold_forward, *_input_layout(d, scale, shift))
         report.folded.append(FoldedBN(bn=d.path, into=prefix + d.into.name, direction=d.direction))
     decided = {id(d.bn) for d in decisions} | {id(batchnorm_of(d.bn)) for d in decisions}
     for layer in internals.all_sublayers(model):
@@ -201,20 +202,49 @@ def fold_batchnorms(
     return folded, report
 
 
+@dataclass
+class FoldCheck:
+    """A folded model against its original on seeded batches (`check_fold`)."""
+
+    comparison: ComparisonReport  # float32 against float32
+    exact: ExactArithmeticCheck | None  # the float64 judgement, only when `comparison` failed
+    model_outputs: list  # per batch, so a caller (the saved file's check) need not run them again
+    folded_outputs: list
+
+    @property
+    def passed(self) -> bool:
+        return self.comparison.passed or (self.exact is not None and self.exact.passed)
+
+
+def check_fold(model, folded, batches, *, atol: float, rtol: float, timed=None) -> FoldCheck:
+    """The fold's verdict, shared by `fold_batchnorms(verify=True)` and `fold_to_file`: both
+    models on `batches` (an output passes when max|a-b| <= atol + rtol * max|reference|,
+    NaN/inf alike), and where float32 misses that, the float64 judgement
+    (`compare.fold_exact_check`). `timed(name, fn)` wraps the two steps ("verify",
+    "verify_float64") when given. `folded is model` (nothing to fold) runs it once."""
+    timed = timed or (lambda _name, fn: fn())
+
+    def outputs():
+        model_out = [keras_outputs(model, b) for b in batches]
+        return model_out, (model_out if folded is model else [keras_outputs(folded, b) for b in batches])
+
+    model_out, folded_out = timed("verify", outputs)
+    comparison = compare_output_lists(model_out, folded_out, output_names(model), atol=atol, rtol=rtol)
+    exact = None if comparison.passed else timed("verify_float64", lambda: fold_exact_check(
+        model, folded, batches, atol=atol, rtol=rtol, model_outputs=model_out, folded_outputs=folded_out))
+    return FoldCheck(comparison, exact, model_out, folded_out)
+
+
 def _verify(model, folded, report: FoldReport, *, atol: float, rtol: float) -> None:
     batches = [random_inputs(model, batch_size=options.VERIFY_BATCH, seed=i) for i in range(options.SAMPLES)]
-    model_out = [keras_outputs(model, b) for b in batches]
-    folded_out = [keras_outputs(folded, b) for b in batches]
-    report.verification = compare_output_lists(model_out, folded_out, output_names(model), atol=atol, rtol=rtol)
-    if report.verification.passed:
-        return
-    report.exact = fold_exact_check(model, folded, batches, atol=atol, rtol=rtol, model_outputs=model_out,
-                                    folded_outputs=folded_out)
-    if not report.exact.passed:
-        v = report.verification
+    check = check_fold(model, folded, batches, atol=atol, rtol=rtol)
+    report.verification, report.exact = check.comparison, check.exact
+    if not check.passed:
+        v, e = check.comparison, check.exact
         bad = f", {v.nonfinite_mismatches} NaN/inf where the original has none" if v.nonfinite_mismatches else ""
+        judged = (f"candidate {e.candidate_max_rel_err:.3g}, original {e.original_max_rel_err:.3g}"
+                  if e.reference_valid else e.reference_reason)
         raise FoldError(
             f"the folded model is not the original's function: max rel err {v.max_rel_err:.3g} on "
             f"{len(batches)} random batches (atol {atol:g}, rtol {rtol:g}){bad}, and float64 does not account for "
-            f"it ({report.exact.reference_code}: candidate {report.exact.candidate_max_rel_err:.3g}, original "
-            f"{report.exact.original_max_rel_err:.3g})", report=report)
+            f"it ({e.reference_code}: {judged})", report=report)

@@ -18,14 +18,13 @@ from keras_bn_ext.compare import (
     ComparisonReport,
     ExactArithmeticCheck,
     compare_output_lists,
-    fold_exact_check,
     keras_outputs,
     output_names,
     random_inputs,
 )
 from keras_bn_ext.folding import options
 from keras_bn_ext.progress import phase
-from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
+from keras_bn_ext.folding.fold import FoldReport, check_fold, fold_batchnorms
 from keras_bn_ext.model_io import loadable_build_configs
 from keras_bn_ext.stage import verify_and_commit
 
@@ -160,20 +159,10 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
     batches = [random_inputs(model, batch_size=options.VERIFY_BATCH, seed=i) for i in range(samples)]
     names = output_names(model)
 
-    def outputs(m):
-        return [keras_outputs(m, b) for b in batches]
-
-    def verify():
-        model_out = outputs(model)
-        return model_out, (model_out if folded is model else outputs(folded))
-
-    model_out, folded_out = timed("verify", verify)
-    comparison = compare_output_lists(model_out, folded_out, names, atol=atol, rtol=rtol)
-    result = FoldResult(fold=report, verification=comparison, output=None, samples=samples,
-                        timings_s=timings)
-    if not comparison.passed:
-        result.exact = timed("verify_float64", lambda: fold_exact_check(
-            model, folded, batches, atol=atol, rtol=rtol, model_outputs=model_out, folded_outputs=folded_out))
+    fold_check = check_fold(model, folded, batches, atol=atol, rtol=rtol, timed=timed)
+    folded_out = fold_check.folded_outputs
+    result = FoldResult(fold=report, verification=fold_check.comparison, output=None, samples=samples,
+                        timings_s=timings, exact=fold_check.exact)
     if not result.folded_ok:
         return result
     result.build_configs_dropped = loadable_build_configs(folded, leave=model)
@@ -185,7 +174,8 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
             return FileCheck(reload_error=_reload_error(exc, report))
         # The same float32 graph and weights: only a kernel's choice of summation
         # order could differ, so the file must match the verified model to 1e-6.
-        return FileCheck(comparison=compare_output_lists(folded_out, outputs(reloaded), names, atol=0.0, rtol=1e-6))
+        reloaded_out = [keras_outputs(reloaded, b) for b in batches]
+        return FileCheck(comparison=compare_output_lists(folded_out, reloaded_out, names, atol=0.0, rtol=1e-6))
 
     staged = verify_and_commit(path, folded.save, check, produce_name="save", check_name="verify_file",
                                check_phase="reload and verify the file")

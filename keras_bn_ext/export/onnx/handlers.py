@@ -328,16 +328,25 @@ def bicubic_matrix(n_in: int, n_out: int, *, align_corners: bool, half_pixel_cen
 class ResizeBicubic:
     @classmethod
     def version_13(cls, ctx, node, **kwargs):
-        shape = ctx.get_shape(node.input[0])  # NHWC
-        size = node.inputs[1]
-        utils.make_sure(size.is_const() and shape is not None and len(shape) == 4 and shape[1] > 0 and shape[2] > 0,
-                        "ResizeBicubic %s: TensorFlow's weights are computed at conversion time, which needs "
-                        "static input and output sizes", node.name)
-        out_h, out_w = (int(v) for v in size.get_tensor_value())
+        size = _static_value(ctx, node.input[1])
+        shape = _static_image_shape(ctx, node, size)
+        out_h, out_w = (int(v) for v in size)
         options = {"align_corners": bool(node.get_attr_value("align_corners", 0)),
                    "half_pixel_centers": bool(node.get_attr_value("half_pixel_centers", 0))}
         _separable(_Builder(ctx, node, dtype=TensorProto.FLOAT), node.input[0],
                    bicubic_matrix(shape[1], out_h, **options), bicubic_matrix(shape[2], out_w, **options))
+
+
+def _static_image_shape(ctx, node, *values):
+    """The NHWC input shape of a resize whose weights are computed at conversion time: its
+    height, width and every value in `values` (from `_static_value`) must be known."""
+    shape = ctx.get_shape(node.input[0])
+    utils.make_sure(
+        shape is not None and len(shape) == 4 and shape[1] > 0 and shape[2] > 0 and all(
+            v is not None and np.all(np.isfinite(v)) for v in values),
+        "%s %s: TensorFlow's weights are computed at conversion time, which needs static sizes "
+        "(and scale and translation)", node.type, node.name)
+    return shape
 
 
 def _separable(b, x, rows, cols):
@@ -431,15 +440,10 @@ def scale_and_translate_matrix(n_in: int, n_out: int, scale: float, translate: f
 class ScaleAndTranslate:
     @classmethod
     def version_13(cls, ctx, node, **kwargs):
-        shape = ctx.get_shape(node.input[0])  # NHWC
         size, scale, translation = (_static_value(ctx, i) for i in node.input[1:4])
+        shape = _static_image_shape(ctx, node, size, scale, translation)
         kernel = node.get_attr_value("kernel_type", b"lanczos3")
         kernel = kernel.decode() if isinstance(kernel, bytes) else kernel
-        utils.make_sure(
-            shape is not None and len(shape) == 4 and shape[1] > 0 and shape[2] > 0 and all(
-                v is not None and np.all(np.isfinite(v)) for v in (size, scale, translation)),
-            "ScaleAndTranslate %s: its weights are computed at conversion time, which needs static sizes, "
-            "scale and translation", node.name)
         utils.make_sure(kernel in _SAMPLING, "ScaleAndTranslate %s: unknown kernel_type %s", node.name, kernel)
         antialias = bool(node.get_attr_value("antialias", 1))
         rows, cols = (scale_and_translate_matrix(int(shape[1 + k]), int(size[k]), float(scale[k]),
