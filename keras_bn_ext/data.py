@@ -8,7 +8,7 @@ later calibration) are estimated on must be real data, given through here.
 from __future__ import annotations
 
 import os
-import zipfile
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import keras
@@ -16,29 +16,68 @@ import numpy as np
 
 from keras_bn_ext.compare import input_specs, shape_fits
 from keras_bn_ext.errors import InputDataError
+from keras_bn_ext.files import load_npz
 
-__all__ = ["load_npz", "model_arrays", "array_batches", "dataset_batches", "is_array_data"]
+__all__ = ["NpzData", "load_npz", "npz_data", "model_arrays", "array_batches", "dataset_batches", "is_array_data"]
 
 
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every array of an .npz file, by name. Pickled objects are never loaded."""
-    if os.path.isfile(path) and not zipfile.is_zipfile(path):
-        # np.load would take it for a pickle (and refuse it as one): say what it is not.
-        raise InputDataError(f"cannot read data file {path}: not an .npz archive (numpy.savez writes one)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except FileNotFoundError as exc:
-        raise InputDataError(f"no such data file: {path}") from exc
-    except ValueError as exc:
-        if "allow_pickle" in str(exc):
-            raise InputDataError(
-                f"data file {path} holds Python objects (pickled arrays), which are never "
-                "loaded; save plain numeric arrays with numpy.savez"
-            ) from exc
-        raise InputDataError(f"cannot read data file {path}: {exc}") from exc
-    except (OSError, EOFError) as exc:
-        raise InputDataError(f"cannot read data file {path}: {exc}") from exc
+# Keras's mnist.npz layout (and keras.datasets' others): inputs and labels per split.
+SPLIT_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
+LABELS_KEY = "labels"
+
+
+@dataclass
+class NpzData:
+    """The arrays of an .npz file for a model's inputs (`model.inputs` order), the labels
+    beside them (None: the file has none) and which arrays they were (`keys`)."""
+
+    arrays: list[np.ndarray]
+    labels: np.ndarray | None
+    keys: list[str]
+
+
+def npz_data(model: keras.Model, path: str | os.PathLike, *, key: str | None = None, split: str = "train",
+             flag: str = "the data file") -> NpzData:
+    """The one data-file convention of every tool (`--inputs`, `--int8`, `--eval`, `--data`).
+
+    The arrays are the ones named after the model's InputLayers (in the order of
+    `model.inputs`); with `key`, the array of that name (one-input models). A one-input model also
+    takes a file with a single array besides its labels, or Keras's `mnist.npz` layout
+    (`x_train`/`y_train` for `split="train"`, `x_test`/`y_test` for `"test"`). Labels: the
+    array `labels`, or the split's `y_*`. Raises InputDataError naming what the file holds
+    and what to pass.
+    """
+    data = load_npz(path)
+    names = [name for name, _, _ in _specs(model, data)]
+    x_key, y_key = SPLIT_KEYS[split]
+    labels_key = LABELS_KEY if LABELS_KEY in data else None
+    if key is not None:
+        if len(names) != 1:
+            raise InputDataError(f"--data-key is for one-input models; this one has {len(names)} inputs "
+                                 f"({', '.join(names)}): key {path} by input name. Received: data_key={key!r}")
+        if key not in data:
+            raise InputDataError(f"{flag} {path} has no array '{key}' (has: {_listing(data)}). "
+                                 f"Received: data_key={key!r}")
+        keys = [key]
+    elif all(name in data for name in names):
+        keys = names
+    elif len(names) == 1 and x_key in data:
+        keys, labels_key = [x_key], labels_key or (y_key if y_key in data else None)
+    elif len(names) == 1 and len([k for k in data if k != LABELS_KEY]) == 1:
+        keys = [k for k in data if k != LABELS_KEY]
+    else:
+        missing = [n for n in names if n not in data]
+        example = ", ".join(f"{n}=..." for n in names)
+        raise InputDataError(
+            f"{flag} {path} has no array '{missing[0]}' for the model input of that name (has: {_listing(data)}). "
+            f"Save it keyed by input name: numpy.savez('{os.path.basename(path)}', {example})"
+            + (", or pass --data-key NAME to pick one of its arrays" if len(names) == 1 else ""))
+    arrays = model_arrays(model, [data[k] for k in keys], source=f"{flag} {path}")
+    return NpzData(arrays=arrays, labels=data.get(labels_key) if labels_key else None, keys=keys)
+
+
+def _listing(data: Mapping[str, np.ndarray]) -> str:
+    return ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in sorted(data.items())) or "nothing"
 
 
 def is_array_data(data) -> bool:

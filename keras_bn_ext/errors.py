@@ -11,6 +11,7 @@ __all__ = [
     "UnsupportedModelError",
     "RebuildMismatchError",
     "FoldError",
+    "UnknownLayerError",
     "InputDataError",
     "ExportError",
     "VerificationError",
@@ -79,6 +80,19 @@ class FoldError(KerasBnExtError):
     def __init__(self, message: str, *, report=None):
         super().__init__(message)
         self.report = report
+
+
+class UnknownLayerError(KerasBnExtError):
+    """A layer named by the caller (`exclude=[...]`, `--exclude NAME`) is not in the model:
+    a typo would otherwise silently mean "nothing excluded". `layer` is the first unknown
+    name; `known` lists the BatchNormalization layers there are."""
+
+    code = "unknown_layer"
+
+    def __init__(self, message: str, *, layer: str, known: list[str]):
+        super().__init__(message)
+        self.layer = layer
+        self.known = known
 
 
 class InputDataError(KerasBnExtError):

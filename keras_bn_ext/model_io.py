@@ -9,14 +9,14 @@ import json
 import os
 import re
 import tempfile
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import keras
 
-from keras_bn_ext.errors import ModelLoadError, OutputPathError
+from keras_bn_ext.errors import ModelLoadError
+from keras_bn_ext.files import _check_archive, check_model_file, check_output_path  # noqa: F401 (re-exported)
 
 __all__ = [
     "check_model_file",
@@ -45,59 +45,6 @@ def import_custom_modules(modules: Sequence[str]) -> None:
             raise ModelLoadError(
                 f"cannot import custom module '{name}': {type(exc).__name__}: {exc}"
             ) from exc
-
-
-def check_model_file(path: str | os.PathLike) -> None:
-    """Raise ModelLoadError unless `path` looks like a readable model file: a .keras
-    archive, or a legacy Keras H5 file (.h5/.hdf5) that holds a model config."""
-    _check_archive(Path(path))
-
-
-H5_SUFFIXES = (".h5", ".hdf5")
-_H5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def _check_h5(path: Path) -> None:
-    with open(path, "rb") as f:
-        if f.read(8) != _H5_SIGNATURE:
-            raise ModelLoadError(f"{path} is not an HDF5 file (no HDF5 signature)")
-    import h5py  # Keras's own dependency for legacy H5
-
-    try:
-        with h5py.File(path, "r") as f:
-            if "model_config" not in f.attrs:
-                raise ModelLoadError(
-                    f"{path} holds only weights (no model config); save the whole model "
-                    "(model.save) or rebuild it and load the weights in Python"
-                )
-    except OSError as exc:
-        raise ModelLoadError(f"{path} is a damaged or truncated HDF5 file: {exc}") from exc
-
-
-def _check_archive(path: Path) -> None:
-    if not path.exists():
-        raise ModelLoadError(f"no such file: {path}")
-    if path.is_dir():
-        raise ModelLoadError(f"{path} is a directory, not a .keras file")
-    if path.suffix.lower() in H5_SUFFIXES:
-        _check_h5(path)
-        return
-    if not zipfile.is_zipfile(path):
-        raise ModelLoadError(f"{path} is not a .keras file (not a zip archive)")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-            if bad is not None:
-                raise ModelLoadError(f"{path} is damaged (bad CRC in {bad})")
-            names = set(zf.namelist())
-            if "config.json" not in names:
-                raise ModelLoadError(f"{path} is not a .keras file (no config.json inside)")
-            try:
-                json.loads(zf.read("config.json"))
-            except ValueError as exc:
-                raise ModelLoadError(f"{path} has a broken config.json: {exc}") from exc
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise ModelLoadError(f"{path} is damaged or truncated: {exc}") from exc
 
 
 _UNKNOWN_CLASS = re.compile(r"Could not locate class '([^']+)'|Unknown layer: '?([\w.>]+)'?")
@@ -134,28 +81,6 @@ def load_model(path: str | os.PathLike, *, safe_mode: bool = True) -> keras.Mode
         raise ModelLoadError(
             f"cannot load {path}: {type(exc).__name__}: {first[:300]}"
         ) from exc
-
-
-def check_output_path(
-    output: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (), force: bool = False
-) -> Path:
-    """Validate an output path before any work: never an input, never an existing file
-    without `force`, and its folder must exist."""
-    out = Path(output)
-    for item in map(Path, inputs):
-        same = out.resolve() == item.resolve() or (
-            out.exists() and item.exists() and os.path.samefile(out, item)  # links too
-        )
-        if same:
-            raise OutputPathError(f"output {out} is the input file {item}; choose another path")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise OutputPathError(f"output folder {out.parent} does not exist")
-    if out.is_dir():
-        raise OutputPathError(f"output {out} is a directory")
-    if out.exists() and not force:
-        raise OutputPathError(f"output {out} exists; pass --force to overwrite it")
-    return out
 
 
 @contextmanager

@@ -82,7 +82,7 @@ def test_bad_data_is_one_line_and_nothing_written(files, capsys, case):
     x = mnist_digits()[0][0][:64]
     calib, evaluation = str(tmp / "calib.npz"), None
     if case == "missing":
-        calib = _bad(tmp, "c.npz", pixels=x)
+        calib = _bad(tmp, "c.npz", pixels=x, other=x)  # two arrays, neither named after the input
     elif case == "shape":
         calib = _bad(tmp, "c.npz", image=x[:, :20])
     elif case == "dtype":

@@ -120,7 +120,7 @@ def test_usage_errors_exit_2_nothing_written(lenet_path, capsys, tmp_path):
     before = _digest(lenet_path)
     listing = _listing(tmp_path)
     np.savez(tmp_path / "bad_shape.npz", input_layer=np.zeros((2, 28, 28), "float32"))
-    np.savez(tmp_path / "bad_name.npz", pixels=np.zeros((2, 28, 28, 1), "float32"))
+    np.savez(tmp_path / "bad_name.npz", pixels=np.zeros((2, 28, 28, 1), "float32"), other=np.zeros(2))
     listing = _listing(tmp_path)
     cases = [
         ([str(tmp_path / "missing.keras")], "no such file"),

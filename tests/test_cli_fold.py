@@ -88,6 +88,13 @@ def test_exclude_keeps_the_named_bn(lenet_path, capsys):
     assert report["kept"] == [{"bn": "batch_normalization_1", "code": "excluded", "reason": "excluded by the caller"}]
 
 
+def test_exclude_with_an_unknown_name_is_exit_2_naming_the_bns(lenet_path, capsys, tmp_path):
+    out_path = tmp_path / "x.keras"
+    code, out, err = _run([lenet_path, "-o", str(out_path), "--exclude", "bn_3", "--json"], capsys)
+    assert code == 2 and "'bn_3'" in err and "batch_normalization_3" in err
+    assert json.loads(out)["error"]["code"] == "unknown_layer" and not out_path.exists()
+
+
 def test_a_saved_model_that_does_not_reload_is_not_written(lenet_path, tmp_path, monkeypatch):
     # What is written is what was verified. Fault injection: Keras's loader fails on the
     # saved file as it did on a KerasHub DeepLabV3Backbone.

@@ -102,8 +102,8 @@ def test_fold_after_recalibration(files, capsys):
 def _bad_data(tmp_path, kind):
     path = tmp_path / f"{kind}.npz"
     x = _digits(8)
-    if kind == "missing_input":
-        np.savez(path, pixels=x)
+    if kind == "missing_input":  # two arrays, neither named after the input: which one is meant?
+        np.savez(path, pixels=x, other=x)
     elif kind == "wrong_shape":
         np.savez(path, input_layer=x[:, :20])
     elif kind == "empty":

@@ -195,6 +195,17 @@ def test_exclude_keeps_named_bn():
     assert report.kept[0].code == "excluded"
 
 
+def test_exclude_with_an_unknown_name_is_refused_naming_the_bns():
+    # A typo ("bn_3" where the layer is "batch_normalization_3") used to fold every BN and
+    # report nothing kept, with no warning.
+    from keras_bn_ext.errors import UnknownLayerError
+
+    model = _one(layers.Dense(4), (5,), bn=BatchNormalization(name="bn"))
+    with pytest.raises(UnknownLayerError, match="'bn_3'.*its BatchNormalization layers: bn") as info:
+        fold_batchnorms(model, exclude=["bn", "bn_3"])
+    assert info.value.layer == "bn_3" and info.value.known == ["bn"] and info.value.code == "unknown_layer"
+
+
 def test_sequential_stays_sequential_and_keeps_names():
     model = keras.Sequential(
         [keras.Input((8, 8, 1)), layers.Conv2D(4, 3, name="c1"), BatchNormalization(name="b1"),

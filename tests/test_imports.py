@@ -33,6 +33,25 @@ def test_cli_help_imports_nothing_heavy():
     assert _loaded_after(code) == set()
 
 
+def test_a_wrong_path_is_refused_before_tensorflow_is_imported(tmp_path):
+    # Every CLI error used to take 7-9 s: TensorFlow was imported before the paths were checked.
+    model = tmp_path / "m.keras"
+    model.write_bytes(b"not a zip")
+    np_free = str(tmp_path / "absent.npz")
+    code = (
+        "import contextlib, io\n"
+        "from keras_bn_ext.cli import fold, export_onnx, export_litert, recalibrate\n"
+        "codes = []\n"
+        "with contextlib.redirect_stderr(io.StringIO()):\n"
+        f"    codes.append(export_onnx.main([{str(tmp_path / 'missing.keras')!r}]))\n"
+        f"    codes.append(fold.main([{str(model)!r}]))\n"
+        f"    codes.append(export_litert.main([{str(model)!r}, '--int8', {np_free!r}]))\n"
+        f"    codes.append(recalibrate.main([{str(model)!r}, '--data', {np_free!r}]))\n"
+        "assert codes == [2, 2, 2, 2], codes\n"
+    )
+    assert _loaded_after(code) == set()
+
+
 def test_import_registers_the_layer_before_or_after_keras(tmp_path):
     import keras
 

@@ -89,7 +89,7 @@ def test_full_integer_int8_within_half_a_point(tmp_path, name):
 
 def test_cli_int8_bad_data_is_one_line(tmp_path, capsys):
     src = copy_int8_fixture(tmp_path)
-    np.savez(tmp_path / "c.npz", pixels=np.zeros((8, 28, 28, 1), "float32"))
+    np.savez(tmp_path / "c.npz", pixels=np.zeros((8, 28, 28, 1), "float32"), other=np.zeros(8))
     assert cli.main([str(src), "--int8", str(tmp_path / "c.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no array 'image'" in err[0]

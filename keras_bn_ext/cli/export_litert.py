@@ -8,31 +8,17 @@ import json
 import sys
 from pathlib import Path
 
-from keras_bn_ext.cli._common import (
-    json_usage_errors,
-    EXIT_CODES_HELP,
-    EXIT_OK,
-    EXIT_VERIFY_FAILED,
-    add_common_arguments,
-    add_int8_arguments,
-    exact_line,
-    fidelity_table,
-    finish_int8,
-    int8_criteria,
-    int8_data,
-    load_input_model,
-    output_table,
-    print_equalization,
-    run,
-    timed,
-)
+from keras_bn_ext.cli._args import EXIT_CODES_HELP, Parser, add_common_arguments, add_data_key_argument, add_int8_arguments
+from keras_bn_ext.cli._inputs import int8_criteria, int8_data, load_input_model, preflight, verification_inputs
+from keras_bn_ext.cli._output import exact_line, fidelity_table, finish_int8, output_table, print_equalization
+from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED, run, timed
 from keras_bn_ext.export.onnx import options
 
 PROG = "bn-export-litert"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description="Export a .keras (or legacy .h5) model to LiteRT (.tflite) with TensorFlow's LiteRT converter "
         "(BatchNormalization folded first; signature 'serving_default' with the Keras input and output names, "
@@ -51,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-fold", action="store_true", help="export without folding BatchNormalization")
     parser.add_argument("--inputs", metavar="NPZ",
                         help="verify on these arrays (an .npz keyed by input name) instead of random batches")
+    add_data_key_argument(parser, flags="--inputs, --int8 and --eval")
     parser.add_argument("--fp16", action="store_true",
                         help="float16 weights (the converter's float16 quantization), verified with float16 "
                              "tolerances")
@@ -65,14 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _work_int8(args) -> int:
+    output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.tflite")
+    preflight(args, output, data_files=[args.int8, args.eval_data])  # before TensorFlow is imported
     from keras_bn_ext.export.litert.int8 import export_litert_int8
 
-    output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.tflite")
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
-        model = load_input_model(args, output, other_inputs=[args.int8] + ([args.eval_data] if args.eval_data else []))
-    calibration, evaluation, labels = int8_data(args)
-    result = export_litert_int8(model, output, calibration, eval_data=evaluation, labels=labels, exclude=args.exclude,
+        model = load_input_model(args, output, data_files=[args.int8, args.eval_data])
+    data = int8_data(model, args)
+    result = export_litert_int8(model, output, data.calibration, eval_data=data.evaluation, labels=data.labels,
+                                exclude=args.exclude,
                                 criteria=int8_criteria(args), calibration_batch_size=args.calibration_batch_size,
                                 equalize=args.equalize, relu6_to_relu=args.relu6_to_relu)
     return finish_int8(args, result, seconds, _print_int8)
@@ -98,14 +87,14 @@ def _print_int8(r) -> None:
 def _work(args) -> int:
     if args.int8:
         return _work_int8(args)
-    from keras_bn_ext.export.litert.pipeline import export_litert_verified
-    from keras_bn_ext.export.onnx.verify import load_inputs_npz
-
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".tflite")
+    preflight(args, output, data_files=[args.inputs])  # before TensorFlow is imported
+    from keras_bn_ext.export.litert.pipeline import export_litert_verified
+
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
-        model = load_input_model(args, output, other_inputs=[args.inputs] if args.inputs else [])
-    inputs = load_inputs_npz(model, args.inputs) if args.inputs else None
+        model = load_input_model(args, output, data_files=[args.inputs])
+    inputs = verification_inputs(model, args)
     result = export_litert_verified(model, output, fold=not args.no_fold, exclude=args.exclude, fp16=args.fp16,
                                     inputs=inputs, samples=args.samples, atol=args.atol, rtol=args.rtol,
                                     benchmark=args.benchmark)
@@ -142,7 +131,7 @@ def _print_summary(result) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = json_usage_errors(build_parser(), argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.eval_data and not args.int8:
         parser.error("--eval needs --int8")

@@ -7,34 +7,17 @@ import json
 import sys
 from pathlib import Path
 
-from keras_bn_ext.cli._common import (
-    json_usage_errors,
-    EXIT_CODES_HELP,
-    EXIT_OK,
-    EXIT_VERIFY_FAILED,
-    add_common_arguments,
-    add_int8_arguments,
-    fidelity_table,
-    finish_int8,
-    exact_line,
-    fmt,
-    int8_criteria,
-    int8_data,
-    load_input_model,
-    output_table,
-    print_equalization,
-    positive_int,
-    run,
-    timed,
-    verdict,
-)
+from keras_bn_ext.cli._args import EXIT_CODES_HELP, Parser, add_common_arguments, add_data_key_argument, add_int8_arguments, positive_int
+from keras_bn_ext.cli._inputs import int8_criteria, int8_data, load_input_model, preflight, verification_inputs
+from keras_bn_ext.cli._output import exact_line, fidelity_table, finish_int8, fmt, output_table, print_equalization
+from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED, run, timed
 from keras_bn_ext.export.onnx import options
 
 PROG = "bn-export-onnx"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description="Export a .keras (or legacy .h5) model to ONNX with tf2onnx (BatchNormalization folded "
         "first), check it with onnx.checker, and verify its outputs against the Keras model "
@@ -69,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inputs", metavar="NPZ",
                         help="verify on these arrays (an .npz keyed by input name) instead of "
                              "random batches")
+    add_data_key_argument(parser, flags="--inputs, --int8 and --eval")
     parser.add_argument("--fp16", action="store_true",
                         help="float16 weights and arithmetic, float32 inputs and outputs "
                              "(verified with float16 tolerances)")
@@ -120,15 +104,15 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
 def _work(args) -> int:
     if args.int8:
         return _work_int8(args)
+    output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
+    preflight(args, output, data_files=[args.inputs])  # before TensorFlow is imported
     from keras_bn_ext.errors import InputDataError
     from keras_bn_ext.export.onnx.pipeline import export_verified
-    from keras_bn_ext.export.onnx.verify import load_inputs_npz
 
-    output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
-        model = load_input_model(args, output, other_inputs=[args.inputs] if args.inputs else [])
-    inputs = load_inputs_npz(model, args.inputs) if args.inputs else None
+        model = load_input_model(args, output, data_files=[args.inputs])
+    inputs = verification_inputs(model, args)
     if inputs is not None and args.batch_size and inputs[0].shape[0] != args.batch_size:
         raise InputDataError(
             f"--batch-size {args.batch_size} but {args.inputs} holds batches of {inputs[0].shape[0]}"
@@ -206,16 +190,17 @@ def _print_summary(result) -> None:
 
 
 def _work_int8(args) -> int:
+    output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.onnx")
+    preflight(args, output, data_files=[args.int8, args.eval_data])  # before TensorFlow is imported
     from keras_bn_ext.export.onnx.int8 import export_int8
 
-    output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.onnx")
     seconds: dict[str, float] = {}
-    others = [args.int8] + ([args.eval_data] if args.eval_data else [])
     with timed(seconds, "load"):
-        model = load_input_model(args, output, other_inputs=others)
-    calibration, evaluation, labels = int8_data(args)
+        model = load_input_model(args, output, data_files=[args.int8, args.eval_data])
+    data = int8_data(model, args)
     result = export_int8(
-        model, output, calibration, eval_data=evaluation, labels=labels, exclude=args.exclude, opset=args.opset,
+        model, output, data.calibration, eval_data=data.evaluation, labels=data.labels, exclude=args.exclude,
+        opset=args.opset,
         batch_size=args.batch_size, per_channel=not args.per_tensor, method=args.calibration_method,
         target_cpu=args.target_cpu, equalize=args.equalize, relu6_to_relu=args.relu6_to_relu,
         criteria=int8_criteria(args),
@@ -285,7 +270,7 @@ def _int8_usage_errors(args) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = json_usage_errors(build_parser(), argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
     problem = _int8_usage_errors(args)
     if problem:

@@ -7,27 +7,17 @@ import json
 import sys
 from pathlib import Path
 
-from keras_bn_ext.cli._common import (
-    json_usage_errors,
-    EXIT_CODES_HELP,
-    EXIT_OK,
-    EXIT_VERIFY_FAILED,
-    add_common_arguments,
-    add_recalibration_arguments,
-    exact_line,
-    fmt,
-    load_input_model,
-    run,
-    timed,
-    verdict,
-)
+from keras_bn_ext.cli._args import EXIT_CODES_HELP, Parser, add_common_arguments, add_recalibration_arguments
+from keras_bn_ext.cli._inputs import load_input_model, preflight
+from keras_bn_ext.cli._output import exact_line, fmt, verdict
+from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED, run, timed
 from keras_bn_ext.folding import options
 
 PROG = "bn-fold"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description="Fold trained BatchNormalization layers into the neighbouring "
         "conv/dense layers of a .keras (or legacy .h5) model, save it, load the saved file back and verify "
@@ -59,12 +49,13 @@ def default_output(model_path: str) -> Path:
 
 
 def _work(args) -> int:
+    output = Path(args.output) if args.output else default_output(args.model)
+    preflight(args, output, data_files=[args.data])  # before TensorFlow is imported
     from keras_bn_ext.folding.save import fold_to_file
 
-    output = Path(args.output) if args.output else default_output(args.model)
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
-        model = load_input_model(args, output, other_inputs=[args.data] if args.data else [])
+        model = load_input_model(args, output, data_files=[args.data])
     from keras_bn_ext.testing import count_batchnorms
 
     if count_batchnorms(model) == 0:
@@ -74,12 +65,12 @@ def _work(args) -> int:
               file=sys.stderr, flush=True)
     recalibration = None
     if args.data:
-        from keras_bn_ext.cli._common import recalibration_data
+        from keras_bn_ext.cli._inputs import recalibration_data
         from keras_bn_ext.recalibration import recalibrate_batchnorms
 
         with timed(seconds, "recalibrate"):
             recalibration = recalibrate_batchnorms(
-                model, recalibration_data(model, args), mode=args.mode, batch_size=args.batch_size,
+                model, recalibration_data(model, args, flag="--recalibrate"), mode=args.mode, batch_size=args.batch_size,
                 include_frozen=not args.keep_frozen)
     result = fold_to_file(model, output, exclude=args.exclude, samples=args.samples,
                           atol=args.atol, rtol=args.rtol, safe_mode=not args.unsafe,
@@ -151,7 +142,7 @@ def _print_summary(outcome, *, model_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = json_usage_errors(build_parser(), argv).parse_args(argv)
+    args = build_parser().parse_args(argv)
     return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json,
                json_errors=args.json)
 

@@ -7,25 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from keras_bn_ext.cli._common import (
-    json_usage_errors,
-    EXIT_CODES_HELP,
-    EXIT_OK,
-    EXIT_VERIFY_FAILED,
-    add_model_arguments,
-    add_recalibration_arguments,
-    fmt,
-    load_input_model,
-    run,
-    timed,
-    verdict,
-)
+from keras_bn_ext.cli._args import EXIT_CODES_HELP, Parser, add_model_arguments, add_recalibration_arguments
+from keras_bn_ext.cli._inputs import load_input_model, preflight
+from keras_bn_ext.cli._output import fmt, verdict
+from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED, run, timed
 
 PROG = "bn-recalibrate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG,
         description="Set the moving mean and variance of every BatchNormalization layer of a "
         ".keras (or legacy .h5) model from real data (AdaBN; what Keras lacks as update_bn), save "
@@ -49,13 +40,14 @@ def default_output(model_path: str) -> Path:
 
 
 def _work(args) -> int:
-    from keras_bn_ext.cli._common import recalibration_data
+    output = Path(args.output) if args.output else default_output(args.model)
+    preflight(args, output, data_files=[args.data])  # before TensorFlow is imported
+    from keras_bn_ext.cli._inputs import recalibration_data
     from keras_bn_ext.recalibration import recalibrate_to_file
 
-    output = Path(args.output) if args.output else default_output(args.model)
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
-        model = load_input_model(args, output, other_inputs=[args.data])
+        model = load_input_model(args, output, data_files=[args.data])
         data = recalibration_data(model, args)
     with timed(seconds, "recalibrate_save_verify"):
         result = recalibrate_to_file(model, data, output, mode=args.mode, batch_size=args.batch_size,
@@ -106,7 +98,7 @@ def _print_summary(outcome) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = json_usage_errors(build_parser(), argv).parse_args(argv)
+    args = build_parser().parse_args(argv)
     return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json,
                json_errors=args.json)
 

@@ -16,7 +16,7 @@ from keras_bn_ext.compare import (
     output_names,
     random_inputs,
 )
-from keras_bn_ext.errors import FoldError
+from keras_bn_ext.errors import FoldError, UnknownLayerError
 from keras_bn_ext.folding import options, rules
 from keras_bn_ext.folding.affine import batchnorm_of, bn_affine, bn_axis, is_batchnorm
 from keras_bn_ext.folding.graph import analyze
@@ -100,6 +100,20 @@ def _fold_into(plan: RebuildPlan, layer, fold, scale, shift) -> None:
     plan.configs[id(layer)] = rules.with_bias(layer, plan.configs.get(id(layer)) or layer.get_config())
 
 
+def _check_excluded(exclude, decisions) -> None:
+    """Every name in `exclude` must be a BN of the model (its name, or its path inside a
+    nested model): an unknown one would silently exclude nothing."""
+    known = [d.path for d in decisions]
+    names = set(known) | {d.bn.name for d in decisions}
+    unknown = [name for name in exclude if name not in names]
+    if unknown:
+        listed = ", ".join(known) if known else "none"
+        raise UnknownLayerError(
+            f"exclude names no BatchNormalization layer of this model: {', '.join(map(repr, unknown))} "
+            f"(its BatchNormalization layers: {listed}). Received: exclude={list(exclude)!r}",
+            layer=unknown[0], known=known)
+
+
 # The rebuild's layer-by-layer check runs on one seeded batch of this size.
 _CHECK_BATCH = 2
 _CHECK_SEED = 7919
@@ -159,9 +173,11 @@ def fold_batchnorms(
         RebuildMismatchError: a layer rebuilt from its config and state computes
             something else than its original (state neither carries).
         FoldError: `verify` found the folded model off the original; `exc.report`.
+        UnknownLayerError: a name in `exclude` is no BN of the model.
     """
     source, inlined = inline_traceable_layers(model) if inline else (model, InlineReport())
     decisions = analyze(source, exclude=frozenset(exclude), opaque=inlined.not_traced)
+    _check_excluded(exclude, decisions)
     plan = RebuildPlan()
     report = FoldReport(params_before=model.count_params(), inlined=inlined.inlined)
     for d in decisions:

@@ -26,3 +26,13 @@ FALLBACK_BUDGET = 5
 # --equalize: auto = on with per-tensor weights (where one range must serve every channel),
 # off with per-channel; on / off force it.
 EQUALIZE_CHOICES = ("auto", "on", "off")
+
+
+def check_int8_arguments(*, equalize: str, calibration_batch_size: int) -> None:
+    """The checks every target's INT8 export makes on the arguments they share (ValueError,
+    ending `Received: name=value`)."""
+    if equalize not in EQUALIZE_CHOICES:
+        raise ValueError(f"equalize must be one of {EQUALIZE_CHOICES}. Received: equalize={equalize!r}")
+    if not isinstance(calibration_batch_size, int) or calibration_batch_size < 1:
+        raise ValueError(f"calibration_batch_size must be a positive integer. "
+                         f"Received: calibration_batch_size={calibration_batch_size!r}")

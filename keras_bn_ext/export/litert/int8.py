@@ -79,8 +79,9 @@ def export_litert_int8(
     still writes it (for inspection), `passed` False.
 
     Raises:
-        InputDataError, ExportError, VerificationError, BackendError.
+        InputDataError, ExportError, VerificationError, BackendError, ValueError (an argument).
     """
+    options.check_int8_arguments(equalize=equalize, calibration_batch_size=calibration_batch_size)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     data = prepare(model, calibration, eval_data=eval_data, labels=labels)

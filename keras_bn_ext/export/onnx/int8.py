@@ -52,12 +52,11 @@ from keras_bn_ext.stage import StageRecord
 from keras_bn_ext.quantization import options
 from keras_bn_ext.quantization.cpu import CpuTarget, cpu_target, detect_cpu
 from keras_bn_ext.quantization.equalize import EqualizationReport, equalize_verified
-from keras_bn_ext.quantization.calibration import prepare
+from keras_bn_ext.quantization.calibration import EVAL_BATCH, prepare
 from keras_bn_ext.quantization.fidelity import Criteria, FidelityReport, commit_measured, measure
 
 __all__ = ["Int8Result", "export_int8"]
 
-_EVAL_BATCH = 256  # samples per onnxruntime / Keras call during evaluation
 _RANK_SAMPLES = 256  # evaluation samples the fallback ranks nodes on
 # onnxruntime's pre-step rewrites float arithmetic (a Pad into a Conv, constants folded): its
 # graph must give the exported graph's outputs to float32 rounding, scaled to the output.
@@ -164,7 +163,7 @@ class Int8Result:
 
 
 def _run_file(path, arrays, names, model) -> tuple[list[np.ndarray], dict]:
-    feeds = [dict(zip(names, b)) for b in array_batches(arrays, _EVAL_BATCH)]
+    feeds = [dict(zip(names, b)) for b in array_batches(arrays, EVAL_BATCH)]
     got, meta = run_onnxruntime(path, feeds, provider="cpu")
     order = {n: i for i, n in enumerate(meta["output_names"])}
     keras_names = output_names(model)
@@ -233,8 +232,7 @@ def export_int8(
     """
     if method not in options.METHODS:
         raise ValueError(f"method must be one of {options.METHODS}. Received: method={method!r}")
-    if equalize not in options.EQUALIZE_CHOICES:
-        raise ValueError(f"equalize must be one of {options.EQUALIZE_CHOICES}. Received: equalize={equalize!r}")
+    options.check_int8_arguments(equalize=equalize, calibration_batch_size=calibration_batch_size)
     if fallback_budget < 0:
         raise ValueError(f"fallback_budget must be >= 0. Received: fallback_budget={fallback_budget}")
     target = cpu_target(target_cpu)
@@ -314,7 +312,7 @@ def export_int8(
                 candidate, eq_report, eq_err, tag = folded, None, None, "plain"
                 float_path, int8_path, got, fidelity, meta = tried
         excluded: list[str] = []
-        if not fidelity.passed and fallback_budget and equalize == "auto" and not use_equalize:
+        if not fidelity.passed and equalize == "auto" and not use_equalize:
             eq, eq_rep, err = equalized()
             if eq_rep.pairs:
                 tried = attempt(eq, "eq", [], work / "eq.cache.json")
@@ -323,7 +321,7 @@ def export_int8(
                     candidate, eq_report, eq_err, tag = eq, eq_rep, err, "eq"
                     float_path, int8_path, got, fidelity, meta = tried
         if not fidelity.passed and fallback_budget:
-            ranking = rank_nodes(float_path, int8_path, rank_npz, names, batch_size=_EVAL_BATCH, workdir=work)
+            ranking = rank_nodes(float_path, int8_path, rank_npz, names, batch_size=EVAL_BATCH, workdir=work)
             best = (float_path, int8_path, got, fidelity, meta, list(excluded))
             for entry in ranking[:fallback_budget]:
                 excluded.extend(entry["nodes"])
@@ -351,8 +349,8 @@ def export_int8(
                 latency[label] = m["latency_ms"]
         staged = commit_measured(
             path, lambda tmp: shutil.copyfile(int8_path, tmp),
-            lambda tmp: _run_file(tmp, [a[:_EVAL_BATCH] for a in evaluation], names, model)[0],
-            [g[:_EVAL_BATCH] for g in got], fidelity)
+            lambda tmp: _run_file(tmp, [a[:EVAL_BATCH] for a in evaluation], names, model)[0],
+            [g[:EVAL_BATCH] for g in got], fidelity)
         timings["verify"] = round(time.perf_counter() - start, 4)
         sizes = {"float": os.path.getsize(work / f"{tag}.float.onnx"), "int8": os.path.getsize(path)}
         sizes["ratio"] = round(sizes["int8"] / sizes["float"], 4)

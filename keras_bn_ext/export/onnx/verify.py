@@ -34,7 +34,7 @@ from keras_bn_ext.export.onnx.options import PROVIDERS
 from keras_bn_ext.export.onnx.placement import Placement, parse_placement
 from keras_bn_ext.latency import interleaved_timings, keras_forward
 
-__all__ = ["verify_onnx", "VerificationReport", "run_onnxruntime", "load_inputs_npz"]
+__all__ = ["verify_onnx", "VerificationReport", "run_onnxruntime"]
 
 # onnxruntime graph rewrites seen to change outputs, with what they do wrong.
 KNOWN_BAD_REWRITES = {
@@ -220,14 +220,6 @@ def _tf32_off():
 def _keras_latency_ms(model: keras.Model, batch: list[np.ndarray], repeats: int) -> float:
     forward = keras_forward(model)
     return interleaved_timings({"keras": lambda: forward(batch)}, repeats=repeats)["keras"].median_ms
-
-
-def load_inputs_npz(model: keras.Model, path: str | os.PathLike) -> list[np.ndarray]:
-    """Arrays keyed by input name from an .npz (never pickles), checked against the model's
-    inputs by `data.model_arrays` (missing input, shape, dtype, empty, NaN)."""
-    from keras_bn_ext.data import load_npz, model_arrays
-
-    return model_arrays(model, load_npz(path), source=f"inputs file {path}")
 
 
 def holds_float16(onnx_path) -> bool:

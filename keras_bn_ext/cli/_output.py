@@ -1,0 +1,91 @@
+"""What the tools print: the tables and lines every target shares, and the JSON report."""
+
+from __future__ import annotations
+
+from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED
+
+
+def finish_int8(args, result, seconds: dict, print_table) -> int:
+    """Report an INT8 result (JSON or the target's table) and give the exit code."""
+    import json
+
+    result.timings_s = {**seconds, **result.timings_s}
+    report = {"input": str(args.model), "calibration_file": args.int8, "eval_file": args.eval_data,
+              "int8": result.to_dict(), "passed": result.passed}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(result)
+    return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
+
+
+def output_table(title: str, outputs):
+    """A rich table of per-output errors (`compare.OutputError`s), the same for every target."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    # NaN/inf: shown when any output has some, in the reference or the candidate.
+    special = any(o.nonfinite_mismatches or o.reference_nonfinite for o in outputs)
+    columns = ("output", "max abs err", "max rel err", "mean abs err") + (("NaN/inf mismatches",) if special else ())
+    for column in columns + ("result",):
+        table.add_column(column)
+    for o in outputs:
+        cells = [o.name, fmt(o.max_abs_err), fmt(o.max_rel_err), fmt(o.mean_abs_err)]
+        if special:
+            cells.append(f"{o.nonfinite_mismatches:,} (reference has {o.reference_nonfinite:,})")
+        table.add_row(*cells, verdict(o.passed))
+    return table
+
+
+def exact_line(exact, *, original: str, candidate: str, what: str) -> str:
+    """The float64 judgement (`compare.ExactArithmeticCheck`) in one line, the same for every
+    tool: whether its float64 reference could judge at all, then the verdict."""
+    if not exact.reference_valid:
+        return (f"float64 judgement not applied ({exact.reference_code}): {exact.reference_reason}; "
+                f"{exact.reference_detail or ''} — the float32 verdict stands: {verdict(False)}")
+    bad = (f", {exact.candidate_nonfinite_mismatches:,} NaN/inf where the reference has none"
+           if exact.candidate_nonfinite_mismatches else "")
+    return (f"against the model in float64 (exact arithmetic, its twin checked layer by layer): {original} "
+            f"{fmt(exact.original_max_rel_err)}, {candidate} {fmt(exact.candidate_max_rel_err)} relative{bad} — "
+            f"{what} adds no error beyond float32 rounding: {verdict(exact.passed)}")
+
+
+def fidelity_table(fidelity):
+    """A rich table of an INT8 file's `FidelityReport` against the float Keras model, the same
+    for every target."""
+    from rich.table import Table
+
+    table = Table(title=f"INT8 vs the float Keras model ({fidelity.samples} samples)")
+    for column in ("output", "SQNR dB", "max rel err", "mean rel err", "top-1 agreement", "accuracy float -> INT8",
+                   "result"):
+        table.add_column(column)
+    for o in fidelity.outputs:
+        acc = (f"{o.accuracy_float:.4f} -> {o.accuracy_quantized:.4f} ({-o.accuracy_drop_pt:+.2f} pt)"
+               if o.accuracy_float is not None else "-")
+        agree = f"{o.top1_agreement:.4f}" if o.top1_agreement is not None else "-"
+        table.add_row(o.name, f"{o.sqnr_db:.1f}", fmt(o.max_rel_err), fmt(o.mean_rel_err), agree, acc,
+                      verdict(o.passed, "FAILED: " + ", ".join(o.failed)))
+    return table
+
+
+def print_equalization(console, report, max_rel_err) -> None:
+    """What cross-layer equalization did (an `EqualizationReport`; None: not applied)."""
+    if report is None:
+        return
+    exact = f"; verified exact to {fmt(max_rel_err)} relative" if max_rel_err is not None else ""
+    console.print(f"cross-layer equalization: {len(report.pairs)} pairs ({report.sweeps} sweeps), "
+                  f"{len(report.skipped)} left alone{exact}")
+    for s in report.skipped:
+        console.print(f"  left alone [{s.code}]: {s.reason}")
+    if report.relu6_replaced:
+        console.print(f"  [yellow]ReLU6 replaced by ReLU (the function changed): "
+                      f"{', '.join(report.relu6_replaced)}[/yellow]")
+
+
+def verdict(passed: bool, failed: str = "FAILED") -> str:
+    """A check's result, coloured for rich."""
+    return "[green]passed[/green]" if passed else f"[red]{failed}[/red]"
+
+
+def fmt(value: float) -> str:
+    return f"{value:.3g}"
