@@ -19,6 +19,31 @@ def finish_int8(args, result, seconds: dict, print_table) -> int:
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 
 
+def print_export(result, *, what: str) -> None:
+    """The summary of a float `export.driver.ExportResult`, read from its typed fields, the same
+    for every target (`what`: the file's kind, "OpenVINO")."""
+    from rich.console import Console
+
+    console = Console()
+    e, v = result.export, result.verification
+    if e.fold is not None:
+        console.print(f"folded {e.fold.bn_folded} of {e.fold.bn_total} BatchNormalization layers"
+                      + (f" ({len(e.fold.kept)} kept: see bn-fold for reasons)" if e.fold.kept else ""))
+    ops = ", ".join(f"{k} {n}" for k, n in e.op_counts.items())
+    names = ", ".join(i["name"] for i in e.inputs)
+    written = ", ".join([e.path, *e.companions])
+    console.print(f"wrote {written} ({e.precision}; {names} -> {', '.join(e.output_names)}; {ops})")
+    console.print(output_table(f"{what} outputs vs Keras outputs ({v.runtime} {v.runtime_version} on {v.device}, "
+                               f"batch sizes {v.batch_sizes})", v.comparison.outputs))
+    if v.exact:
+        console.print("above tolerance in float32; " + exact_line(v.exact, original="Keras", candidate=what,
+                                                                   what="the export"))
+    if v.latency_ms:
+        console.print("median latency (ms): " + ", ".join(f"batch {b}: {ms:.3f}" for b, ms in v.latency_ms.items()))
+    if not result.passed:
+        console.print(f"[red]verification failed; {e.path} is kept for inspection[/red]")
+
+
 def output_table(title: str, outputs):
     """A rich table of per-output errors (`compare.OutputError`s), the same for every target."""
     from rich.table import Table

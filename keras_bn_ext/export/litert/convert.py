@@ -27,6 +27,7 @@ import keras
 from keras_bn_ext.compare import input_specs, output_names
 from keras_bn_ext.errors import ExportError, require_tensorflow_backend
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
+from keras_bn_ext.export.serving import serving_function
 from keras_bn_ext.model_io import atomic_output
 
 __all__ = ["LiteRTExportReport", "convert_litert", "export_litert", "SIGNATURE"]
@@ -61,20 +62,6 @@ STATIC_BATCH_NOTE = ("batch fixed to 1: the LiteRT converter lowers the recurren
                      "ops only with static shapes")
 
 
-def _serving_function(model: keras.Model, batch_size: int | None = None):
-    import tensorflow as tf
-
-    specs = input_specs(model)
-    names = output_names(model)
-    signature = [tf.TensorSpec((batch_size,) + tuple(shape[1:]), dtype, name=name) for name, shape, dtype in specs]
-
-    def serve(*inputs):
-        out = model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
-        return dict(zip(names, keras.tree.flatten(out)))
-
-    return serve, signature
-
-
 def convert_litert(model: keras.Model, *, fp16: bool = False, representative=None) -> tuple[bytes, int | None]:
     """`to_tflite_bytes` with a dynamic batch, or with the batch fixed to 1 where the
     converter needs static shapes (recurrent layers). Returns (bytes, batch_size or None)."""
@@ -94,7 +81,7 @@ def to_tflite_bytes(model: keras.Model, *, fp16: bool = False, representative=No
     require_tensorflow_backend("LiteRT export")
     import tensorflow as tf
 
-    serve, signature = _serving_function(model, batch_size)
+    serve, signature = serving_function(model, batch_size)
     with tempfile.TemporaryDirectory(prefix="keras_bn_ext_litert_") as tmp:
         archive = keras.export.ExportArchive()
         archive.track(model)

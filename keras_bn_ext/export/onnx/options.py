@@ -18,16 +18,6 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 # auto = CUDA when onnxruntime can really use it, else the CPU.
 PROVIDERS = ("auto", "cuda", "cpu")
 
-# The ONNX graph computes the same float32 operations in another order (other conv
-# algorithms, fused bias): a few ulp per layer, ~1e-7 of the output's magnitude on
-# small nets and ~1e-6 on ResNet-sized ones. 1e-5 absolute and relative keep a
-# margin and still catch a changed weight, which errs by O(1e-2) or more.
-FP32_ATOL = 1e-5
-FP32_RTOL = 1e-5
-# float16 keeps 11 significant bits (unit roundoff 4.9e-4) in every weight and
-# intermediate; over tens of layers that reaches ~1e-3 of the output's magnitude
-# (measured 6e-5 on LeNet, 7e-4 on MobileNetV2).
-FP16_ATOL = 1e-3
-FP16_RTOL = 1e-2
-SAMPLES = 3
-BATCH_SIZES = (1, 8)
+# The tolerances and sample counts every target shares (re-exported: the ONNX CLI prints them).
+from keras_bn_ext.export.options import (  # noqa: E402,F401
+    BATCH_SIZES, FP16_ATOL, FP16_RTOL, FP32_ATOL, FP32_RTOL, SAMPLES)

@@ -1,0 +1,34 @@
+"""The OpenVINO target: IR files (`.xml` + `.bin`), verified on OpenVINO's CPU runtime."""
+
+from __future__ import annotations
+
+from keras_bn_ext.export.target import Capabilities, RunResult, Target
+
+__all__ = ["OPENVINO", "OpenVINOTarget"]
+
+
+class OpenVINOTarget(Target):
+    name = "openvino"
+    suffix = ".xml"
+    int8_suffix = ".int8.xml"
+    runtime = "openvino"
+    # external_data: the weights are the .bin beside the .xml, committed with it.
+    capabilities = Capabilities(fp16=True, int8=True, external_data=True, dynamic_batch=True)
+
+    def convert(self, model, path, options):
+        from keras_bn_ext.export.openvino.convert import convert_openvino
+
+        return convert_openvino(model, path, options)
+
+    def run(self, path, batches, *, keras_names, repeats=0):
+        from keras_bn_ext.export.openvino import _openvino_worker
+        from keras_bn_ext.export.runner import run_worker
+
+        outputs, meta = run_worker(_openvino_worker.__file__, path, batches, keras_names=keras_names,
+                                   runtime="OpenVINO", repeats=repeats)
+        return RunResult(outputs=outputs, runtime="openvino", runtime_version=meta.get("version", ""),
+                         device=f"CPU ({meta.get('precision', 'f32')})", latency_ms=meta.get("latency_ms", {}),
+                         op_counts=meta.get("op_counts", {}))
+
+
+OPENVINO = OpenVINOTarget()

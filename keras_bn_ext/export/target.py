@@ -1,0 +1,117 @@
+"""An export target as one registered unit (as tf2onnx registers an op handler).
+
+A target is a converter and a runner: `convert` writes the candidate file from the Keras
+model, `run` executes a file on the target's runtime (in a child process of its own) and
+returns its outputs in Keras's output order. The float driver (`export.driver`) and the
+stage (`stage.verify_and_commit`) do the rest — fold, reference, comparison, float64
+judgement, commit — the same for every target. A target may override `verify` where its
+runtime has more to say (ONNX: the execution provider, node placement).
+
+`TARGETS` maps a name to the module and attribute of its instance, imported on first use;
+a new target is one folder under `export/` and one line here (or `register_target`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+__all__ = ["Capabilities", "Conversion", "RunResult", "Target", "TARGETS", "get_target", "register_target"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a target's files can hold."""
+
+    fp16: bool = False  # float16 weights
+    int8: bool = False  # INT8 through the shared INT8 driver
+    external_data: bool = False  # weights in a companion file (written as a bundle)
+    dynamic_batch: bool = True  # the batch dimension stays symbolic
+
+
+@dataclass
+class Conversion:
+    """What `Target.convert` wrote: the same fields for every target, its own in `detail`."""
+
+    path: str
+    inputs: list[dict] = field(default_factory=list)  # {"name", "shape"} (None: dynamic)
+    output_names: list[str] = field(default_factory=list)  # Keras's output names, in order
+    fold: object | None = None  # FoldReport; None without folding
+    precision: str = "float32"
+    batch_size: int | None = None  # None: dynamic
+    op_counts: dict[str, int] = field(default_factory=dict)
+    companions: list[str] = field(default_factory=list)  # files written beside `path` (a bundle)
+    detail: dict = field(default_factory=dict)  # the target's own fields (JSON-ready)
+
+    @property
+    def bn_folded(self) -> int:
+        return self.fold.bn_folded if self.fold is not None else 0
+
+
+@dataclass
+class RunResult:
+    """What `Target.run` returned: outputs per batch in Keras's output order."""
+
+    outputs: list[list]
+    runtime: str
+    runtime_version: str
+    device: str = "CPU"
+    latency_ms: dict[str, float] = field(default_factory=dict)  # median per batch size, when asked
+    op_counts: dict[str, int] = field(default_factory=dict)  # the file's ops as the runtime reads them
+
+
+class Target:
+    """The interface of a target; subclasses set the class attributes and the two methods."""
+
+    name: str = ""
+    suffix: str = ""  # of the float file (".onnx")
+    int8_suffix: str = ""  # of the INT8 file (".int8.onnx")
+    runtime: str = ""  # the runtime that verifies the file, as pip names it
+    capabilities: Capabilities = Capabilities()
+
+    def convert(self, model, path, options) -> Conversion:
+        """Write the model (folded per `options.fold`) to `path`, a temporary name (or, for a
+        target with external data, a temporary folder under the final name)."""
+        raise NotImplementedError
+
+    def run(self, path, batches: Sequence[Mapping[str, object]], *, keras_names: Sequence[str],
+            repeats: int = 0) -> RunResult:
+        """Run the file on each batch (inputs by name) in a child process."""
+        raise NotImplementedError
+
+    def verify(self, model, path, conversion: Conversion, options):
+        """The check the stage runs on the candidate (default: `export.verify.verify_on_target`)."""
+        from keras_bn_ext.export.verify import verify_on_target
+
+        return verify_on_target(self, model, path, options, fixed_batch=conversion.batch_size)
+
+    def check_options(self, options) -> None:
+        """Refuse options the target cannot honour (ValueError, `Received:`)."""
+        if options.fp16 and not self.capabilities.fp16:
+            raise ValueError(f"the {self.name} target has no float16 export. Received: fp16=True")
+
+
+# name -> "module:attribute" of the target's instance, imported on first use.
+TARGETS: dict[str, str] = {
+    "onnx": "keras_bn_ext.export.onnx.target:ONNX",
+    "litert": "keras_bn_ext.export.litert.target:LITERT",
+    "openvino": "keras_bn_ext.export.openvino.target:OPENVINO",
+}
+
+
+def register_target(name: str, spec: str) -> None:
+    """Register a target ("module:attribute" of an instance of `Target`) under `name`."""
+    if ":" not in spec:
+        raise ValueError(f"spec must be 'module:attribute'. Received: spec={spec!r}")
+    TARGETS[name] = spec
+
+
+def get_target(target: str | Target) -> Target:
+    """The target registered as `target` (or `target` itself, if it is one)."""
+    if isinstance(target, Target):
+        return target
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}. Received: target={target!r}")
+    module, attribute = TARGETS[target].split(":")
+    return getattr(importlib.import_module(module), attribute)
