@@ -74,3 +74,20 @@ def test_cli_json_has_the_shared_keys_and_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main([str(src), "-o", str(tmp_path / "x.onnx")])
     assert "must be an .xml file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["lenet_bn", "dwsep"])
+def test_int8_on_trained_nets_within_half_a_point_of_float(tmp_path, capsys, name):
+    # Trained fixtures, real digits: 512 to calibrate on, the 2,000 test digits to judge on.
+    (x_train, _), (x_test, y_test) = mnist_digits()
+    src = copy_int8_fixture(tmp_path, name)
+    np.savez(tmp_path / "mnist.npz", x_train=x_train[:512], y_train=np.zeros(512, "int64"), x_test=x_test,
+             y_test=y_test)  # Keras's mnist.npz layout: x_train calibrates, x_test/y_test judge
+    data = str(tmp_path / "mnist.npz")
+    assert cli.main([str(src), "--int8", data, "--eval", data, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["int8"]
+    o = report["fidelity"]["outputs"][0]
+    assert report["passed"] and o["accuracy_drop_pt"] <= 0.5, o
+    assert report["size_bytes"]["ratio"] < 0.4 and set(report["latency_ms"]) == {"batch", "float", "int8", "ratio"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.int8.bin", "lenet.int8.xml", "lenet.keras",
+                                                          "mnist.npz"]

@@ -186,14 +186,16 @@ class WrittenFileCheck:
         return self.reproduced and self.fidelity.passed
 
 
-def commit_measured(path, write, rerun, measured: Sequence[np.ndarray], fidelity: FidelityReport):
+def commit_measured(path, write, rerun, measured: Sequence[np.ndarray], fidelity: FidelityReport, *,
+                    bundle: bool = False):
     """Write a measured INT8 file through the verify-and-commit stage (`stage.verify_and_commit`).
 
     `write(tmp)` puts the file at the temporary path; `rerun(tmp)` runs it from there on
     the first samples of the evaluation and returns its outputs, which must equal
     `measured` (those samples' measured outputs) bit for bit: what is written is what was
     measured. A missed criterion still commits (for inspection); a file that does not
-    reproduce leaves nothing.
+    reproduce leaves nothing. `bundle`: the file has companions (OpenVINO's .bin), committed
+    together (`stage.verify_and_commit`).
 
     Raises:
         VerificationError: the written file does not reproduce the measured outputs.
@@ -207,7 +209,7 @@ def commit_measured(path, write, rerun, measured: Sequence[np.ndarray], fidelity
         return WrittenFileCheck(reproduced=same, fidelity=fidelity)
 
     staged = verify_and_commit(path, write, check, keep_failed=lambda c: c.reproduced, check_name="verify_file",
-                               check_phase="run the written file again")
+                               check_phase="run the written file again", bundle=bundle)
     if not staged.check.reproduced:
         raise VerificationError(f"the written INT8 file {path} does not reproduce the measured outputs "
                                 "(nothing was written)")
