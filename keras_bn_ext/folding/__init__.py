@@ -1,7 +1,8 @@
 """Folding trained BatchNormalization into neighbouring conv/dense layers.
 
 `graph` decides what folds, `rules` holds the per-layer-class maths, `affine` turns a
-BN into its per-channel map, `rebuild` writes the new model, `fold` ties them together.
+BN into its per-channel map, `inline` opens traceable custom layers, `fold` ties them
+together (the new model is written by the package's `rebuild`), `save` writes it verified.
 """
 
 from keras_bn_ext._lazy import lazy_attributes
