@@ -41,12 +41,14 @@ def test_json_report(lenet_path, capsys, tmp_path):
     code, out, err = _run([lenet_path, "--json", "--provider", "cpu", "--samples", "1"], capsys)
     assert code == 0, err
     r = json.loads(out)
-    for key in ("input", "output", "opset", "bn_folded", "provider", "fallback_reason", "inputs",
-                "outputs", "op_counts", "passed"):
+    for key in ("input", "target", "output", "bn_folded", "runtime", "runtime_version", "device", "inputs",
+                "output_names", "outputs", "op_counts", "passed", "onnx"):
         assert key in r
+    assert {"opset", "provider", "fallback_reason", "placement", "guards"} <= set(r["onnx"])
     assert r["output"] == str(tmp_path / "lenet.onnx") and os.path.exists(r["output"])
-    assert r["opset"] == 17 and r["bn_folded"] == 4 and r["passed"]
-    assert r["provider"] == "CPUExecutionProvider" and r["fallback_reason"] is None
+    assert r["onnx"]["opset"] == 17 and r["bn_folded"] == 4 and r["passed"] and r["target"] == "onnx"
+    assert r["onnx"]["provider"] == "CPUExecutionProvider" and r["onnx"]["fallback_reason"] is None
+    assert r["device"] == "CPUExecutionProvider" and r["runtime"] == "onnxruntime" and r["output_names"] == ["dense_2"]
     assert r["inputs"] == [{"name": "input_layer", "shape": ["batch", 28, 28, 1]}]
     assert set(r["outputs"][0]) >= {"name", "max_abs_err", "max_rel_err", "mean_abs_err", "passed"}
     assert onnx.load(r["output"]).opset_import[0].version == 17
@@ -95,7 +97,7 @@ def test_verification_failure_keeps_file_and_exits_1(lenet_path, capsys, tmp_pat
 def test_zero_tolerance_float32_export_is_decided_against_float64(lenet_path, capsys):
     code, out, _ = _run([lenet_path, "--atol", "0", "--rtol", "0", "--json", "--provider", "cpu"], capsys)
     report = json.loads(out)
-    assert code == 0 and report["exact_arithmetic"]["passed"] and report["diagnosis"] is None
+    assert code == 0 and report["exact_arithmetic"]["passed"] and report["onnx"]["diagnosis"] is None
 
 
 def _listing(tmp_path):
@@ -147,8 +149,8 @@ def test_require_gpu_without_gpu(flag, lenet_path, capsys, tmp_path):
     code, out, err = _run([lenet_path, flag, "--json", "--samples", "1"], capsys)
     if code == 0:
         report = json.loads(out)
-        assert report["provider"] == "CUDAExecutionProvider"
-        assert flag != "--require-all-gpu" or report["placement"]["cpu_compute_nodes"] == 0
+        assert report["onnx"]["provider"] == "CUDAExecutionProvider"
+        assert flag != "--require-all-gpu" or report["onnx"]["placement"]["cpu_compute_nodes"] == 0
     else:
         # The reason stays onnxruntime's own, in one line (verbose session logging included).
         assert code == 2 and "a GPU run was required" in err and err.count("\n") == 1

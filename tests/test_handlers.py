@@ -177,16 +177,20 @@ def test_scale_and_translate_is_tensorflows_own(tmp_path, kernel, antialias):
 @pytest.mark.parametrize("interpolation", ["bicubic", "lanczos3"])
 def test_keras_resizes_convert_and_dynamic_sizes_are_refused_by_name(tmp_path, interpolation):
     from keras_bn_ext.errors import ExportError
-    from keras_bn_ext.export.onnx.pipeline import export_verified
+    from keras_bn_ext.export.driver import export_verified
+    from keras_bn_ext.export.onnx.options import OnnxOptions
+    from keras_bn_ext.export.onnx.target import OnnxTarget
+
+    cpu = OnnxTarget(OnnxOptions(provider="cpu"))
 
     def model(shape):
         x = keras.Input(shape, name="image")
         return keras.Model(x, keras.layers.Resizing(12, 12, interpolation=interpolation)(x))
 
-    result = export_verified(model((8, 8, 3)), tmp_path / "static.onnx", provider="cpu")
+    result = export_verified(model((8, 8, 3)), tmp_path / "static.onnx", target=cpu)
     assert result.passed and result.verification.comparison.max_rel_err <= 1e-5
     op = {"bicubic": "ResizeBicubic", "lanczos3": "ScaleAndTranslate"}[interpolation]
     with pytest.raises(ExportError, match=op) as info:
-        export_verified(model((None, None, 3)), tmp_path / "dynamic.onnx", provider="cpu")
+        export_verified(model((None, None, 3)), tmp_path / "dynamic.onnx", target=cpu)
     assert info.value.op == op or op in str(info.value)
     assert not (tmp_path / "dynamic.onnx").exists()

@@ -10,10 +10,19 @@ import numpy as np
 import pytest
 
 from keras_bn_ext.cli import export_litert as cli
-from keras_bn_ext.export.litert.pipeline import export_litert_verified
-from keras_bn_ext.export.litert.verify import run_litert
+from keras_bn_ext.export.driver import export_verified
+from keras_bn_ext.export.litert.target import LITERT
+from keras_bn_ext.export.options import ExportOptions
 from keras_bn_ext.testing import randomize_batchnorms
 from tests.helpers import copy_int8_fixture, int8_fixture, mnist_digits, two_input_dict_model
+
+
+def export_litert_verified(model, path, **options):
+    return export_verified(model, path, target="litert", options=ExportOptions(**options))
+
+
+def run_litert(path, batches, *, keras_names):
+    return LITERT.run(path, batches, keras_names=keras_names).outputs, None
 
 
 def test_trained_net_on_real_digits_and_resized_batches(tmp_path):
@@ -37,7 +46,7 @@ def test_two_inputs_and_dict_outputs_keep_keras_names(tmp_path):
     result = export_litert_verified(model, tmp_path / "m.tflite")
     assert result.passed
     assert [i["name"] for i in result.export.inputs] == ["image", "meta"]
-    assert sorted(result.export.outputs) == ["class_logits", "score"]
+    assert sorted(result.export.output_names) == ["class_logits", "score"]
 
 
 @pytest.mark.slow
@@ -65,7 +74,8 @@ def test_cli_json_and_usage_errors(tmp_path, capsys):
     assert cli.main([str(src), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["output"] == str(tmp_path / "lenet.tflite") and report["bn_folded"] == 4
-    assert report["verification"]["runtime"] == "ai-edge-litert"
+    assert report["runtime"] == "ai-edge-litert" and report["target"] == "litert"
+    assert report["litert"] == {"signature": "serving_default", "batch_note": None}
     assert cli.main([str(src)]) == 2  # exists, no --force
     assert "exists" in capsys.readouterr().err
     assert cli.main([str(tmp_path / "missing.keras")]) == 2
@@ -107,7 +117,7 @@ def test_recurrent_layers_are_converted_with_the_batch_fixed_to_one(tmp_path):
     model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(x))
     randomize_batchnorms(model)
     result = export_litert_verified(model, tmp_path / "gru.tflite")
-    assert result.passed and result.export.batch_size == 1 and "static shapes" in result.export.batch_note
+    assert result.passed and result.export.batch_size == 1 and "static shapes" in result.detail["batch_note"]
     assert result.verification.batch_sizes == [1] and result.export.bn_folded == 1
     assert result.to_dict()["batch_size"] == 1
     assert result.export.inputs == [{"name": "audio", "shape": [1, 20, 13]}]

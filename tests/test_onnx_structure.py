@@ -128,15 +128,20 @@ def test_external_data_writes_both_files_and_verifies(tmp_path):
 
 
 def test_export_verified_commits_model_and_data_together(tmp_path):
-    from keras_bn_ext.export.onnx.pipeline import export_verified
+    from keras_bn_ext.export.driver import export_verified
+    from keras_bn_ext.export.onnx.options import OnnxOptions
+    from keras_bn_ext.export.onnx.target import OnnxTarget
+    from keras_bn_ext.export.options import ExportOptions
 
     model = _normalized_model()
     out = tmp_path / "m.onnx"
-    result = export_verified(model, out, external_data=True, provider="cpu", samples=1)
+    result = export_verified(model, out, target=OnnxTarget(OnnxOptions(external_data=True, provider="cpu")),
+                             options=ExportOptions(samples=1))
     assert result.passed and result.stage.code == "passed"
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
-    assert result.export.external_data == str(tmp_path / "m.onnx.data")
-    assert result.to_dict()["external_data_bytes"] > 0
+    assert result.export.companions == [str(tmp_path / "m.onnx.data")]
+    assert result.to_dict()["onnx"]["external_data"] == str(tmp_path / "m.onnx.data")
+    assert result.to_dict()["onnx"]["external_data_bytes"] > 0
 
 
 def test_float16_with_external_data_is_refused(tmp_path):

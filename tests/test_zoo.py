@@ -30,9 +30,11 @@ def test_quick_zoo_is_all_green(tmp_path):
         assert row["bn_counted"] == row["bn_total"] and row["onnx_bn_ops"] == 0
         # The bar, float32 against float32 (no float64 judgement needed here).
         assert row["fold_max_rel_err"] <= 1e-5 and row["onnx_max_rel_err"] <= 1e-5, row["model"]
-        if row["litert_passed"] is not None:  # --quick converts three of them to LiteRT
-            assert row["litert_max_rel_err"] <= 1e-5, row["model"]
+        for target in ("litert", "openvino"):  # --quick converts three of them to LiteRT and OpenVINO
+            if row[f"{target}_passed"] is not None:
+                assert row[f"{target}_max_rel_err"] <= 1e-5, (target, row["model"])
     assert sum(r["litert_passed"] is True for r in report["rows"]) == 3
+    assert sum(r["openvino_passed"] is True for r in report["rows"]) == 3
     # HGNetV2 holds all its BNs inside custom layers: replaced by their graphs, all fold.
     (hgnet,) = [r for r in report["rows"] if r["model"] == "HGNetV2Backbone"]
     assert hgnet["inlined"] > 0 and hgnet["bn_folded"] == hgnet["bn_total"]

@@ -87,11 +87,13 @@ wrap(tf2onnx.tf_loader, "tf_optimize", "tf2onnx: TensorFlow grappler")
 wrap(tf2onnx.convert, "process_tf_graph", "tf2onnx: TF ops to ONNX")
 wrap(tf2onnx.optimizer, "optimize_graph", "tf2onnx: ONNX optimizers")
 import keras
-from keras_bn_ext.export.onnx.pipeline import export_verified
+from keras_bn_ext.export.driver import export_verified
+from keras_bn_ext.export.onnx.options import OnnxOptions
+from keras_bn_ext.export.onnx.target import OnnxTarget
 with progress.reporting(Reporter()):
     with progress.phase("load"):
         model = keras.saving.load_model(sys.argv[1], compile=False)
-    result = export_verified(model, sys.argv[2], provider="cpu", conversion=sys.argv[3])
+    result = export_verified(model, sys.argv[2], target=OnnxTarget(OnnxOptions(provider="cpu", conversion=sys.argv[3])))
 print(json.dumps({"passed": result.passed, "rows": rows}))
 """
 

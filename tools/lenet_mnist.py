@@ -45,7 +45,8 @@ from keras_bn_ext.folding.save import fold_to_file  # noqa: E402
 from keras_bn_ext.model_io import save_model_atomic  # noqa: E402
 from keras_bn_ext.recalibration import recalibrate_batchnorms  # noqa: E402
 from keras_bn_ext.export.litert.int8 import export_litert_int8  # noqa: E402
-from keras_bn_ext.export.litert.pipeline import export_litert_verified  # noqa: E402
+from keras_bn_ext.export.driver import export_verified  # noqa: E402
+from keras_bn_ext.export.options import ExportOptions  # noqa: E402
 from keras_bn_ext.export.onnx.int8 import export_int8  # noqa: E402
 from keras_bn_ext.export.onnx.verify import run_onnxruntime  # noqa: E402
 
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The second target: LiteRT, float32 verified against the Keras model on real digits, and
     # full-integer INT8 judged as the ONNX INT8 file is.
-    litert = export_litert_verified(model, paths[".tflite"], inputs=real)
+    litert = export_verified(model, paths[".tflite"], target="litert", options=ExportOptions(inputs=real))
     lite8 = export_litert_int8(model, paths[".int8.tflite"], [x_train[:512]], eval_data=[x_test], labels=y_test)
     l8 = lite8.fidelity.outputs[0]
     print(f"\n== bn-export-litert ({paths['.tflite']}, {paths['.int8.tflite']}) ==")

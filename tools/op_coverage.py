@@ -1,6 +1,6 @@
 """Op coverage: one tiny model per Keras activation, `keras.ops` function and stock layer
 (Input -> Conv2D -> BatchNormalization -> the op -> Flatten -> Dense), exported to ONNX
-(`export_verified`, onnxruntime CPU) and to LiteRT (`export_litert_verified`), each file
+(`export.driver.export_verified`: onnxruntime CPU, and LiteRT), each file
 verified against the Keras model as every export is. Writes docs/OPS.md: converted (with
 its error), wrong (verification failed: the tool exits 1) or refused (with the reason).
 
@@ -190,16 +190,13 @@ def _one(target, model, folder):
 
     path = Path(folder) / f"{model.name}.{'onnx' if target == 'onnx' else 'tflite'}"
     try:
-        if target == "onnx":
-            from keras_bn_ext.export.onnx.pipeline import export_verified
+        from keras_bn_ext.export.driver import export_verified
+        from keras_bn_ext.export.onnx.options import OnnxOptions
+        from keras_bn_ext.export.onnx.target import OnnxTarget
 
-            result = export_verified(model, path, provider="cpu")
-            comparison = result.verification.comparison
-        else:
-            from keras_bn_ext.export.litert.pipeline import export_litert_verified
-
-            result = export_litert_verified(model, path)
-            comparison = result.verification.comparison
+        result = export_verified(model, path, target=OnnxTarget(OnnxOptions(provider="cpu")) if target == "onnx"
+                                 else target)
+        comparison = result.verification.comparison
     except KerasBnExtError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return {"status": "refused", "code": exc.code, "op": exc.op, "reason": first[:300]}

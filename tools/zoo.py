@@ -31,9 +31,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 
 from keras_bn_ext.errors import KerasBnExtError  # noqa: E402
-from keras_bn_ext.export.litert.convert import export_litert  # noqa: E402
-from keras_bn_ext.export.litert.verify import verify_litert  # noqa: E402
 from keras_bn_ext.export.onnx.convert import export_onnx  # noqa: E402
+from keras_bn_ext.export.options import ExportOptions  # noqa: E402
+from keras_bn_ext.export.target import get_target  # noqa: E402
+from keras_bn_ext.export.verify import verify_on_target  # noqa: E402
 from keras_bn_ext.export.onnx.verify import verify_onnx  # noqa: E402
 from keras_bn_ext.folding.save import fold_to_file  # noqa: E402
 from keras_bn_ext.testing import (  # noqa: E402
@@ -51,7 +52,9 @@ LIMIT = 1e-5  # max relative error allowed for the fold and for the ONNX export
 # --quick: what the other tests do not already fold and export (tests/test_fold_applications.py
 # has InceptionV3 and EfficientNetB0): hard-swish and squeeze-excite, BN before conv in dense blocks.
 QUICK_APPLICATIONS = ("MobileNetV3Small", "DenseNet121")
-# --quick (CI) converts these to LiteRT too; the full sweep converts every model.
+# The targets besides ONNX, each a column (the registry's units, converted and verified alike).
+OTHER_TARGETS = ("litert", "openvino")
+# --quick (CI) converts these to LiteRT and OpenVINO too; the full sweep converts every model.
 QUICK_LITERT = ("MobileNetV3Small", "MobileNetBackbone (V3)", "HGNetV2Backbone")
 QUICK_KERASHUB = ("ResNetBackbone bottleneck pre-activation", "CSPNetBackbone dark", "MobileNetBackbone (V3)",
                   "HGNetV2Backbone")
@@ -59,6 +62,32 @@ QUICK_KERASHUB = ("ResNetBackbone bottleneck pre-activation", "CSPNetBackbone da
 
 class _Skipped(Exception):
     """LiteRT left out of a --quick row."""
+
+
+def _other_target(row: dict, name: str, model, folded, tmp: Path, *, skip: bool) -> None:
+    """As the ONNX column: the reloaded folded model converted by the registered target, verified
+    against the original on the target's runtime (batch 2 through the dynamic batch, or the file's fixed batch)."""
+    start = time.perf_counter()
+    row[f"{name}_passed"] = None
+    try:
+        if skip:
+            raise _Skipped()
+        unit = get_target(name)
+        path = tmp / f"m{unit.suffix}"
+        conversion = unit.convert(folded, path, ExportOptions(fold=False))
+        check = verify_on_target(unit, model, path, ExportOptions(samples=1, batch_size=2) if conversion.batch_size
+                                 is None else ExportOptions(samples=1), fixed_batch=conversion.batch_size)
+        row[f"{name}_batch"] = conversion.batch_size  # None: dynamic; 1 where recurrent layers need it fixed
+        row[f"{name}_max_rel_err"] = check.comparison.max_rel_err
+        row[f"{name}_float64"] = check.exact.to_dict() if check.exact else None
+        row[f"{name}_passed"] = check.passed
+    except _Skipped:
+        pass
+    except (KerasBnExtError, Exception) as exc:  # noqa: BLE001 - recorded in its own column
+        row[f"{name}_passed"] = False
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        row[f"{name}_error"] = f"{type(exc).__name__}: {first}"
+    row[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
 
 
 def sweep_one(source: str, name: str, build, *, litert: bool = True) -> dict:
@@ -94,27 +123,10 @@ def sweep_one(source: str, name: str, build, *, litert: bool = True) -> dict:
                 verification.unoptimized.max_rel_err if verification.unoptimized else None)
             row["onnx_bn_ops"] = export.op_counts.get("BatchNormalization", 0)
             row["onnx_guards"] = len(export.guards)
-            lite_start = time.perf_counter()
-            row["litert_passed"] = None
-            try:
-                if not litert:
-                    raise _Skipped()
-                # As the ONNX column: the reloaded folded model converted, verified against the original.
-                lite = export_litert(folded, Path(tmp) / "m.tflite", fold=False)
-                lite_check = verify_litert(model, Path(tmp) / "m.tflite", samples=1, batch_sizes=(1, 2),
-                                           fixed_batch=lite.batch_size)
-                row["litert_batch"] = lite.batch_size  # None: dynamic; 1 where recurrent layers need it fixed
-                row["litert_max_rel_err"] = lite_check.comparison.max_rel_err
-                row["litert_float64"] = lite_check.exact.to_dict() if lite_check.exact else None
-                row["litert_passed"] = lite_check.passed
-            except _Skipped:
-                pass
-            except (KerasBnExtError, Exception) as exc:  # noqa: BLE001 - recorded in its own column
-                row["litert_passed"] = False
-                row["litert_error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
-            row["litert_seconds"] = round(time.perf_counter() - lite_start, 1)
-            ok = (result.passed and verification.passed and row["litert_passed"] is not False
-                  and row["bn_counted"] == row["bn_total"])
+            for target in OTHER_TARGETS:
+                _other_target(row, target, model, folded, Path(tmp), skip=not litert)
+            ok = (result.passed and verification.passed and row["bn_counted"] == row["bn_total"]
+                  and all(row[f"{t}_passed"] is not False for t in OTHER_TARGETS))
             row["status"] = "ok" if ok else "ERROR: verification failed or BNs uncounted"
             if verification.unoptimized is not None and verification.unoptimized.passed:
                 rule = verification.optimizer_culprit or "graph optimizations"
@@ -168,15 +180,15 @@ def write_markdown(result: dict, path: Path) -> None:
         "Custom layers that hold BNs and whose call() traces symbolically are replaced by their "
         "graph (`folding.inline`) and their BNs fold; the others are kept with the reason. Every "
         "ONNX file is guarded against onnxruntime's Pad_Fusion (a zero Pad before a MaxPool). LiteRT: "
-        "`export_litert` of the reloaded folded model, then "
-        "`verify_litert` on ai-edge-litert against the original at batch sizes 1 and 2 (the dynamic batch resized; "
+        "LiteRT and OpenVINO: the registered target's `convert` of the reloaded folded model, then "
+        "`verify_on_target` on ai-edge-litert / OpenVINO's CPU runtime (float32) against the original at batch size 2 (through the dynamic batch; "
         "\"batch 1\": recurrent layers, whose tensor lists the converter lowers only with static shapes, are "
         "converted with the batch fixed to 1 and verified at 1); kept "
         "BNs are counted by their stable code (`folding.graph.KEPT_CODES`).",
         "",
         "| source | model | input | BN total | folded | kept, by code | fold rel err | ONNX rel err | LiteRT rel err "
-        "| LiteRT s | s | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| LiteRT s | OpenVINO rel err | s | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         kept = "; ".join(f"{v}× {k}" for k, v in r.get("kept", {}).items()) or "–"
@@ -188,7 +200,7 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{r.get('bn_folded', '–')} | {kept} | {_err(r, 'fold_max_rel_err')} | {_err(r, 'onnx_max_rel_err')} | "
             f"{r.get('litert_error') or _err(r, 'litert_max_rel_err')}"
             f"{' (batch 1)' if r.get('litert_batch') else ''} | {r.get('litert_seconds', '–')} | "
-            f"{r['seconds']} | {r['status']} |"
+            f"{r.get('openvino_error') or _err(r, 'openvino_max_rel_err')} | {r['seconds']} | {r['status']} |"
         )
     ok = sum(r["status"] == "ok" for r in result["rows"])
     lines += ["", f"{ok} of {len(result['rows'])} ok; sweep took {result['seconds']:.0f} s.", ""]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from keras_bn_ext.cli._args import EXIT_CODES_HELP, Parser, add_common_arguments, add_data_key_argument, add_int8_arguments
 from keras_bn_ext.cli._inputs import int8_criteria, int8_data, load_input_model, preflight, verification_inputs
-from keras_bn_ext.cli._output import exact_line, fidelity_table, finish_int8, output_table, print_equalization
+from keras_bn_ext.cli._output import fidelity_table, finish_int8, print_equalization, print_export
 from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED, run, timed
-from keras_bn_ext.export.onnx import options
+from keras_bn_ext.export import options
 
 PROG = "bn-export-litert"
 
@@ -89,45 +89,23 @@ def _work(args) -> int:
         return _work_int8(args)
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".tflite")
     preflight(args, output, data_files=[args.inputs])  # before TensorFlow is imported
-    from keras_bn_ext.export.litert.pipeline import export_litert_verified
+    from keras_bn_ext.export.driver import export_verified
+    from keras_bn_ext.export.options import ExportOptions
 
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
         model = load_input_model(args, output, data_files=[args.inputs])
     inputs = verification_inputs(model, args)
-    result = export_litert_verified(model, output, fold=not args.no_fold, exclude=args.exclude, fp16=args.fp16,
-                                    inputs=inputs, samples=args.samples, atol=args.atol, rtol=args.rtol,
-                                    benchmark=args.benchmark)
+    result = export_verified(model, output, target="litert", options=ExportOptions(
+        fold=not args.no_fold, exclude=args.exclude, fp16=args.fp16, samples=args.samples, inputs=inputs,
+        atol=args.atol, rtol=args.rtol, benchmark=args.benchmark))
     result.timings_s = {**seconds, **result.timings_s}
-    report = {"input": str(args.model), **result.to_dict(), "samples": "npz" if inputs is not None else args.samples}
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({"input": str(args.model), **result.to_dict(),
+                          "samples": "npz" if inputs is not None else args.samples}, indent=2))
     else:
-        _print_summary(result)
+        print_export(result, what="LiteRT")
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
-
-
-def _print_summary(result) -> None:
-    """The table of a `LiteRTResult`, read from its typed fields."""
-    from rich.console import Console
-
-    console = Console()
-    e, v = result.export, result.verification
-    if e.fold is not None:
-        console.print(f"folded {e.fold.bn_folded} of {e.fold.bn_total} BatchNormalization layers")
-    ops = ", ".join(f"{k} {n}" for k, n in v.op_counts.items())
-    names = ", ".join(i["name"] for i in e.inputs)
-    console.print(f"wrote {e.path} ({e.precision}; signature serving_default: {names} -> "
-                  f"{', '.join(e.outputs)}; {ops})")
-    console.print(output_table(f"LiteRT outputs vs Keras outputs (ai-edge-litert {v.runtime_version}, batch sizes "
-                               f"{v.batch_sizes})", v.comparison.outputs))
-    if v.exact:
-        console.print("above tolerance in float32; "
-                      + exact_line(v.exact, original="Keras", candidate="LiteRT", what="the export"))
-    if v.latency_ms:
-        console.print("median latency (ms): " + ", ".join(f"batch {b}: {ms:.3f}" for b, ms in v.latency_ms.items()))
-    if not result.passed:
-        console.print(f"[red]verification failed; {e.path} is kept for inspection[/red]")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,10 @@ def _work(args) -> int:
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     preflight(args, output, data_files=[args.inputs])  # before TensorFlow is imported
     from keras_bn_ext.errors import InputDataError
-    from keras_bn_ext.export.onnx.pipeline import export_verified
+    from keras_bn_ext.export.driver import export_verified
+    from keras_bn_ext.export.onnx.options import OnnxOptions
+    from keras_bn_ext.export.onnx.target import OnnxTarget
+    from keras_bn_ext.export.options import ExportOptions
 
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
@@ -117,14 +120,12 @@ def _work(args) -> int:
         raise InputDataError(
             f"--batch-size {args.batch_size} but {args.inputs} holds batches of {inputs[0].shape[0]}"
         )
-    result = export_verified(
-        model, output, fold=not args.no_fold, exclude=args.exclude, opset=args.opset,
-        batch_size=args.batch_size, fp16=args.fp16, external_data=True if args.external_data else None,
-        conversion=args.conversion, inputs=inputs, samples=args.samples,
-        provider=args.provider, require_gpu=args.require_gpu, require_all_gpu=args.require_all_gpu,
-        atol=args.atol, rtol=args.rtol,
-        benchmark=args.benchmark,
-    )
+    target = OnnxTarget(OnnxOptions(
+        opset=args.opset, conversion=args.conversion, external_data=True if args.external_data else None,
+        provider=args.provider, require_gpu=args.require_gpu, require_all_gpu=args.require_all_gpu))
+    result = export_verified(model, output, target=target, options=ExportOptions(
+        fold=not args.no_fold, exclude=args.exclude, fp16=args.fp16, samples=args.samples, inputs=inputs,
+        atol=args.atol, rtol=args.rtol, benchmark=args.benchmark, batch_size=args.batch_size))
     result.timings_s = {**seconds, **result.timings_s}
     report = {"input": str(args.model), **result.to_dict(),
               "samples": "npz" if inputs is not None else args.samples}
@@ -141,16 +142,17 @@ def _print_summary(result) -> None:
     from rich.table import Table
 
     console = Console()
-    e, v = result.export, result.verification
-    if e.fold is not None:
+    written, v = result.export, result.verification.detail  # verify_onnx's VerificationReport
+    e = written.detail  # export_onnx's ExportReport
+    if written.fold is not None:
         console.print(
-            f"folded {e.fold.bn_folded} of {e.fold.bn_total} BatchNormalization layers"
-            + (f" ({len(e.fold.kept)} kept: see bn-fold for reasons)" if e.fold.kept else "")
+            f"folded {written.fold.bn_folded} of {written.fold.bn_total} BatchNormalization layers"
+            + (f" ({len(written.fold.kept)} kept: see bn-fold for reasons)" if written.fold.kept else "")
         )
-    ops = ", ".join(f"{k} {n}" for k, n in e.op_counts.items())
-    console.print(f"wrote {e.path} (opset {e.opset}; {ops})")
-    if e.external_data:
-        console.print(f"  weights in {e.external_data} ({e.external_data_bytes:,} bytes, ONNX external data)")
+    ops = ", ".join(f"{k} {n}" for k, n in written.op_counts.items())
+    console.print(f"wrote {written.path} (opset {e.opset}; {ops})")
+    if written.companions:
+        console.print(f"  weights in {written.companions[0]} ({e.external_data_bytes:,} bytes, ONNX external data)")
     if e.conversion_fallback:
         console.print(f"  [yellow]{e.conversion_fallback}[/yellow]")
     for guard in e.guards:
@@ -184,7 +186,7 @@ def _print_summary(result) -> None:
         console.print("above tolerance in float32; "
                       + exact_line(v.exact, original="Keras", candidate="ONNX", what="the export"))
     if not result.passed:
-        console.print(f"[red]verification failed; {e.path} is kept for inspection[/red]")
+        console.print(f"[red]verification failed; {written.path} is kept for inspection[/red]")
         if v.diagnosis:
             console.print(f"  {v.diagnosis}")
 

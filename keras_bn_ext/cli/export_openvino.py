@@ -23,7 +23,7 @@ def build_parser() -> Parser:
         description="Export a .keras (or legacy .h5) model to OpenVINO IR (OUT.xml and OUT.bin, written together) "
         "with openvino.convert_model (BatchNormalization folded first; inputs and outputs named as Keras names "
         "them, dynamic batch), and verify it against the Keras model on OpenVINO's CPU runtime in float32.",
-        epilog=EXIT_CODES_HELP + " Needs the openvino extra (pip install ".[openvino]" from a clone).",
+        epilog=EXIT_CODES_HELP + " Needs the openvino extra (pip install '.[openvino]' from a clone).",
     )
     sizes = " and ".join(map(str, options.BATCH_SIZES))
     add_common_arguments(

@@ -28,6 +28,7 @@ class ExportResult:
     verification: object  # export.verify.Verification (ONNX: its VerificationReport, same fields)
     timings_s: dict[str, float] = field(default_factory=dict)
     stage: StageRecord | None = None
+    detail: dict = field(default_factory=dict)  # the target's own JSON fields (`Target.report_detail`)
 
     @property
     def passed(self) -> bool:
@@ -56,13 +57,13 @@ class ExportResult:
             "atol": v.comparison.atol,
             "rtol": v.comparison.rtol,
             "outputs": [vars(o) for o in v.comparison.outputs],
-            "op_counts": e.op_counts or v.op_counts,
+            "op_counts": e.op_counts,
             "latency_ms": v.latency_ms,
             "exact_arithmetic": v.exact.to_dict() if v.exact else None,
             "timings_s": self.timings_s,
             "commit": self.stage.code if self.stage else None,
             "passed": self.passed,
-            self.target: {**e.detail, **v.detail},
+            self.target: self.detail,
         }
 
 
@@ -84,8 +85,11 @@ def export_verified(model: keras.Model, path: str | os.PathLike, *, target: str 
         produce_name="export", produce_phase=f"fold and convert ({unit.name})",
         check_phase=f"verify on {unit.runtime}", bundle=unit.capabilities.external_data)
     conversion = staged.product
-    conversion.path = str(path)
-    conversion.companions = [str(os.path.join(os.path.dirname(str(path)), os.path.basename(c)))
+    conversion.path = str(path)  # the names it was written under, not the temporary ones
+    if not conversion.op_counts:  # a converter that cannot list them: the runtime's reading of the file
+        conversion.op_counts = dict(staged.check.op_counts)
+    conversion.companions = [os.path.join(os.path.dirname(str(path)), os.path.basename(c))
                              for c in conversion.companions]
     return ExportResult(target=unit.name, export=conversion, verification=staged.check,
-                        timings_s=staged.record.timings_s, stage=staged.record)
+                        timings_s=staged.record.timings_s, stage=staged.record,
+                        detail=unit.report_detail(conversion, staged.check))

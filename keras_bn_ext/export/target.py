@@ -42,7 +42,7 @@ class Conversion:
     batch_size: int | None = None  # None: dynamic
     op_counts: dict[str, int] = field(default_factory=dict)
     companions: list[str] = field(default_factory=list)  # files written beside `path` (a bundle)
-    detail: dict = field(default_factory=dict)  # the target's own fields (JSON-ready)
+    detail: object | None = None  # the target's own typed record (ONNX: its ExportReport)
 
     @property
     def bn_folded(self) -> int:
@@ -85,6 +85,10 @@ class Target:
         from keras_bn_ext.export.verify import verify_on_target
 
         return verify_on_target(self, model, path, options, fixed_batch=conversion.batch_size)
+
+    def report_detail(self, conversion: Conversion, verification) -> dict:
+        """The JSON sub-record of what only this target has (under its name in the report)."""
+        return {}
 
     def check_options(self, options) -> None:
         """Refuse options the target cannot honour (ValueError, `Received:`)."""

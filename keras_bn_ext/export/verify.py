@@ -39,7 +39,7 @@ class Verification:
     op_counts: dict[str, int] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
     exact: ExactArithmeticCheck | None = None  # only when `comparison` failed
-    detail: dict = field(default_factory=dict)  # the target's own fields (JSON-ready)
+    detail: object | None = None  # the target's own typed record (ONNX: its VerificationReport)
 
     @property
     def passed(self) -> bool:

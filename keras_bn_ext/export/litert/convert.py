@@ -1,4 +1,4 @@
-"""`export_litert`: a Keras model to a LiteRT (.tflite) file, folded first.
+"""`convert_litert_file`: a Keras model to a LiteRT (.tflite) file, folded first.
 
 The model is written out as a SavedModel through Keras's own `ExportArchive` (it tracks
 every Keras variable, so the converter freezes them), with one `serving_default`
@@ -16,45 +16,20 @@ needs TensorFlow's Flex delegate, which ai-edge-litert does not ship.
 from __future__ import annotations
 
 import re
-
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import keras
 
 from keras_bn_ext.compare import input_specs, output_names
 from keras_bn_ext.errors import ExportError, require_tensorflow_backend
-from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
+from keras_bn_ext.folding.fold import fold_batchnorms
 from keras_bn_ext.export.serving import serving_function
-from keras_bn_ext.model_io import atomic_output
+from keras_bn_ext.export.target import Conversion
 
-__all__ = ["LiteRTExportReport", "convert_litert", "export_litert", "SIGNATURE"]
+__all__ = ["STATIC_BATCH_NOTE", "SIGNATURE", "convert_litert", "convert_litert_file", "to_tflite_bytes"]
 
 SIGNATURE = "serving_default"
-
-
-@dataclass
-class LiteRTExportReport:
-    path: str
-    inputs: list[dict] = field(default_factory=list)  # {"name", "shape"} (None: dynamic)
-    outputs: list[str] = field(default_factory=list)
-    op_counts: dict[str, int] = field(default_factory=dict)  # read by the runner (verify)
-    fold: FoldReport | None = None
-    precision: str = "float32"  # float32 | float16 weights | int8
-    batch_size: int | None = None  # None: dynamic; 1 where the converter needs static shapes
-    batch_note: str | None = None  # why the batch is fixed
-
-    @property
-    def bn_folded(self) -> int:
-        return self.fold.bn_folded if self.fold else 0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["fold"] = self.fold.to_dict() if self.fold else None
-        d["bn_folded"] = self.bn_folded
-        return d
 
 
 STATIC_SHAPES_NEEDED = "requires element_shape to be static"  # the converter's words for a TensorList
@@ -113,46 +88,17 @@ def to_tflite_bytes(model: keras.Model, *, fp16: bool = False, representative=No
             raise ExportError(f"the LiteRT converter failed: {type(exc).__name__}: {first}") from exc
 
 
-def export_litert(
-    model: keras.Model,
-    path: str | Path,
-    *,
-    fold: bool = True,
-    exclude: Sequence[str] = (),
-    fp16: bool = False,
-    atomic: bool = True,
-) -> LiteRTExportReport:
-    """Export `model` to LiteRT at `path` (written atomically), folding BN first.
-
-    Args:
-        model: A Keras model (TensorFlow backend). Never changed.
-        path: Output .tflite file.
-        fold: Fold BatchNormalization layers first (`fold_batchnorms`).
-        exclude: Names of BN layers the fold keeps.
-        fp16: float16 weights (the converter's float16 quantization; inputs, outputs and
-            arithmetic on the CPU stay float32). Verify it with float16 tolerances.
-        atomic: Write through a temporary file and a rename; False writes `path` directly
-            (for a caller that already holds a temporary path: `stage.verify_and_commit`).
-
-    Raises:
-        ExportError: the converter failed. BackendError: Keras runs on another backend.
-    """
+def convert_litert_file(model: keras.Model, path, options) -> Conversion:
+    """The LiteRT target's `convert`: fold (per `options`), convert (dynamic batch, or fixed to
+    1 where recurrent layers need it), write the flatbuffer to `path`."""
     fold_report = None
-    if fold:
-        model, fold_report = fold_batchnorms(model, exclude=exclude)
-    data, batch_size = convert_litert(model, fp16=fp16)
-    if not atomic:
-        Path(path).write_bytes(data)
-    else:
-        with atomic_output(path) as tmp:
-            Path(tmp).write_bytes(data)
-    return LiteRTExportReport(
+    if options.fold:
+        model, fold_report = fold_batchnorms(model, exclude=options.exclude)
+    data, batch_size = convert_litert(model, fp16=options.fp16)
+    Path(path).write_bytes(data)
+    return Conversion(
         path=str(path),
         inputs=[{"name": n, "shape": [batch_size] + [None if d is None else int(d) for d in s[1:]]}
                 for n, s, _ in input_specs(model)],
-        outputs=output_names(model),
-        fold=fold_report,
-        precision="float16 weights" if fp16 else "float32",
-        batch_size=batch_size,
-        batch_note=STATIC_BATCH_NOTE if batch_size else None,
-    )
+        output_names=output_names(model), fold=fold_report,
+        precision="float16 weights" if options.fp16 else "float32", batch_size=batch_size)

@@ -18,7 +18,7 @@ import numpy as np
 from keras_bn_ext.compare import input_specs, output_names
 from keras_bn_ext.data import array_batches
 from keras_bn_ext.export.litert.convert import to_tflite_bytes
-from keras_bn_ext.export.litert.verify import run_litert
+from keras_bn_ext.export.litert.target import LITERT
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.progress import phase, steps
 from keras_bn_ext.stage import StageRecord
@@ -104,7 +104,8 @@ def export_litert_int8(
             file.write_bytes(quantized)
             feeds = [dict(zip(names, b)) for b in array_batches(data.evaluation, EVAL_BATCH)]
             with phase(f"measure on {len(data.evaluation[0])} samples"):
-                got, meta = run_litert(file, feeds, keras_names=keras_names)
+                ran = LITERT.run(file, feeds, keras_names=keras_names)
+                got, meta = ran.outputs, {"op_counts": ran.op_counts, "version": ran.runtime_version}
         outputs = [np.concatenate([b[j] for b in got]) for j in range(len(keras_names))]
         fid = measure(data.reference, outputs, keras_names, labels=data.labels, criteria=criteria)
         return quantized, fid, meta, outputs
@@ -123,7 +124,7 @@ def export_litert_int8(
     timings["convert_and_measure"] = round(time.perf_counter() - start, 4)
     feeds = [dict(zip(names, [a[:EVAL_BATCH] for a in data.evaluation]))]
     staged = commit_measured(path, lambda tmp: Path(tmp).write_bytes(quantized),
-                    lambda tmp: run_litert(tmp, feeds, keras_names=keras_names)[0][0],
+                    lambda tmp: LITERT.run(tmp, feeds, keras_names=keras_names).outputs[0],
                     [m[:EVAL_BATCH] for m in measured], fidelity)
     return LiteRTInt8Result(
         path=str(path), calibration=data.info(calibration_batch_size, "TFLiteConverter representative dataset"),

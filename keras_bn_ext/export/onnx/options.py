@@ -21,3 +21,36 @@ PROVIDERS = ("auto", "cuda", "cpu")
 # The tolerances and sample counts every target shares (re-exported: the ONNX CLI prints them).
 from keras_bn_ext.export.options import (  # noqa: E402,F401
     BATCH_SIZES, FP16_ATOL, FP16_RTOL, FP32_ATOL, FP32_RTOL, SAMPLES)
+
+
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """What only the ONNX target has (`ExportOptions` holds what every target shares).
+
+    Args:
+        opset: ONNX opset, one of `SUPPORTED_OPSETS`.
+        conversion: How tf2onnx meets the weights, one of `CONVERSIONS`.
+        external_data: Weights in `OUT.onnx.data` (None: above `EXTERNAL_DATA_THRESHOLD`).
+        provider: onnxruntime's execution provider, one of `PROVIDERS`.
+        require_gpu: Raise GPUUnavailableError when onnxruntime falls back to the CPU.
+        require_all_gpu: Also when any compute node was placed on the CPU.
+    """
+
+    opset: int = DEFAULT_OPSET
+    conversion: str = "structure"
+    external_data: bool | None = None
+    provider: str = "auto"
+    require_gpu: bool = False
+    require_all_gpu: bool = False
+
+    def __post_init__(self):
+        if self.opset not in SUPPORTED_OPSETS:
+            raise ValueError(f"opset must be in {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1}. "
+                             f"Received: opset={self.opset!r}")
+        if self.conversion not in CONVERSIONS:
+            raise ValueError(f"conversion must be one of {CONVERSIONS}. Received: conversion={self.conversion!r}")
+        if self.provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {PROVIDERS}. Received: provider={self.provider!r}")

@@ -189,7 +189,7 @@ def run_onnxruntime(
     return outputs, out_meta
 
 
-def _in_keras_order(got, meta: dict, keras_names: list) -> list:
+def in_keras_order(got, meta: dict, keras_names: list) -> list:
     """Outputs per batch reordered from the ONNX session's order to Keras's."""
     if meta["output_names"] == keras_names:
         return got
@@ -288,7 +288,7 @@ def verify_onnx(
         onnx_path, feeds, provider=provider, repeats=benchmark_repeats if benchmark else 0
     )
     keras_names = output_names(model)
-    got = _in_keras_order(got, meta, keras_names)
+    got = in_keras_order(got, meta, keras_names)
     with _tf32_off():
         reference = [keras_outputs(model, b) for b in batches]
     comparison = compare_output_lists(reference, got, keras_names, atol=atol, rtol=rtol)
@@ -302,7 +302,7 @@ def verify_onnx(
         # Tell a wrong graph from onnxruntime's optimizer rewriting a right one.
         def rerun(**session):
             out, out_meta = run_onnxruntime(onnx_path, feeds, provider=provider, **session)
-            return compare_output_lists(reference, _in_keras_order(out, out_meta, keras_names), keras_names,
+            return compare_output_lists(reference, in_keras_order(out, out_meta, keras_names), keras_names,
                                         atol=atol, rtol=rtol)
 
         unoptimized = rerun(optimizations=False)

@@ -64,5 +64,4 @@ def convert_openvino(model: keras.Model, path, options) -> Conversion:
         inputs=[{"name": n, "shape": [None if d is None else int(d) for d in s]} for n, s, _ in input_specs(model)],
         output_names=output_names(model), fold=fold_report,
         precision="float16 weights" if options.fp16 else "float32",
-        op_counts=dict(sorted(ops.items())), companions=[str(Path(path).with_suffix(".bin"))],
-        detail={"openvino_version": ov.__version__.split("-")[0]})
+        op_counts=dict(sorted(ops.items())), companions=[str(Path(path).with_suffix(".bin"))])

@@ -30,5 +30,9 @@ class OpenVINOTarget(Target):
                          device=f"CPU ({meta.get('precision', 'f32')})", latency_ms=meta.get("latency_ms", {}),
                          op_counts=meta.get("op_counts", {}))
 
+    def report_detail(self, conversion, verification) -> dict:
+        return {"weights_file": conversion.companions[0] if conversion.companions else None,
+                "inference_precision": "f32"}
+
 
 OPENVINO = OpenVINOTarget()
