@@ -63,3 +63,15 @@ def differences(reference, candidate) -> Differences:
         reference_nonfinite=int(ref.size - np.count_nonzero(np.isfinite(ref))),
         reference_max=finite_abs_max(ref),
     )
+
+
+def max_rel_err(reference, got) -> float:
+    """max|g - r| / max|r| over paired outputs; inf when NaN/inf appear where they should not
+    (or are missing where they should be)."""
+    worst = 0.0
+    for r, g in zip(reference, got):
+        d = differences(r, g)
+        if d.mismatches:
+            return float("inf")
+        worst = max(worst, d.max_abs / (d.reference_max or 1.0))
+    return worst

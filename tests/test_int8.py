@@ -7,11 +7,21 @@ import numpy as np
 import onnx
 import pytest
 
-from keras_bn_ext.export.onnx.int8 import export_int8
+from keras_bn_ext.export import int8 as driver
+from keras_bn_ext.export.onnx.options import OnnxInt8Options
+from keras_bn_ext.export.onnx.target import OnnxTarget
 from keras_bn_ext.quantization.fidelity import Criteria
 from tests.helpers import int8_fixture, mnist_digits
 
 NETS = ("lenet_bn", "relu_lenet", "dwsep", "wide_range")
+
+
+def export_int8(model, path, calibration, *, eval_data=None, labels=None, per_channel=True, method="Percentile",
+                preprocess=True, **shared):
+    """The shared driver on the ONNX target, with the QDQ graph's options."""
+    target = OnnxTarget(int8=OnnxInt8Options(per_channel=per_channel, method=method, preprocess=preprocess))
+    return driver.export_int8(model, path, calibration, target=target, eval_data=eval_data, labels=labels,
+                              options=driver.Int8Options(**shared))
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +42,11 @@ def test_defaults_stay_within_half_a_point(tmp_path, digits, name):
     result = export_int8(int8_fixture(name), tmp_path / "m.int8.onnx", calib, eval_data=evaluation, labels=labels)
     fl, q = _accuracy(result)
     assert result.passed and fl - q <= 0.005, (fl, q)
-    assert result.per_channel and result.fidelity.samples == 2000
+    assert result.detail.per_channel and result.fidelity.samples == 2000
     proto = onnx.load(tmp_path / "m.int8.onnx")
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in proto.graph.node}
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node)
-    assert result.float_onnx_max_rel_err < 1e-5  # the conversion adds nothing; the rest is INT8
+    assert result.float_max_rel_err < 1e-5  # the conversion adds nothing; the rest is INT8
     if name == "wide_range":  # per-channel alone breaks on it: the fallback equalized it
         assert [s.action for s in result.fallback] == ["equalize"] and result.equalization.pairs
     else:
@@ -68,8 +78,8 @@ def test_holdout_and_fallback_keep_nodes_in_float(tmp_path, digits):
     result = export_int8(int8_fixture("wide_range"), tmp_path / "m.onnx", {"image": x_train[:300]},
                          labels=y_train[:300], per_channel=False, equalize="off", fallback_budget=2,
                          method="MinMax", criteria=Criteria(max_accuracy_drop=0.0))
-    assert result.evaluation["samples"] == 60 and "held out" in result.evaluation["source"]
-    assert result.calibration["samples"] == 240
+    assert result.evaluation.samples == 60 and "held out" in result.evaluation.source
+    assert result.calibration.samples == 240
     steps = [s for s in result.fallback if s.action == "keep_in_float"]
     assert 1 <= len(steps) <= 2 and all(s.nodes and s.added_db is not None for s in steps)
     assert set(result.kept_in_float) <= {n for s in steps for n in s.nodes}
@@ -115,10 +125,10 @@ def test_preprocess_moves_pads_into_convs(tmp_path, digits):
     pre = export_int8(model, tmp_path / "pre.onnx", calib, eval_data=evaluation, labels=labels)
     plain = export_int8(model, tmp_path / "plain.onnx", calib, eval_data=evaluation, labels=labels,
                         preprocess=False)
-    pads = pre.preprocess.ops_before.get("Pad", 0)  # tf2onnx itself merges some pads into the conv
-    assert pads >= 1 and pre.preprocess.code == "applied" and pre.preprocess.removed["Pad"] == pads
-    assert pre.preprocess.max_rel_err <= 1e-5  # checked against the exported float graph
+    pads = pre.detail.preprocess.ops_before.get("Pad", 0)  # tf2onnx itself merges some pads into the conv
+    assert pads >= 1 and pre.detail.preprocess.code == "applied" and pre.detail.preprocess.removed["Pad"] == pads
+    assert pre.detail.preprocess.max_rel_err <= 1e-5  # checked against the exported float graph
     assert "Pad" not in pre.op_counts and plain.op_counts.get("Pad") == pads
-    assert plain.preprocess.code == "off" and pre.to_dict()["preprocess"]["removed"]["Pad"] == pads
+    assert plain.detail.preprocess.code == "off" and pre.to_dict()["onnx"]["preprocess"]["removed"]["Pad"] == pads
     fl, q = _accuracy(pre)
     assert fl > 0.8 and fl - q <= 0.005 and pre.passed, (fl, q)  # a trained net, within half a point

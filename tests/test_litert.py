@@ -85,14 +85,14 @@ def test_cli_json_and_usage_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["lenet_bn", "wide_range"])
 def test_full_integer_int8_within_half_a_point(tmp_path, name):
-    from keras_bn_ext.export.litert.int8 import export_litert_int8
+    from keras_bn_ext.export.int8 import export_int8
 
     (x_train, _), (x_test, y_test) = mnist_digits()
-    result = export_litert_int8(int8_fixture(name), tmp_path / "m.int8.tflite", [x_train[:512]],
-                                eval_data=[x_test], labels=y_test)
+    result = export_int8(int8_fixture(name), tmp_path / "m.int8.tflite", [x_train[:512]], target="litert",
+                         eval_data=[x_test], labels=y_test)
     o = result.fidelity.outputs[0]
     assert result.passed and o.accuracy_drop_pt <= 0.5, (o.accuracy_float, o.accuracy_quantized)
-    assert {"QUANTIZE", "DEQUANTIZE"} <= set(result.op_counts) and result.size_bytes["ratio"] < 0.35
+    assert {"QUANTIZE", "DEQUANTIZE"} <= set(result.op_counts) and result.size.ratio < 0.35
     # The wide-range net needs equalization in INT8 (per-tensor activations): the plain file misses.
     assert (result.equalization is not None) == (name == "wide_range")
 

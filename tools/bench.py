@@ -252,9 +252,18 @@ print(json.dumps({k: {"median_ms": float(np.median(v)), "min_ms": float(min(v)),
 def bench_int8(quick: bool, repeats: int, threads: int) -> dict:
     """Accuracy of INT8 variants on the trained fixtures (2,000 test digits), and size and
     onnxruntime CPU latency float vs INT8 on MobileNetV2 / ResNet50 (interleaved)."""
-    from keras_bn_ext.export.onnx.int8 import export_int8
-    from keras_bn_ext.quantization.cpu import detect_cpu
+    from keras_bn_ext.export import int8 as driver
+    from keras_bn_ext.export.onnx.cpu import detect_cpu
+    from keras_bn_ext.export.onnx.options import OnnxInt8Options
+    from keras_bn_ext.export.onnx.target import OnnxTarget
     from keras_bn_ext.quantization.fidelity import Criteria
+
+    def export_int8(model, path, calibration, *, eval_data, labels=None, per_channel=True, method="Percentile",
+                    target_cpu="auto", preprocess=True, **shared):
+        target = OnnxTarget(int8=OnnxInt8Options(per_channel=per_channel, method=method, target_cpu=target_cpu,
+                                                 preprocess=preprocess))
+        return driver.export_int8(model, path, calibration, target=target, eval_data=eval_data, labels=labels,
+                                  options=driver.Int8Options(**shared))
 
     with np.load(REPO / "tools" / "data" / "mnist-10k.npz") as d:
         x_train = d["x_train"][:512, ..., None].astype("float32") / 255.0
@@ -315,7 +324,7 @@ def bench_int8(quick: bool, repeats: int, threads: int) -> dict:
                 "latency_ratio": t["int8"]["median_ms"] / t["float"]["median_ms"],
                 "int8_no_pre_ms": t["int8_no_pre"],
                 "latency_ratio_no_pre": t["int8_no_pre"]["median_ms"] / t["float"]["median_ms"],
-                "preprocess_removed": r.preprocess.removed if r.preprocess else {},
+                "preprocess_removed": r.detail.preprocess.removed if r.detail.preprocess else {},
                 "sqnr_db": r.fidelity.outputs[0].sqnr_db,
             }
             print(f"   {name}: {speed[f'{name} {size}']}", flush=True)

@@ -44,14 +44,25 @@ from keras_bn_ext.lenet import lenet_bn  # noqa: E402
 from keras_bn_ext.folding.save import fold_to_file  # noqa: E402
 from keras_bn_ext.model_io import save_model_atomic  # noqa: E402
 from keras_bn_ext.recalibration import recalibrate_batchnorms  # noqa: E402
-from keras_bn_ext.export.litert.int8 import export_litert_int8  # noqa: E402
 from keras_bn_ext.export.driver import export_verified  # noqa: E402
+from keras_bn_ext.export.int8 import export_int8  # noqa: E402
 from keras_bn_ext.export.options import ExportOptions  # noqa: E402
-from keras_bn_ext.export.onnx.int8 import export_int8  # noqa: E402
 from keras_bn_ext.export.onnx.verify import run_onnxruntime  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE / "data" / "mnist-10k.npz"
+
+
+def print_int8_lines(result) -> None:
+    """Accuracy, agreement, SQNR, size and latency of an INT8 result, from its typed fields."""
+    o = result.fidelity.outputs[0]
+    print(f"  test accuracy float {o.accuracy_float:.4f} -> INT8 {o.accuracy_quantized:.4f} "
+          f"({-o.accuracy_drop_pt:+.2f} pt), top-1 agreement {o.top1_agreement:.4f}, "
+          f"SQNR {o.sqnr_db:.1f} dB: {'passed' if result.passed else 'FAILED'}")
+    lat = result.latency
+    print(f"  size {result.size.float_bytes:,} -> {result.size.int8_bytes:,} bytes ({result.size.ratio:.2f}x); "
+          f"{result.runtime} {lat.device} batch {lat.batch}: float {lat.float_ms:.3f} ms, INT8 {lat.int8_ms:.3f} ms"
+          + (" (INT8 slower: it does not pay here)" if lat.int8_slower else ""))
 
 
 def load_mnist(path: str | None, *, download: bool = True):
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = models["keras_bn_ext"]
     paths = {k: out / f"lenet_bn{k}" for k in (".keras", ".folded.keras", ".onnx", ".int8.onnx", ".tflite",
-                                                ".int8.tflite")}
+                                                ".int8.tflite", ".xml", ".int8.xml")}
     save_model_atomic(model, paths[".keras"])
     # What bn-fold runs: fold, verify, save, reload, verify the file, rename. The demo then
     # uses the file as a user would, and checks it on real digits.
@@ -218,31 +229,37 @@ def main(argv: list[str] | None = None) -> int:
 
     # INT8, as bn-export-onnx --int8 does: calibrated on 512 training digits, measured
     # against the float Keras model on every test digit (labels: accuracy).
-    int8 = export_int8(model, paths[".int8.onnx"], [x_train[:512]], eval_data=[x_test], labels=y_test,
-                       benchmark=True)
-    i8 = int8.to_dict()
-    o8 = i8["fidelity"]["outputs"][0]
+    int8 = export_int8(model, paths[".int8.onnx"], [x_train[:512]], eval_data=[x_test], labels=y_test)
     print(f"\n== bn-export-onnx --int8 ({paths['.int8.onnx']}) ==")
-    print(f"  QDQ u8/s8 per-channel, {i8['calibration']['method']} calibration on 512 training digits; "
-          f"target CPU {i8['target_cpu']['name']}: reduce_range={i8['reduce_range']}")
-    print(f"  test accuracy float {o8['accuracy_float']:.4f} -> INT8 {o8['accuracy_quantized']:.4f} "
-          f"({-o8['accuracy_drop_pt']:+.2f} pt), top-1 agreement {o8['top1_agreement']:.4f}, "
-          f"SQNR {o8['sqnr_db']:.1f} dB: {'passed' if int8.passed else 'FAILED'}")
-    lat8 = i8["latency_ms"]
-    print(f"  size {i8['size_bytes']['float']:,} -> {i8['size_bytes']['int8']:,} bytes "
-          f"({i8['size_bytes']['ratio']:.2f}x); onnxruntime CPU batch 8: float {lat8['float']['8']:.3f} ms, "
-          f"INT8 {lat8['int8']['8']:.3f} ms")
+    print(f"  QDQ u8/s8 per-channel, {int8.calibration.method} calibration on 512 training digits; "
+          f"target CPU {int8.detail.target_cpu.name}: reduce_range={int8.detail.reduce_range}")
+    print_int8_lines(int8)
 
     # The second target: LiteRT, float32 verified against the Keras model on real digits, and
     # full-integer INT8 judged as the ONNX INT8 file is.
     litert = export_verified(model, paths[".tflite"], target="litert", options=ExportOptions(inputs=real))
-    lite8 = export_litert_int8(model, paths[".int8.tflite"], [x_train[:512]], eval_data=[x_test], labels=y_test)
-    l8 = lite8.fidelity.outputs[0]
+    lite8 = export_int8(model, paths[".int8.tflite"], [x_train[:512]], target="litert", eval_data=[x_test],
+                        labels=y_test)
     print(f"\n== bn-export-litert ({paths['.tflite']}, {paths['.int8.tflite']}) ==")
     print(f"  float32 on 512 test digits: max rel err {litert.verification.comparison.max_rel_err:.3g}: "
           f"{'passed' if litert.passed else 'FAILED'} (ai-edge-litert {litert.verification.runtime_version})")
-    print(f"  INT8 test accuracy float {l8.accuracy_float:.4f} -> {l8.accuracy_quantized:.4f} "
-          f"({-l8.accuracy_drop_pt:+.2f} pt), {lite8.size_bytes['int8']:,} bytes: {'passed' if lite8.passed else 'FAILED'}")
+    print_int8_lines(lite8)
+
+    # The third target, where the openvino extra is installed (the demo extra brings it).
+    import importlib.util
+
+    openvino = openvino8 = None
+    if importlib.util.find_spec("openvino") is None:
+        print("\n(openvino is not installed: bn-export-openvino skipped; pip install '.[openvino]')")
+    else:
+        openvino = export_verified(model, paths[".xml"], target="openvino", options=ExportOptions(inputs=real))
+        openvino8 = export_int8(model, paths[".int8.xml"], [x_train[:512]], target="openvino", eval_data=[x_test],
+                                labels=y_test)
+        print(f"\n== bn-export-openvino ({paths['.xml']}, {paths['.int8.xml']}) ==")
+        print(f"  float32 on 512 test digits: max rel err {openvino.verification.comparison.max_rel_err:.3g}: "
+              f"{'passed' if openvino.passed else 'FAILED'} (OpenVINO {openvino.verification.runtime_version} "
+              f"on {openvino.verification.device})")
+        print_int8_lines(openvino8)
 
     print("\n== latency, median ms (Keras tf.function interleaved; onnxruntime CPU) ==")
     lat = latency(model, folded, paths[".onnx"], x_test, repeats=args.repeats)
@@ -262,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         "fold": {**fold_report.to_dict(), "verification": fold_check.to_dict()},
         "onnx": {**export.to_dict(), "exported_from": str(paths[".folded.keras"]),
                  "verification": onnx_check.to_dict()},
-        "int8": i8,
+        "int8": int8.to_dict(),
         "litert": {**litert.to_dict(), "int8": lite8.to_dict()},
+        "openvino": {**openvino.to_dict(), "int8": openvino8.to_dict()} if openvino is not None else None,
         "latency_ms": lat,
         "artifacts": {k.lstrip("."): str(v) for k, v in paths.items()} | {"plot": str(out / "history.png")},
         "versions": {"keras": keras.__version__, "keras_bn_ext": keras_bn_ext.__version__,
@@ -271,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out / 'history.png'} and {out / 'report.json'}")
-    return 0 if fold_check.passed and onnx_check.passed and int8.passed and litert.passed and lite8.passed else 1
+    ok = fold_check.passed and onnx_check.passed and int8.passed and litert.passed and lite8.passed
+    return 0 if ok and (openvino is None or (openvino.passed and openvino8.passed)) else 1
 
 
 if __name__ == "__main__":

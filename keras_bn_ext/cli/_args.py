@@ -37,6 +37,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -142,3 +149,28 @@ def add_int8_arguments(parser: argparse.ArgumentParser, *, title: str, output: s
     group.add_argument("--min-sqnr-db", type=float, default=q.MIN_SQNR_DB, metavar="DB",
                        help=f"other outputs: at least this SQNR (default: {q.MIN_SQNR_DB:g} dB)")
     return group
+
+
+def add_qdq_arguments(group) -> None:
+    """The flags of a QDQ graph's INT8 (bn-export-onnx --int8, and bn-export-openvino --int8,
+    which compiles that graph)."""
+    from keras_bn_ext.export.onnx import cpu
+    from keras_bn_ext.export.onnx import options as onnx_options
+    from keras_bn_ext.quantization import options as q
+
+    group.add_argument("--per-tensor", action="store_true",
+                       help="one weight scale per tensor (default: per output channel)")
+    group.add_argument("--calibration-method", choices=onnx_options.METHODS, default=onnx_options.DEFAULT_METHOD,
+                       help=f"how activation ranges are chosen (default: {onnx_options.DEFAULT_METHOD})")
+    group.add_argument("--target-cpu", choices=cpu.TARGETS, default="auto",
+                       help="the CPU the file will run on: auto = this one. Without VNNI (avx2, avx512) "
+                            "weights get 7 bits (reduce_range) so onnxruntime's int16 sums cannot saturate; "
+                            "vnni and arm64 keep 8 bits")
+    group.add_argument("--fallback-budget", type=non_negative_int, default=q.FALLBACK_BUDGET, metavar="N",
+                       help="when a criterion is missed, keep up to N quantized segments (a conv and its "
+                            "fused activation) in float, worst first "
+                            f"(default: {q.FALLBACK_BUDGET}; 0: no fallback)")
+    group.add_argument("--no-preprocess", action="store_true",
+                       help="quantize the exported graph as it is, without onnxruntime's pre-quantization step "
+                            "(quant_pre_process: a zero Pad moved into its Conv, so it does not run in float "
+                            "between INT8 ops; checked against the exported graph)")

@@ -61,11 +61,27 @@ def int8_data(model, args) -> Int8Data:
     return Int8Data(calibration.arrays, evaluation.arrays if evaluation is not None else None, labels)
 
 
-def int8_criteria(args):
+def int8_options(args):
+    """The driver's `Int8Options` from the INT8 flags every tool shares (--fallback-budget where
+    the tool has it)."""
+    from keras_bn_ext.export.int8 import Int8Options
+    from keras_bn_ext.quantization import options as q
     from keras_bn_ext.quantization.fidelity import Criteria
 
-    return Criteria(min_top1_agreement=args.min_top1_agreement, max_accuracy_drop=args.max_accuracy_drop,
-                    min_sqnr_db=args.min_sqnr_db)
+    criteria = Criteria(min_top1_agreement=args.min_top1_agreement, max_accuracy_drop=args.max_accuracy_drop,
+                        min_sqnr_db=args.min_sqnr_db)
+    return Int8Options(exclude=tuple(args.exclude), equalize=args.equalize, relu6_to_relu=args.relu6_to_relu,
+                       criteria=criteria, calibration_batch_size=args.calibration_batch_size,
+                       fallback_budget=getattr(args, "fallback_budget", q.FALLBACK_BUDGET))
+
+
+def qdq_options(args):
+    """The ONNX QDQ graph's `OnnxInt8Options` from its flags (`_args.add_qdq_arguments`)."""
+    from keras_bn_ext.export.onnx.options import OnnxInt8Options
+
+    return OnnxInt8Options(per_channel=not args.per_tensor, method=args.calibration_method,
+                           target_cpu=args.target_cpu, preprocess=not args.no_preprocess,
+                           batch_size=getattr(args, "batch_size", None))
 
 
 def recalibration_data(model, args, *, flag: str = "--data") -> list:

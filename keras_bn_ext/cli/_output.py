@@ -5,8 +5,9 @@ from __future__ import annotations
 from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED
 
 
-def finish_int8(args, result, seconds: dict, print_table) -> int:
-    """Report an INT8 result (JSON or the target's table) and give the exit code."""
+def finish_int8(args, result, seconds: dict, *, what: str, lines=None) -> int:
+    """Report an `export.int8.Int8Result` (JSON, or `print_int8`'s table with the target's own
+    `lines(console, result)` first) and give the exit code."""
     import json
 
     result.timings_s = {**seconds, **result.timings_s}
@@ -15,8 +16,40 @@ def finish_int8(args, result, seconds: dict, print_table) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print_table(result)
+        print_int8(result, what=what, lines=lines)
     return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
+
+
+def print_int8(r, *, what: str, lines=None) -> None:
+    """The summary of an INT8 result, read from its typed fields, the same for every target."""
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"folded {r.fold.bn_folded} of {r.fold.bn_total} BatchNormalization layers")
+    print_equalization(console, r.equalization, r.equalization_max_rel_err)
+    if lines is not None:
+        lines(console, r)
+    cal, ev = r.calibration, r.evaluation
+    console.print(f"calibrated with {cal.method} on {cal.samples} samples ({cal.batches} batches of {cal.batch_size}); "
+                  f"evaluated on {ev.samples} samples ({ev.source}) on {r.runtime} {r.runtime_version}")
+    for s in r.fallback:
+        done = {"equalize": "tried equalization", "without_equalization": "tried without equalization"}.get(
+            s.action) or f"kept {'+'.join(s.op_types)} '{s.nodes[0]}' in float (it lost {s.added_db:.1f} dB)"
+        console.print(f"  fallback: {done}: {'passes' if s.passed else 'still short'}")
+    console.print(fidelity_table(r.fidelity))
+    size = r.size
+    console.print(f"wrote {r.path}: {size.int8_bytes:,} bytes ({size.ratio:.2f}x the float {size.float_bytes:,}); "
+                  f"the float {what} file vs Keras on the same data {fmt(r.float_max_rel_err)} relative")
+    if r.kept_in_float:
+        console.print(f"kept in float: {', '.join(r.kept_in_float)}")
+    lat = r.latency
+    if lat is not None:
+        slower = (" [yellow]INT8 is slower than float here: it does not pay on this machine's runtime[/yellow]"
+                  if lat.int8_slower else "")
+        console.print(f"{r.runtime} on {lat.device}, batch {lat.batch}: float {lat.float_ms:.3f} ms, INT8 "
+                      f"{lat.int8_ms:.3f} ms ({lat.ratio:.2f}x){slower}")
+    if not r.passed:
+        console.print(f"[red]INT8 criteria missed; {r.path} is kept for inspection[/red]")
 
 
 def print_export(result, *, what: str) -> None:

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from keras_bn_ext.cli._args import EXIT_CODES_HELP, Parser, add_common_arguments, add_data_key_argument, add_int8_arguments
-from keras_bn_ext.cli._inputs import int8_criteria, int8_data, load_input_model, preflight, verification_inputs
-from keras_bn_ext.cli._output import fidelity_table, finish_int8, print_equalization, print_export
+from keras_bn_ext.cli._inputs import int8_data, int8_options, load_input_model, preflight, verification_inputs
+from keras_bn_ext.cli._output import finish_int8, print_export
 from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED, run, timed
 from keras_bn_ext.export import options
 
@@ -54,34 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _work_int8(args) -> int:
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.tflite")
     preflight(args, output, data_files=[args.int8, args.eval_data])  # before TensorFlow is imported
-    from keras_bn_ext.export.litert.int8 import export_litert_int8
+    from keras_bn_ext.export.int8 import export_int8
 
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
         model = load_input_model(args, output, data_files=[args.int8, args.eval_data])
     data = int8_data(model, args)
-    result = export_litert_int8(model, output, data.calibration, eval_data=data.evaluation, labels=data.labels,
-                                exclude=args.exclude,
-                                criteria=int8_criteria(args), calibration_batch_size=args.calibration_batch_size,
-                                equalize=args.equalize, relu6_to_relu=args.relu6_to_relu)
-    return finish_int8(args, result, seconds, _print_int8)
-
-
-def _print_int8(r) -> None:
-    """The summary of a `LiteRTInt8Result`, read from its typed fields."""
-    from rich.console import Console
-
-    console = Console()
-    ev, cal, size = r.evaluation, r.calibration, r.size_bytes
-    console.print(f"folded {r.fold.bn_folded} of {r.fold.bn_total} BatchNormalization layers")
-    print_equalization(console, r.equalization, None)
-    console.print(f"full-integer INT8 (float32 inputs and outputs), calibrated on {cal['samples']} samples "
-                  f"({cal['batches']} batches of {cal['batch_size']}); evaluated on {ev['samples']} ({ev['source']}) "
-                  f"on ai-edge-litert {r.runtime_version}")
-    console.print(fidelity_table(r.fidelity))
-    console.print(f"wrote {r.path}: {size['int8']:,} bytes ({size['ratio']:.2f}x the float {size['float']:,})")
-    if not r.passed:
-        console.print(f"[red]INT8 criteria missed; {r.path} is kept for inspection[/red]")
+    result = export_int8(model, output, data.calibration, target="litert", eval_data=data.evaluation,
+                         labels=data.labels, options=int8_options(args))
+    return finish_int8(args, result, seconds, what="LiteRT")
 
 
 def _work(args) -> int:

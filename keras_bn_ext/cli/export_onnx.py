@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from keras_bn_ext.cli._args import EXIT_CODES_HELP, Parser, add_common_arguments, add_data_key_argument, add_int8_arguments, positive_int
-from keras_bn_ext.cli._inputs import int8_criteria, int8_data, load_input_model, preflight, verification_inputs
-from keras_bn_ext.cli._output import exact_line, fidelity_table, finish_int8, fmt, output_table, print_equalization
+from keras_bn_ext.cli._args import (EXIT_CODES_HELP, Parser, add_common_arguments, add_data_key_argument,
+                                    add_int8_arguments, add_qdq_arguments, positive_int)
+from keras_bn_ext.cli._inputs import int8_data, int8_options, load_input_model, preflight, qdq_options, verification_inputs
+from keras_bn_ext.cli._output import exact_line, finish_int8, fmt, output_table
 from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED, run, timed
 from keras_bn_ext.export.onnx import options
 
@@ -67,15 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "tf2onnx freezes every variable (its own route, ~260 bytes of memory per parameter)")
     parser.add_argument("--benchmark", action="store_true",
                         help="also report median latency of Keras (tf.function) and onnxruntime "
-                             "(with --int8: of the float and the INT8 file on onnxruntime's CPU provider)")
+                             "(the INT8 export always times the float and the INT8 file on onnxruntime's CPU "
+                             "provider)")
     _add_int8_arguments(parser)
     return parser
 
 
 def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
-    from keras_bn_ext.quantization import cpu
-    from keras_bn_ext.quantization import options as q
-
     group = add_int8_arguments(
         parser, title="INT8 (onnxruntime static quantization, QDQ: u8 activations, s8 weights; verified on real "
                       "data against the float Keras model on onnxruntime's CPU provider)",
@@ -83,22 +82,7 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         equalize_help="cross-layer equalization before quantizing (an exact transform, verified): auto = on with "
                       "--per-tensor (the better of with and without kept), and tried when per-channel misses a "
                       "criterion (default)")
-    group.add_argument("--per-tensor", action="store_true",
-                       help="one weight scale per tensor (default: per output channel)")
-    group.add_argument("--calibration-method", choices=q.METHODS, default=q.DEFAULT_METHOD,
-                       help=f"how activation ranges are chosen (default: {q.DEFAULT_METHOD})")
-    group.add_argument("--target-cpu", choices=cpu.TARGETS, default="auto",
-                       help="the CPU the file will run on: auto = this one. Without VNNI (avx2, avx512) "
-                            "weights get 7 bits (reduce_range) so onnxruntime's int16 sums cannot saturate; "
-                            "vnni and arm64 keep 8 bits")
-    group.add_argument("--fallback-budget", type=int, default=q.FALLBACK_BUDGET, metavar="N",
-                       help="when a criterion is missed, keep up to N quantized segments (a conv and its "
-                            "fused activation) in float, worst first "
-                            f"(default: {q.FALLBACK_BUDGET}; 0: no fallback)")
-    group.add_argument("--no-preprocess", action="store_true",
-                       help="quantize the exported graph as it is, without onnxruntime's pre-quantization step "
-                            "(quant_pre_process: a zero Pad moved into its Conv, so it does not run in float "
-                            "between INT8 ops; checked against the exported graph)")
+    add_qdq_arguments(group)
 
 
 def _work(args) -> int:
@@ -194,42 +178,31 @@ def _print_summary(result) -> None:
 def _work_int8(args) -> int:
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.onnx")
     preflight(args, output, data_files=[args.int8, args.eval_data])  # before TensorFlow is imported
-    from keras_bn_ext.export.onnx.int8 import export_int8
+    from keras_bn_ext.export.int8 import export_int8
+    from keras_bn_ext.export.onnx.options import OnnxOptions
+    from keras_bn_ext.export.onnx.target import OnnxTarget
 
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
         model = load_input_model(args, output, data_files=[args.int8, args.eval_data])
     data = int8_data(model, args)
-    result = export_int8(
-        model, output, data.calibration, eval_data=data.evaluation, labels=data.labels, exclude=args.exclude,
-        opset=args.opset,
-        batch_size=args.batch_size, per_channel=not args.per_tensor, method=args.calibration_method,
-        target_cpu=args.target_cpu, equalize=args.equalize, relu6_to_relu=args.relu6_to_relu,
-        criteria=int8_criteria(args),
-        fallback_budget=args.fallback_budget, calibration_batch_size=args.calibration_batch_size,
-        benchmark=args.benchmark, preprocess=not args.no_preprocess,
-    )
-    return finish_int8(args, result, seconds, _print_int8)
+    target = OnnxTarget(OnnxOptions(opset=args.opset), int8=qdq_options(args))
+    result = export_int8(model, output, data.calibration, target=target, eval_data=data.evaluation,
+                         labels=data.labels, options=int8_options(args))
+    return finish_int8(args, result, seconds, what="ONNX", lines=lambda console, r: qdq_lines(console, r.detail))
 
 
-def _print_int8(r) -> None:
-    """The summary of an `Int8Result`, read from its typed fields."""
-    from rich.console import Console
-
-    console = Console()
-    console.print(f"folded {r.fold.bn_folded} of {r.fold.bn_total} BatchNormalization layers")
-    print_equalization(console, r.equalization, r.equalization_max_rel_err)
-    cpu, cal, ev = r.target_cpu, r.calibration, r.evaluation
+def qdq_lines(console, detail) -> None:
+    """What only a QDQ graph's INT8 report says (an `OnnxInt8Detail`): the CPU it is for, the
+    weight format, onnxruntime's pre-step. Shared with bn-export-openvino, which compiles it."""
+    cpu = detail.target_cpu
     console.print(f"target CPU {cpu.name} ({'this machine' if cpu.detected else 'given'}): "
-                  f"reduce_range={r.reduce_range}: {cpu.reason}")
-    measured_on = r.measured_on_cpu
-    if measured_on != cpu.name:
-        console.print(f"  [yellow]measured on this {measured_on} CPU, not on the {cpu.name} target: "
+                  f"reduce_range={detail.reduce_range}: {cpu.reason}")
+    if detail.measured_on_cpu != cpu.name:
+        console.print(f"  [yellow]measured on this {detail.measured_on_cpu} CPU, not on the {cpu.name} target: "
                       "its int8 kernels may give other numbers there[/yellow]")
-    console.print(f"QDQ u8/s8, {'per-channel' if r.per_channel else 'per-tensor'} weights; calibrated with "
-                  f"{cal['method']} on {cal['samples']} samples ({cal['batches']} batches of {cal['batch_size']}); "
-                  f"evaluated on {ev['samples']} samples ({ev['source']})")
-    pre = r.preprocess
+    console.print(f"QDQ u8/s8, {'per-channel' if detail.per_channel else 'per-tensor'} weights, opset {detail.opset}")
+    pre = detail.preprocess
     if pre is not None and pre.code != "off":
         removed = ", ".join(f"{op} {n}" for op, n in pre.removed.items()) or "nothing"
         console.print({"applied": f"onnxruntime pre-quantization: removed {removed} "
@@ -238,24 +211,6 @@ def _print_int8(r) -> None:
                                             f"{fmt(pre.max_rel_err)} off the export[/yellow]",
                        "skipped_external_data": "onnxruntime pre-quantization skipped: the graph has "
                                                 "external data"}[pre.code])
-    for s in r.fallback:
-        what = {"equalize": "tried equalization", "without_equalization": "tried without equalization"}.get(
-            s.action) or f"kept {'+'.join(s.op_types)} '{s.nodes[0]}' in float (it lost {s.added_db:.1f} dB)"
-        console.print(f"  fallback: {what}: {'passes' if s.passed else 'still short'}")
-    console.print(fidelity_table(r.fidelity))
-    size = r.size_bytes
-    console.print(f"wrote {r.path}: {size['int8']:,} bytes ({size['ratio']:.2f}x the float "
-                  f"{size['float']:,}); float ONNX vs Keras on the same data {fmt(r.float_onnx_max_rel_err)} "
-                  "relative")
-    console.print(f"equalization: {'applied' if r.equalization else 'not applied'} (--equalize {r.equalize_requested})")
-    if r.kept_in_float:
-        console.print(f"kept in float: {', '.join(r.kept_in_float)}")
-    if r.latency_ms:
-        for bs, ms in r.latency_ms["int8"].items():
-            f = r.latency_ms["float"].get(bs)
-            console.print(f"onnxruntime CPU, batch {bs}: float {f:.3f} ms, INT8 {ms:.3f} ms ({ms / f:.2f}x)")
-    if not r.passed:
-        console.print(f"[red]INT8 criteria missed; {r.path} is kept for inspection[/red]")
 
 
 def _int8_usage_errors(args) -> str | None:

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from keras_bn_ext.cli._args import (EXIT_CODES_HELP, Parser, add_common_arguments, add_data_key_argument,
-                                    add_int8_arguments)
-from keras_bn_ext.cli._inputs import int8_criteria, int8_data, load_input_model, preflight, verification_inputs
-from keras_bn_ext.cli._output import fidelity_table, finish_int8, print_export
+                                    add_int8_arguments, add_qdq_arguments)
+from keras_bn_ext.cli._inputs import int8_data, int8_options, qdq_options, load_input_model, preflight, verification_inputs
+from keras_bn_ext.cli._output import finish_int8, print_export
 from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED, run, timed
 from keras_bn_ext.export import options
 
@@ -40,45 +40,30 @@ def build_parser() -> Parser:
     parser.add_argument("--fp16", action="store_true",
                         help="float16 weights (openvino.save_model's compression), verified with float16 tolerances")
     parser.add_argument("--benchmark", action="store_true", help="also report OpenVINO's median latency")
-    add_int8_arguments(
+    group = add_int8_arguments(
         parser, title="INT8 (the ONNX target's calibrated QDQ graph, compiled by OpenVINO; judged on OpenVINO's "
                       "runtime against the float Keras model; float and INT8 timed there side by side)",
         output="MODEL.int8.xml",
         equalize_help="cross-layer equalization, as bn-export-onnx --equalize (default: auto)")
+    add_qdq_arguments(group)
     return parser
 
 
 def _work_int8(args) -> int:
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.xml")
     preflight(args, output, data_files=[args.int8, args.eval_data])  # before TensorFlow is imported
-    from keras_bn_ext.export.openvino.int8 import export_openvino_int8
+    from keras_bn_ext.cli.export_onnx import qdq_lines
+    from keras_bn_ext.export.int8 import export_int8
+    from keras_bn_ext.export.openvino.target import OpenVINOTarget
 
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
         model = load_input_model(args, output, data_files=[args.int8, args.eval_data])
     data = int8_data(model, args)
-    result = export_openvino_int8(model, output, data.calibration, eval_data=data.evaluation, labels=data.labels,
-                                  criteria=int8_criteria(args), exclude=args.exclude, equalize=args.equalize,
-                                  relu6_to_relu=args.relu6_to_relu, calibration_batch_size=args.calibration_batch_size)
-    return finish_int8(args, result, seconds, _print_int8)
-
-
-def _print_int8(r) -> None:
-    """The summary of an `OpenVINOInt8Result`, read from its typed fields."""
-    from rich.console import Console
-
-    console = Console()
-    ev, lat, size = r.evaluation, r.latency_ms, r.size_bytes
-    console.print(f"folded {r.bn_folded} BatchNormalization layers; INT8 QDQ graph compiled by OpenVINO "
-                  f"{r.runtime_version}; evaluated on {ev['samples']} samples ({ev['source']})")
-    console.print(fidelity_table(r.fidelity))
-    console.print(f"wrote {r.path} and its .bin: {size['int8']:,} bytes of weights ({size['ratio']:.2f}x the float "
-                  f"{size['float']:,})")
-    note = " [yellow]INT8 is slower than float here: it does not pay on this CPU[/yellow]" if r.int8_slower else ""
-    console.print(f"OpenVINO CPU, batch {lat['batch']}: float {lat['float']:.3f} ms, INT8 {lat['int8']:.3f} ms "
-                  f"({lat['ratio']:.2f}x){note}")
-    if not r.passed:
-        console.print(f"[red]INT8 criteria missed; {r.path} is kept for inspection[/red]")
+    result = export_int8(model, output, data.calibration, target=OpenVINOTarget(int8=qdq_options(args)),
+                         eval_data=data.evaluation, labels=data.labels, options=int8_options(args))
+    return finish_int8(args, result, seconds, what="OpenVINO",
+                       lines=lambda console, r: qdq_lines(console, r.detail.qdq))
 
 
 def _work(args) -> int:

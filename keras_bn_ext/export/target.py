@@ -86,6 +86,15 @@ class Target:
 
         return verify_on_target(self, model, path, options, fixed_batch=conversion.batch_size)
 
+    def int8_quantizer(self, model, data, options, work):
+        """The target's INT8 quantizer for the shared driver (`export.int8.export_int8`), with:
+        `runner` (the Target that runs its files), `method` (how ranges are chosen),
+        `equalize_by_default`, `can_rank`; `float_file(candidate, tag)` and
+        `quantize(candidate, tag, excluded)` (paths of the float and INT8 files under `work`),
+        `rank(float_file, int8_file, tag)` (worst nodes first, when `can_rank`), `copy`, `size`,
+        `op_counts` and `detail(tag)` (the target's typed record, or None)."""
+        raise NotImplementedError(f"the {self.name} target has no INT8 quantizer")
+
     def report_detail(self, conversion: Conversion, verification) -> dict:
         """The JSON sub-record of what only this target has (under its name in the report)."""
         return {}

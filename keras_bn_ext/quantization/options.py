@@ -1,12 +1,6 @@
-"""INT8 choices and defaults shared by the library and `bn-export-onnx --int8` (this module
+"""INT8 choices and defaults every target shares, for the library and the CLIs (this module
 imports nothing heavy: the CLI prints these in --help)."""
 
-# onnxruntime's calibration methods (CalibrationMethod names). Measured on the trained nets of
-# tests/fixtures/int8 (BENCHMARKS.md section 8, 512 calibration digits): Percentile was best on
-# both LeNets and 0.15 pt below MinMax/Entropy on the depthwise-separable net (all three within
-# 0.3 pt of float there), so it is the default.
-METHODS = ("Percentile", "MinMax", "Entropy")
-DEFAULT_METHOD = "Percentile"
 # Samples per calibration batch (onnxruntime collects ranges batch by batch).
 CALIBRATION_BATCH_SIZE = 32
 # Without --eval, this share of the calibration samples (at least 1, the last ones) is held

@@ -8,7 +8,7 @@ from keras_bn_ext._lazy import lazy_attributes
 _EXPORTS = {
     "LITERT": "keras_bn_ext.export.litert.target",
     "convert_litert_file": "keras_bn_ext.export.litert.convert",
-    "export_litert_int8": "keras_bn_ext.export.litert.int8",
+    "LiteRTQuantizer": "keras_bn_ext.export.litert.int8",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

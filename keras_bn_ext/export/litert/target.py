@@ -30,6 +30,11 @@ class LiteRTTarget(Target):
         return RunResult(outputs=outputs, runtime="ai-edge-litert", runtime_version=meta.get("version", ""),
                          latency_ms=meta.get("latency_ms", {}), op_counts=meta.get("op_counts", {}))
 
+    def int8_quantizer(self, model, data, options, work):
+        from keras_bn_ext.export.litert.int8 import LiteRTQuantizer
+
+        return LiteRTQuantizer(data, options, work)
+
     def report_detail(self, conversion, verification) -> dict:
         from keras_bn_ext.export.litert.convert import SIGNATURE, STATIC_BATCH_NOTE
 

@@ -23,6 +23,14 @@ from keras_bn_ext.export.options import (  # noqa: E402,F401
     BATCH_SIZES, FP16_ATOL, FP16_RTOL, FP32_ATOL, FP32_RTOL, SAMPLES)
 
 
+# onnxruntime's calibration methods (CalibrationMethod names). Measured on the trained nets of
+# tests/fixtures/int8 (BENCHMARKS.md section 8, 512 calibration digits): Percentile was best on
+# both LeNets and 0.15 pt below MinMax/Entropy on the depthwise-separable net (all three within
+# 0.3 pt of float there), so it is the default.
+METHODS = ("Percentile", "MinMax", "Entropy")
+DEFAULT_METHOD = "Percentile"
+
+
 from dataclasses import dataclass  # noqa: E402
 
 
@@ -54,3 +62,31 @@ class OnnxOptions:
             raise ValueError(f"conversion must be one of {CONVERSIONS}. Received: conversion={self.conversion!r}")
         if self.provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {PROVIDERS}. Received: provider={self.provider!r}")
+
+
+@dataclass(frozen=True)
+class OnnxInt8Options:
+    """What only the ONNX target's INT8 has (the driver's `Int8Options` holds the rest).
+
+    Args:
+        per_channel: One weight scale per output channel (else one per tensor; then
+            equalization is on by default: one range must serve every channel).
+        method: onnxruntime's calibration method, one of `METHODS`.
+        target_cpu: The CPU the file is for ("auto": this one; see `export.onnx.cpu`).
+        preprocess: Pass the float graph through onnxruntime's `quant_pre_process` first.
+        batch_size: Fix the batch dimension (None: symbolic).
+    """
+
+    per_channel: bool = True
+    method: str = DEFAULT_METHOD
+    target_cpu: str = "auto"
+    preprocess: bool = True
+    batch_size: int | None = None  # fix the batch dimension of the graph that is quantized
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}. Received: method={self.method!r}")
+        from keras_bn_ext.export.onnx.cpu import TARGETS
+
+        if self.target_cpu not in TARGETS:
+            raise ValueError(f"target_cpu must be one of {TARGETS}. Received: target_cpu={self.target_cpu!r}")

@@ -5,7 +5,7 @@ graph) is wrong; the driver and the stage are the shared ones."""
 
 from __future__ import annotations
 
-from keras_bn_ext.export.onnx.options import OnnxOptions
+from keras_bn_ext.export.onnx.options import OnnxInt8Options, OnnxOptions
 from keras_bn_ext.export.target import Capabilities, Conversion, RunResult, Target
 
 __all__ = ["ONNX", "OnnxTarget"]
@@ -19,8 +19,13 @@ class OnnxTarget(Target):
     # external_data: the model is always staged as a bundle (it may write OUT.onnx.data).
     capabilities = Capabilities(fp16=True, int8=True, external_data=True, dynamic_batch=True)
 
-    def __init__(self, options: OnnxOptions = OnnxOptions()):
-        self.options = options
+    def __init__(self, options: OnnxOptions = OnnxOptions(), int8: OnnxInt8Options = OnnxInt8Options()):
+        self.options, self.int8 = options, int8
+
+    def int8_quantizer(self, model, data, options, work):
+        from keras_bn_ext.export.onnx.int8 import OnnxQuantizer
+
+        return OnnxQuantizer(self.options, self.int8, model, data, options, work)
 
     def check_options(self, options) -> None:
         super().check_options(options)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from keras_bn_ext.export.onnx.options import OnnxInt8Options
 from keras_bn_ext.export.target import Capabilities, RunResult, Target
 
 __all__ = ["OPENVINO", "OpenVINOTarget"]
 
 
 class OpenVINOTarget(Target):
+    """OpenVINO IR; `int8`: the options of the QDQ graph its INT8 files are compiled from."""
+
     name = "openvino"
     suffix = ".xml"
     int8_suffix = ".int8.xml"
@@ -19,6 +22,14 @@ class OpenVINOTarget(Target):
         from keras_bn_ext.export.openvino.convert import convert_openvino
 
         return convert_openvino(model, path, options)
+
+    def __init__(self, int8: OnnxInt8Options = OnnxInt8Options()):
+        self.int8 = int8
+
+    def int8_quantizer(self, model, data, options, work):
+        from keras_bn_ext.export.openvino.int8 import OpenVINOQuantizer
+
+        return OpenVINOQuantizer(self.int8, model, data, options, work)
 
     def run(self, path, batches, *, keras_names, repeats=0):
         from keras_bn_ext.export.openvino import _openvino_worker

@@ -2,7 +2,7 @@
 
 import pytest
 
-from keras_bn_ext.quantization.cpu import TARGETS, classify, cpu_target, detect_cpu
+from keras_bn_ext.export.onnx.cpu import TARGETS, classify, cpu_target, detect_cpu
 
 
 @pytest.mark.parametrize("machine,flags,name,reduce_range", [
