@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
+from keras_bn_ext.cli._export import export_float, export_int8_file, int8_usage_error
+from keras_bn_ext.cli._inputs import qdq_options
+from keras_bn_ext.cli._output import exact_line, fmt, output_table
+from keras_bn_ext.cli._run import run
 from keras_bn_ext.cli._args import (EXIT_CODES_HELP, Parser, add_common_arguments, add_data_key_argument,
                                     add_int8_arguments, add_qdq_arguments, positive_int)
-from keras_bn_ext.cli._inputs import int8_data, int8_options, load_input_model, preflight, qdq_options, verification_inputs
-from keras_bn_ext.cli._output import exact_line, finish_int8, fmt, output_table
-from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED, run, timed
 from keras_bn_ext.export.onnx import options
 
 PROG = "bn-export-onnx"
@@ -85,43 +84,26 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
     add_qdq_arguments(group)
 
 
-def _work(args) -> int:
-    if args.int8:
-        return _work_int8(args)
-    output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
-    preflight(args, output, data_files=[args.inputs])  # before TensorFlow is imported
-    from keras_bn_ext.errors import InputDataError
-    from keras_bn_ext.export.driver import export_verified
+def _target(args):
     from keras_bn_ext.export.onnx.options import OnnxOptions
     from keras_bn_ext.export.onnx.target import OnnxTarget
-    from keras_bn_ext.export.options import ExportOptions
 
-    seconds: dict[str, float] = {}
-    with timed(seconds, "load"):
-        model = load_input_model(args, output, data_files=[args.inputs])
-    inputs = verification_inputs(model, args)
-    if inputs is not None and args.batch_size and inputs[0].shape[0] != args.batch_size:
-        raise InputDataError(
-            f"--batch-size {args.batch_size} but {args.inputs} holds batches of {inputs[0].shape[0]}"
-        )
-    target = OnnxTarget(OnnxOptions(
+    return OnnxTarget(OnnxOptions(
         opset=args.opset, conversion=args.conversion, external_data=True if args.external_data else None,
-        provider=args.provider, require_gpu=args.require_gpu, require_all_gpu=args.require_all_gpu))
-    result = export_verified(model, output, target=target, options=ExportOptions(
-        fold=not args.no_fold, exclude=args.exclude, fp16=args.fp16, samples=args.samples, inputs=inputs,
-        atol=args.atol, rtol=args.rtol, benchmark=args.benchmark, batch_size=args.batch_size))
-    result.timings_s = {**seconds, **result.timings_s}
-    report = {"input": str(args.model), **result.to_dict(),
-              "samples": "npz" if inputs is not None else args.samples}
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        _print_summary(result)
-    return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
+        provider=args.provider, require_gpu=args.require_gpu, require_all_gpu=args.require_all_gpu),
+        int8=qdq_options(args))
+
+
+def _work(args) -> int:
+    if args.int8:
+        return export_int8_file(args, target=lambda: _target(args), suffix=".int8.onnx", what="ONNX",
+                                lines=lambda console, r: qdq_lines(console, r.detail))
+    return export_float(args, target=lambda: _target(args), suffix=".onnx", what="ONNX",
+                        batch_size=args.batch_size, printer=_print_summary)
 
 
 def _print_summary(result) -> None:
-    """The table of an `OnnxResult`, read from its typed fields."""
+    """The table of an ONNX `ExportResult`, read from its typed fields (its records included)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -175,23 +157,6 @@ def _print_summary(result) -> None:
             console.print(f"  {v.diagnosis}")
 
 
-def _work_int8(args) -> int:
-    output = Path(args.output) if args.output else Path(args.model).with_suffix(".int8.onnx")
-    preflight(args, output, data_files=[args.int8, args.eval_data])  # before TensorFlow is imported
-    from keras_bn_ext.export.int8 import export_int8
-    from keras_bn_ext.export.onnx.options import OnnxOptions
-    from keras_bn_ext.export.onnx.target import OnnxTarget
-
-    seconds: dict[str, float] = {}
-    with timed(seconds, "load"):
-        model = load_input_model(args, output, data_files=[args.int8, args.eval_data])
-    data = int8_data(model, args)
-    target = OnnxTarget(OnnxOptions(opset=args.opset), int8=qdq_options(args))
-    result = export_int8(model, output, data.calibration, target=target, eval_data=data.evaluation,
-                         labels=data.labels, options=int8_options(args))
-    return finish_int8(args, result, seconds, what="ONNX", lines=lambda console, r: qdq_lines(console, r.detail))
-
-
 def qdq_lines(console, detail) -> None:
     """What only a QDQ graph's INT8 report says (an `OnnxInt8Detail`): the CPU it is for, the
     weight format, onnxruntime's pre-step. Shared with bn-export-openvino, which compiles it."""
@@ -216,14 +181,7 @@ def qdq_lines(console, detail) -> None:
 def _int8_usage_errors(args) -> str | None:
     if args.fp16 and args.external_data:
         return "--fp16 cannot be combined with --external-data"
-    if not args.int8:
-        return "--eval needs --int8" if args.eval_data else None
-    for flag, value in (("--no-fold", args.no_fold), ("--fp16", args.fp16), ("--inputs", args.inputs),
-                        ("--require-gpu", args.require_gpu), ("--require-all-gpu", args.require_all_gpu),
-                        ("--external-data", args.external_data)):
-        if value:
-            return f"--int8 cannot be combined with {flag}"
-    return None
+    return int8_usage_error(args, float_only=("--require-gpu", "--require-all-gpu", "--external-data"))
 
 
 def main(argv: list[str] | None = None) -> int:
