@@ -90,6 +90,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="show tracebacks and TensorFlow's own log lines")
 
 
+def add_export_arguments(parser: argparse.ArgumentParser, *, output_help: str, batches: str, fp16_help: str,
+                         benchmark_help: str) -> None:
+    """The flags every bn-export-* tool shares: the common ones, -o, --no-fold, --inputs, --data-key,
+    --fp16, --benchmark (the tolerances default to float32's, float16's with --fp16)."""
+    from keras_bn_ext.export import options
+
+    sizes = " and ".join(map(str, options.BATCH_SIZES))
+    add_common_arguments(
+        parser, atol=None, rtol=None,
+        samples_help=f"seeded random batches of each batch size ({sizes}{batches}) to verify on "
+                     f"(default: {options.SAMPLES})",
+        tolerance_help=f". Defaults: atol {options.FP32_ATOL:g} and rtol {options.FP32_RTOL:g}; with --fp16 atol "
+                       f"{options.FP16_ATOL:g} and rtol {options.FP16_RTOL:g}")
+    parser.add_argument("-o", "--output", help=output_help)
+    parser.add_argument("--no-fold", action="store_true", help="export without folding BatchNormalization")
+    parser.add_argument("--inputs", metavar="NPZ",
+                        help="verify on these arrays (an .npz keyed by input name) instead of random batches")
+    add_data_key_argument(parser, flags="--inputs, --int8 and --eval")
+    parser.add_argument("--fp16", action="store_true", help=fp16_help + ", verified with float16 tolerances")
+    parser.add_argument("--benchmark", action="store_true", help=benchmark_help)
+
+
 def add_data_key_argument(parser: argparse.ArgumentParser, *, flags: str) -> None:
     """--data-key: which array of every data file the tool reads (`flags`) a one-input model
     takes, for a file keyed otherwise (`data.npz_data` says the rest of the convention)."""

@@ -8,8 +8,7 @@ import sys
 
 from keras_bn_ext.cli._export import export_float, export_int8_file, int8_usage_error
 from keras_bn_ext.cli._run import run
-from keras_bn_ext.cli._args import EXIT_CODES_HELP, Parser, add_common_arguments, add_data_key_argument, add_int8_arguments
-from keras_bn_ext.export import options
+from keras_bn_ext.cli._args import EXIT_CODES_HELP, Parser, add_export_arguments, add_int8_arguments
 
 PROG = "bn-export-litert"
 
@@ -22,23 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
         "dynamic batch), and verify it against the Keras model on ai-edge-litert's interpreter.",
         epilog=EXIT_CODES_HELP,
     )
-    sizes = " and ".join(map(str, options.BATCH_SIZES))
-    add_common_arguments(
-        parser, atol=None, rtol=None,
-        samples_help=f"seeded random batches of each batch size ({sizes}, resized on the interpreter) to verify on "
-                     f"(default: {options.SAMPLES})",
-        tolerance_help=f". Defaults: atol {options.FP32_ATOL:g} and rtol {options.FP32_RTOL:g}; with --fp16 atol "
-                       f"{options.FP16_ATOL:g} and rtol {options.FP16_RTOL:g}",
-    )
-    parser.add_argument("-o", "--output", help="output .tflite file (default: MODEL.tflite beside the input)")
-    parser.add_argument("--no-fold", action="store_true", help="export without folding BatchNormalization")
-    parser.add_argument("--inputs", metavar="NPZ",
-                        help="verify on these arrays (an .npz keyed by input name) instead of random batches")
-    add_data_key_argument(parser, flags="--inputs, --int8 and --eval")
-    parser.add_argument("--fp16", action="store_true",
-                        help="float16 weights (the converter's float16 quantization), verified with float16 "
-                             "tolerances")
-    parser.add_argument("--benchmark", action="store_true", help="also report the interpreter's median latency")
+    add_export_arguments(parser, output_help="output .tflite file (default: MODEL.tflite beside the input)",
+                         batches=", resized on the interpreter",
+                         fp16_help="float16 weights (the converter's float16 quantization)",
+                         benchmark_help="also report the interpreter's median latency")
     add_int8_arguments(
         parser, title="INT8 (full-integer LiteRT, float32 inputs and outputs; calibrated and judged on real data "
                       "against the float Keras model as the ONNX INT8 file is)",

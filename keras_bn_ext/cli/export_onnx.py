@@ -9,8 +9,8 @@ from keras_bn_ext.cli._export import export_float, export_int8_file, int8_usage_
 from keras_bn_ext.cli._inputs import qdq_options
 from keras_bn_ext.cli._output import exact_line, fmt, output_table
 from keras_bn_ext.cli._run import run
-from keras_bn_ext.cli._args import (EXIT_CODES_HELP, Parser, add_common_arguments, add_data_key_argument,
-                                    add_int8_arguments, add_qdq_arguments, positive_int)
+from keras_bn_ext.cli._args import (EXIT_CODES_HELP, Parser, add_export_arguments, add_int8_arguments,
+                                    add_qdq_arguments, positive_int)
 from keras_bn_ext.export.onnx import options
 
 PROG = "bn-export-onnx"
@@ -24,19 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
         "on onnxruntime (CUDA when it really runs, else the CPU; the report says which).",
         epilog=EXIT_CODES_HELP,
     )
-    sizes = " and ".join(map(str, options.BATCH_SIZES))
-    add_common_arguments(
-        parser,
-        atol=None,
-        rtol=None,
-        samples_help=f"seeded random batches of each batch size ({sizes}, or --batch-size) to "
-        f"verify on (default: {options.SAMPLES})",
-        tolerance_help=f". Defaults: atol {options.FP32_ATOL:g} and rtol {options.FP32_RTOL:g}; "
-        f"with --fp16 atol {options.FP16_ATOL:g} and rtol {options.FP16_RTOL:g}",
-    )
+    add_export_arguments(parser, output_help="output .onnx file (default: MODEL.onnx beside the input)",
+                         batches=", or --batch-size",
+                         fp16_help="float16 weights and arithmetic, float32 inputs and outputs",
+                         benchmark_help="also report median latency of Keras (tf.function) and onnxruntime (the INT8 "
+                                        "export always times the float and the INT8 file on onnxruntime's CPU "
+                                        "provider)")
     opsets = options.SUPPORTED_OPSETS
-    parser.add_argument("-o", "--output", help="output .onnx file (default: MODEL.onnx beside the input)")
-    parser.add_argument("--no-fold", action="store_true", help="export without folding BatchNormalization")
     parser.add_argument("--opset", type=int, default=options.DEFAULT_OPSET, choices=opsets, metavar="N",
                         help=f"ONNX opset, {opsets.start}-{opsets.stop - 1} (default: {options.DEFAULT_OPSET})")
     parser.add_argument("--batch-size", type=positive_int, metavar="N",
@@ -49,13 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--require-all-gpu", action="store_true",
                         help="fail (exit 2) unless CUDA ran and every compute node was placed on it "
                              "(shape computations onnxruntime keeps on the CPU on purpose excepted)")
-    parser.add_argument("--inputs", metavar="NPZ",
-                        help="verify on these arrays (an .npz keyed by input name) instead of "
-                             "random batches")
-    add_data_key_argument(parser, flags="--inputs, --int8 and --eval")
-    parser.add_argument("--fp16", action="store_true",
-                        help="float16 weights and arithmetic, float32 inputs and outputs "
-                             "(verified with float16 tolerances)")
     gib = options.EXTERNAL_DATA_THRESHOLD / (1 << 30)
     parser.add_argument("--external-data", action="store_true",
                         help="write the weights to OUT.onnx.data beside the model (ONNX external data; model and "
@@ -65,10 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="structure (default): tf2onnx converts the model with its kernels as inputs and the "
                              "values are attached after, at a small multiple of the weights' memory; frozen: "
                              "tf2onnx freezes every variable (its own route, ~260 bytes of memory per parameter)")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="also report median latency of Keras (tf.function) and onnxruntime "
-                             "(the INT8 export always times the float and the INT8 file on onnxruntime's CPU "
-                             "provider)")
     _add_int8_arguments(parser)
     return parser
 

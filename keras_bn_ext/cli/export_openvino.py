@@ -9,9 +9,8 @@ from pathlib import Path
 from keras_bn_ext.cli._export import export_float, export_int8_file, int8_usage_error
 from keras_bn_ext.cli._inputs import qdq_options
 from keras_bn_ext.cli._run import run
-from keras_bn_ext.cli._args import (EXIT_CODES_HELP, Parser, add_common_arguments, add_data_key_argument,
-                                    add_int8_arguments, add_qdq_arguments)
-from keras_bn_ext.export import options
+from keras_bn_ext.cli._args import (EXIT_CODES_HELP, Parser, add_export_arguments, add_int8_arguments,
+                                    add_qdq_arguments)
 
 PROG = "bn-export-openvino"
 
@@ -24,21 +23,10 @@ def build_parser() -> Parser:
         "them, dynamic batch), and verify it against the Keras model on OpenVINO's CPU runtime in float32.",
         epilog=EXIT_CODES_HELP + " Needs the openvino extra (pip install '.[openvino]' from a clone).",
     )
-    sizes = " and ".join(map(str, options.BATCH_SIZES))
-    add_common_arguments(
-        parser, atol=None, rtol=None,
-        samples_help=f"seeded random batches of each batch size ({sizes}) to verify on (default: {options.SAMPLES})",
-        tolerance_help=f". Defaults: atol {options.FP32_ATOL:g} and rtol {options.FP32_RTOL:g}; with --fp16 atol "
-                       f"{options.FP16_ATOL:g} and rtol {options.FP16_RTOL:g}")
-    parser.add_argument("-o", "--output", help="output .xml file (default: MODEL.xml beside the input; the weights "
-                                               "go to the .bin of the same name)")
-    parser.add_argument("--no-fold", action="store_true", help="export without folding BatchNormalization")
-    parser.add_argument("--inputs", metavar="NPZ",
-                        help="verify on these arrays (an .npz keyed by input name) instead of random batches")
-    add_data_key_argument(parser, flags="--inputs, --int8 and --eval")
-    parser.add_argument("--fp16", action="store_true",
-                        help="float16 weights (openvino.save_model's compression), verified with float16 tolerances")
-    parser.add_argument("--benchmark", action="store_true", help="also report OpenVINO's median latency")
+    add_export_arguments(parser, output_help="output .xml file (default: MODEL.xml beside the input; the weights go "
+                                             "to the .bin of the same name)",
+                         batches="", fp16_help="float16 weights (openvino.save_model's compression)",
+                         benchmark_help="also report OpenVINO's median latency")
     group = add_int8_arguments(
         parser, title="INT8 (the ONNX target's calibrated QDQ graph, compiled by OpenVINO; judged on OpenVINO's "
                       "runtime against the float Keras model; float and INT8 timed there side by side)",
