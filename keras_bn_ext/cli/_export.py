@@ -13,6 +13,18 @@ from keras_bn_ext.cli._output import finish_int8, print_export
 from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED, timed
 
 
+def run_export_cli(prog: str, parser, argv, work: Callable, usage_error: Callable) -> int:
+    """A bn-export-* main(): parse, refuse bad combinations in one line (`usage_error(args)`:
+    a message or None), then `work(args)` under the tools' error handling (`_run.run`)."""
+    from keras_bn_ext.cli._run import run
+
+    args = parser.parse_args(argv)
+    problem = usage_error(args)
+    if problem:
+        parser.error(problem)
+    return run(prog, lambda: work(args), debug=args.debug, show_progress=not args.json, json_errors=args.json)
+
+
 def int8_usage_error(args, *, float_only: tuple[str, ...] = ()) -> str | None:
     """The combinations the INT8 export refuses: --eval without --int8, and the float-only flags."""
     if not args.int8:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keras_bn_ext.cli._export import export_float, export_int8_file, int8_usage_error
-from keras_bn_ext.cli._run import run
+from keras_bn_ext.cli._export import export_float, export_int8_file, int8_usage_error, run_export_cli
 from keras_bn_ext.cli._args import EXIT_CODES_HELP, Parser, add_export_arguments, add_int8_arguments
 
 PROG = "bn-export-litert"
@@ -47,13 +46,7 @@ def _work(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    problem = int8_usage_error(args)
-    if problem:
-        parser.error(problem)
-    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json,
-               json_errors=args.json)
+    return run_export_cli(PROG, build_parser(), argv, _work, int8_usage_error)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keras_bn_ext.cli._export import export_float, export_int8_file, int8_usage_error
+from keras_bn_ext.cli._export import export_float, export_int8_file, int8_usage_error, run_export_cli
 from keras_bn_ext.cli._inputs import qdq_options
 from keras_bn_ext.cli._output import exact_line, fmt, output_table
-from keras_bn_ext.cli._run import run
 from keras_bn_ext.cli._args import (EXIT_CODES_HELP, Parser, add_export_arguments, add_int8_arguments,
                                     add_qdq_arguments, positive_int)
 from keras_bn_ext.export.onnx import options
@@ -168,13 +167,7 @@ def _int8_usage_errors(args) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    problem = _int8_usage_errors(args)
-    if problem:
-        parser.error(problem)
-    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json,
-               json_errors=args.json)
+    return run_export_cli(PROG, build_parser(), argv, _work, _int8_usage_errors)
 
 
 if __name__ == "__main__":

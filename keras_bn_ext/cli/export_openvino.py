@@ -6,9 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from keras_bn_ext.cli._export import export_float, export_int8_file, int8_usage_error
+from keras_bn_ext.cli._export import export_float, export_int8_file, int8_usage_error, run_export_cli
 from keras_bn_ext.cli._inputs import qdq_options
-from keras_bn_ext.cli._run import run
 from keras_bn_ext.cli._args import (EXIT_CODES_HELP, Parser, add_export_arguments, add_int8_arguments,
                                     add_qdq_arguments)
 
@@ -47,15 +46,14 @@ def _work(args) -> int:
     return export_float(args, target=lambda: OPENVINO, suffix=".xml", what="OpenVINO")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _usage_error(args) -> str | None:
     if Path(args.output or "x.xml").suffix != ".xml":
-        parser.error(f"the output must be an .xml file (OpenVINO IR). Received: --output {args.output}")
-    problem = int8_usage_error(args)
-    if problem:
-        parser.error(problem)
-    return run(PROG, lambda: _work(args), debug=args.debug, show_progress=not args.json, json_errors=args.json)
+        return f"the output must be an .xml file (OpenVINO IR). Received: --output {args.output}"
+    return int8_usage_error(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_export_cli(PROG, build_parser(), argv, _work, _usage_error)
 
 
 if __name__ == "__main__":
