@@ -36,7 +36,7 @@ from typing import Callable, Generic, Iterator, Protocol, TypeVar
 from keras_bn_ext.model_io import atomic_output
 from keras_bn_ext.progress import phase
 
-__all__ = ["COMMIT_CODES", "Check", "StageRecord", "Staged", "atomic_bundle", "verify_and_commit"]
+__all__ = ["COMMIT_CODES", "Check", "FileCheck", "StageRecord", "Staged", "atomic_bundle", "verify_and_commit"]
 
 # What the stage did with the candidate; `StageRecord.code`.
 COMMIT_CODES = {
@@ -51,6 +51,30 @@ class Check(Protocol):
 
     @property
     def passed(self) -> bool: ...
+
+
+@dataclass
+class FileCheck:
+    """A written file read back from its temporary name, as a user would, against what was
+    verified before it was written — the one `check` of every file that is not an export's
+    first verification: a .keras file reloaded (`comparison` of its outputs, and for
+    recalibration its BN statistics bit for bit), an INT8 file run again (its outputs equal
+    the measured ones bit for bit, `reproduced`; it passes only where `fidelity` passed).
+    A check not made is None; at least one must be made."""
+
+    comparison: object | None = None  # compare.ComparisonReport: the reloaded file vs the verified model
+    reload_error: str | None = None  # the file did not load back (nothing else was checked)
+    statistics_equal: bool | None = None  # recalibration: the BN statistics, bit for bit
+    reproduced: bool | None = None  # INT8: the outputs equal the measured ones, bit for bit
+    fidelity: object | None = None  # INT8: quantization.fidelity.FidelityReport of the measurement
+
+    @property
+    def passed(self) -> bool:
+        checks = [self.comparison is not None and self.comparison.passed if self.comparison is not None else None,
+                  self.statistics_equal, self.reproduced,
+                  self.fidelity.passed if self.fidelity is not None else None]
+        made = [c for c in checks if c is not None]
+        return self.reload_error is None and bool(made) and all(made)
 
 
 P = TypeVar("P")

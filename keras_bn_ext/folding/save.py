@@ -26,7 +26,7 @@ from keras_bn_ext.folding import options
 from keras_bn_ext.progress import phase
 from keras_bn_ext.folding.fold import FoldReport, check_fold, fold_batchnorms
 from keras_bn_ext.model_io import loadable_build_configs
-from keras_bn_ext.stage import verify_and_commit
+from keras_bn_ext.stage import FileCheck, verify_and_commit
 
 __all__ = ["FoldResult", "fold_to_file"]
 
@@ -183,18 +183,6 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
     result.file_check, result.reload_error = staged.check.comparison, staged.check.reload_error
     result.output = staged.record.output
     return result
-
-
-@dataclass
-class FileCheck:
-    """The saved file, loaded back as a user would, against the verified folded model."""
-
-    comparison: ComparisonReport | None = None
-    reload_error: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.reload_error is None and self.comparison is not None and self.comparison.passed
 
 
 def _reload_error(exc: Exception, report: FoldReport) -> str:

@@ -18,7 +18,7 @@ from keras_bn_ext.errors import InputDataError
 from keras_bn_ext.quantization import options
 
 __all__ = ["Criteria", "OutputFidelity", "FidelityReport", "is_classifier_output", "measure", "check_labels",
-           "WrittenFileCheck", "commit_measured"]
+           "commit_measured"]
 
 
 @dataclass(frozen=True)
@@ -174,18 +174,6 @@ def measure(reference: Sequence[np.ndarray], quantized: Sequence[np.ndarray], na
     return FidelityReport(samples=samples, outputs=outputs, criteria=criteria)
 
 
-@dataclass
-class WrittenFileCheck:
-    """The INT8 file, run again from its temporary name, against what was measured on it."""
-
-    reproduced: bool  # its outputs equal the measured ones, bit for bit
-    fidelity: FidelityReport  # what the measurement found
-
-    @property
-    def passed(self) -> bool:
-        return self.reproduced and self.fidelity.passed
-
-
 def commit_measured(path, write, rerun, measured: Sequence[np.ndarray], fidelity: FidelityReport, *,
                     bundle: bool = False):
     """Write a measured INT8 file through the verify-and-commit stage (`stage.verify_and_commit`).
@@ -201,12 +189,12 @@ def commit_measured(path, write, rerun, measured: Sequence[np.ndarray], fidelity
         VerificationError: the written file does not reproduce the measured outputs.
     """
     from keras_bn_ext.errors import VerificationError
-    from keras_bn_ext.stage import verify_and_commit
+    from keras_bn_ext.stage import FileCheck, verify_and_commit
 
     def check(tmp, _):
         again = rerun(tmp)
         same = len(again) == len(measured) and all(np.array_equal(a, m) for a, m in zip(again, measured))
-        return WrittenFileCheck(reproduced=same, fidelity=fidelity)
+        return FileCheck(reproduced=same, fidelity=fidelity)
 
     staged = verify_and_commit(path, write, check, keep_failed=lambda c: c.reproduced, check_name="verify_file",
                                check_phase="run the written file again", bundle=bundle)

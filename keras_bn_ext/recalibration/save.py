@@ -15,7 +15,7 @@ import numpy as np
 from keras_bn_ext.progress import phase
 from keras_bn_ext.compare import ComparisonReport, compare_output_lists, keras_outputs, output_names
 from keras_bn_ext.recalibration.options import BATCH_SIZE
-from keras_bn_ext.stage import verify_and_commit
+from keras_bn_ext.stage import FileCheck, verify_and_commit
 from keras_bn_ext.recalibration.statistics import (
     Batches,
     RecalibrationReport,
@@ -93,8 +93,8 @@ def recalibrate_to_file(
             reloaded = keras.saving.load_model(tmp, compile=False, safe_mode=safe_mode)
         except Exception as exc:  # noqa: BLE001 - any load failure means the file is unusable
             first = (str(exc).strip().splitlines() or [""])[0][:300]
-            return _FileCheck(reload_error=f"the model was saved but does not load back: {type(exc).__name__}: {first}")
-        return _FileCheck(statistics_equal=_same_statistics(model, reloaded), comparison=compare_output_lists(
+            return FileCheck(reload_error=f"the model was saved but does not load back: {type(exc).__name__}: {first}")
+        return FileCheck(statistics_equal=_same_statistics(model, reloaded), comparison=compare_output_lists(
             expected, [keras_outputs(reloaded, b) for b in batches], output_names(model), atol=0.0, rtol=1e-6))
 
     staged = verify_and_commit(path, model.save, check, produce_name="save", check_name="verify_file",
@@ -102,18 +102,6 @@ def recalibrate_to_file(
     result.file_check, result.statistics_equal = staged.check.comparison, staged.check.statistics_equal
     result.reload_error, result.output = staged.check.reload_error, staged.record.output
     return result
-
-
-@dataclass
-class _FileCheck:
-    comparison: ComparisonReport | None = None
-    statistics_equal: bool | None = None
-    reload_error: str | None = None
-
-    @property
-    def passed(self) -> bool:
-        return (self.reload_error is None and self.comparison is not None and self.comparison.passed
-                and bool(self.statistics_equal))
 
 
 def _same_statistics(model, reloaded) -> bool:
