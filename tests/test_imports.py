@@ -95,17 +95,3 @@ def test_lower_modules_import_nothing_above_them():
         text = open(os.path.join(REPO, "keras_bn_ext", f"{name}.py")).read()
         imported = re.findall(r"^\s*(?:from|import)\s+(keras_bn_ext[\w.]*)", text, re.M)
         assert not [m for m in imported if m.startswith(above)], (name, imported)
-
-
-def test_every_written_output_goes_through_the_stage():
-    """Only the stage (and the LiteRT converter's own stand-alone, unchecked write) holds a
-    temporary output: fold, recalibrate and the four export paths commit through
-    `stage.verify_and_commit`."""
-    package = os.path.join(REPO, "keras_bn_ext")
-    allowed = {"model_io.py", "stage.py", os.path.join("export", "litert", "convert.py")}
-    for root, _, files in os.walk(package):
-        for name in files:
-            rel = os.path.relpath(os.path.join(root, name), package)
-            if name.endswith(".py") and rel not in allowed:
-                text = open(os.path.join(root, name)).read()
-                assert "atomic_output" not in text and "os.replace" not in text, rel
