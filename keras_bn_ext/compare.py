@@ -151,6 +151,25 @@ def keras_outputs(model: keras.Model, arrays: Sequence[np.ndarray]) -> list[np.n
 _FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class _RetracingFilter:
+    """Drops TensorFlow's "N out of the last M calls to ... triggered tf.function retracing"
+    for this module's inference graphs only: one graph per model is the design (each model is
+    traced once and cached), and TensorFlow counts the traces of every model's graph together
+    because they share one Python function."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not ("keras_bn_ext_inference" in message and "retracing" in message)
+
+
+def _quiet_retracing_warning() -> None:
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _RetracingFilter) for f in logger.filters):
+        logger.addFilter(_RetracingFilter())
+
+
 def _forward(model):
     eager = lambda x: model(x, training=False)  # noqa: E731
     if keras.backend.backend() != "tensorflow":
@@ -163,7 +182,12 @@ def _forward(model):
         import tensorflow as tf
 
         ref = weakref.ref(model)  # the cache must not keep the model alive
-        graph = tf.function(lambda x: ref()(x, training=False), reduce_retracing=True, autograph=False)
+
+        def keras_bn_ext_inference(x):
+            return ref()(x, training=False)
+
+        _quiet_retracing_warning()
+        graph = tf.function(keras_bn_ext_inference, reduce_retracing=True, autograph=False)
 
         def fn(x):
             nonlocal graph

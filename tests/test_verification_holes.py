@@ -142,3 +142,22 @@ def test_the_guarded_log_exports_right_with_where_kept(tmp_path, capsys):
     code, report = _run(export_onnx, [_guarded_log_model(tmp_path), "--provider", "cpu"], capsys)
     assert code == 0 and report["passed"] and report["outputs"][0]["nonfinite_mismatches"] == 0
     assert report["op_counts"].get("Where", 0) >= 1
+
+
+def test_many_models_verified_in_one_process_raise_no_retracing_warning(caplog):
+    # The main job printed "5 out of the last 11 calls to _forward.<locals>.<lambda> triggered
+    # tf.function retracing": one cached graph per model, counted together by TensorFlow.
+    import logging
+
+    import keras
+    import numpy as np
+
+    from keras_bn_ext.compare import keras_outputs
+
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for i in range(8):
+            inputs = keras.Input((4,))
+            model = keras.Model(inputs, keras.layers.Dense(2 + i)(inputs))
+            for n in (1, 3):
+                keras_outputs(model, [np.zeros((n, 4), "float32")])
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
