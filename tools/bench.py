@@ -3,6 +3,7 @@ order, warm-up first; medians and min-max reported). Writes BENCHMARKS.md and be
 
   python tools/bench.py            # the full run (ResNet50 and MobileNetV2 at 224x224)
   python tools/bench.py --quick    # a reduced set, under 3 minutes
+  python tools/bench.py --smoke    # every section once on the smallest inputs (the tests' run, ~75 s)
 
 Sections:
 1. Training step time of LeNet-BN (batch 64): keras_bn_ext BN vs keras.layers BN, on
@@ -30,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,6 +63,11 @@ TARGETS = {
 
 # -- 1. training step -----------------------------------------------------------------
 
+# --smoke (what the tests run): every section's code once, on the smallest models; its numbers
+# mean nothing (the report says so). Set by main().
+SMOKE = False
+
+
 def bench_train(repeats: int) -> dict:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (64, 28, 28, 1)).astype("float32")
@@ -84,7 +91,7 @@ def bench_train_jax(repeats: int, backend: str = "jax") -> dict | None:
     """The training step under another Keras backend, in a child process."""
     import importlib.util
 
-    if importlib.util.find_spec(backend) is None:
+    if SMOKE or importlib.util.find_spec(backend) is None:
         return None
     env = dict(os.environ, KERAS_BACKEND=backend)
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +146,7 @@ def no_bn_twin(model: keras.Model, folded: keras.Model) -> keras.Model:
 
 
 def _models(quick: bool):
-    size = 96 if quick else 224
+    size = 32 if SMOKE else 96 if quick else 224
     apps = [("LeNet-BN", lambda: lenet_bn(BatchNormalization), (28, 28, 1))]
     apps.append(("MobileNetV2", lambda: keras.applications.MobileNetV2(
         weights=None, input_shape=(size, size, 3), classifier_activation=None), (size, size, 3)))
@@ -200,7 +207,7 @@ def bench_pad_guard(quick: bool, repeats: int, threads: int) -> dict:
     from keras_bn_ext.export.onnx.convert import to_onnx_proto
     from keras_bn_ext.export.onnx.guards import guard_pad_into_maxpool
 
-    size = 96 if quick else 224
+    size = 32 if SMOKE else 96 if quick else 224
     model = keras.applications.ResNet50V2(weights=None, input_shape=(size, size, 3), classifier_activation=None)
     randomize_batchnorms(model)
     folded, _ = fold_batchnorms(model)
@@ -269,6 +276,8 @@ def bench_int8(quick: bool, repeats: int, threads: int) -> dict:
         x_train = d["x_train"][:512, ..., None].astype("float32") / 255.0
         x_test, y_test = d["x_test"][..., None].astype("float32") / 255.0, d["y_test"]
     nets = ("dwsep",) if quick else ("lenet_bn", "relu_lenet", "dwsep", "wide_range")
+    if SMOKE:  # 256 test digits, not 2,000
+        x_test, y_test = x_test[:256], y_test[:256]
     here = detect_cpu()
     variants = {  # label -> export_int8 arguments
         "onnxruntime's default (per-channel, 8-bit weights)": dict(target_cpu="vnni", method="MinMax"),
@@ -278,8 +287,8 @@ def bench_int8(quick: bool, repeats: int, threads: int) -> dict:
         "per-tensor, no CLE": dict(per_channel=False, equalize="off"),
         "per-tensor with CLE": dict(per_channel=False, equalize="on"),
     }
-    if quick:  # CI runs --quick: the default and per-tensor with CLE only
-        variants = {k: v for k, v in variants.items() if "default)" in k or "with CLE" in k}
+    if quick:  # --quick: the default and per-tensor with CLE only; --smoke: the default
+        variants = {k: v for k, v in variants.items() if "default)" in k or ("with CLE" in k and not SMOKE)}
     accuracy = {}
     with tempfile.TemporaryDirectory() as tmp:
         for net in nets:
@@ -297,18 +306,23 @@ def bench_int8(quick: bool, repeats: int, threads: int) -> dict:
         sizes = [("MobileNetV2", 32)] if quick else [("MobileNetV2", 224), ("ResNet50", 224)]
         for name, size in sizes:
             keras.utils.set_random_seed(0)
-            model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
+            model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
+                                                      **({"alpha": 0.35} if SMOKE else {}))
             randomize_batchnorms(model, seed=0)
             images, _ = _digits(64, size)
             images = images / 127.5  # in [-1, 1]
             out = Path(tmp) / f"{name}.int8.onnx"
             r = export_int8(model, out, [images[:48]], eval_data=[images[48:]], fallback_budget=0,
                             criteria=Criteria(min_top1_agreement=None, max_accuracy_drop=None, min_sqnr_db=None))
-            # The same without onnxruntime's pre-quantization step: what it is worth, side by side.
+            # The same without onnxruntime's pre-quantization step: what it is worth, side by side
+            # (--smoke: the same file twice, the comparison is not made).
             out_plain = Path(tmp) / f"{name}.int8.nopre.onnx"
-            export_int8(model, out_plain, [images[:48]], eval_data=[images[48:]], fallback_budget=0,
-                        preprocess=False,
-                        criteria=Criteria(min_top1_agreement=None, max_accuracy_drop=None, min_sqnr_db=None))
+            if SMOKE:
+                shutil.copyfile(out, out_plain)
+            else:
+                export_int8(model, out_plain, [images[:48]], eval_data=[images[48:]], fallback_budget=0,
+                            preprocess=False,
+                            criteria=Criteria(min_top1_agreement=None, max_accuracy_drop=None, min_sqnr_db=None))
             float_path = Path(tmp) / f"{name}.float.onnx"
             export_onnx(model, float_path)
             np.savez(Path(tmp) / "x.npz", x=images[:8])
@@ -371,7 +385,7 @@ def bench_recalibration(quick: bool) -> dict:
                                  for i in range(0, len(x_test), 500)])
         return float((logits.argmax(1) == y_test).mean())
 
-    lenet, x_train = _lagging_lenet(*((1, 2000) if quick else (3, 8000)))
+    lenet, x_train = _lagging_lenet(*((1, 500) if SMOKE else (1, 2000) if quick else (3, 8000)))
     start = lenet.get_weights()
     lenet_result = {"training_mode": accuracy(lenet, True), "inference_before": accuracy(lenet)}
     variances = {}
@@ -446,11 +460,12 @@ def bench_tools(quick: bool, rounds: int) -> dict:
     first); the median wall time and the largest peak memory are reported."""
     bin_dir = Path(sys.executable).parent
     name = "MobileNetV2" if quick else "ResNet50"
-    size = 96 if quick else 224
+    size = 32 if SMOKE else 96 if quick else 224
     runs: dict[str, list[dict]] = {"bn_fold": [], "bn_export_onnx": [], "plain_tf2onnx": []}
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{name}.keras"
-        app = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classifier_activation=None)
+        app = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classifier_activation=None,
+                                                **({"alpha": 0.35} if SMOKE else {}))
         randomize_batchnorms(app)
         app.save(src)
         commands = {
@@ -459,7 +474,13 @@ def bench_tools(quick: bool, rounds: int) -> dict:
             "plain_tf2onnx": [sys.executable, "-c", PLAIN_TF2ONNX, str(src), str(Path(tmp) / "plain.onnx")],
         }
         order = list(commands)
-        for i in range(rounds):
+        if SMOKE:  # the three at once: their times mean nothing here, only that each runs
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(order)) as pool:
+                for key, row in zip(order, pool.map(lambda key: _timed(commands[key]), order)):
+                    runs[key].append(row)
+        for i in range(0 if SMOKE else rounds):
             k = i % len(order)
             for key in order[k:] + order[:k]:
                 runs[key].append(_timed(commands[key]))
@@ -754,6 +775,9 @@ def _export_memory_lines(e: dict | None) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced set (LeNet, MobileNetV2 96x96), < 3 min")
+    parser.add_argument("--smoke", action="store_true",
+                        help="--quick on the smallest inputs (32x32, no JAX/PyTorch training children): every "
+                             "section's code runs once; the numbers mean nothing (what the tests run)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per candidate (default 50, quick 10)")
     parser.add_argument("--out", default=str(REPO), help="folder for BENCHMARKS.md and bench.json (default: repo root)")
     parser.add_argument("--only-train", metavar="JSON", help=argparse.SUPPRESS)
@@ -771,6 +795,9 @@ def main(argv=None) -> int:
                         help="measure section 9 (export memory and time, tools/bench_export.py; ~25 min, needs "
                              "~16 GB for plain tf2onnx on ResNet152) and update it in bench.json/BENCHMARKS.md")
     args = parser.parse_args(argv)
+    global SMOKE
+    SMOKE = args.smoke
+    args.quick = args.quick or args.smoke
     repeats = args.repeats or (10 if args.quick else 50)
     if args.only_train:
         Path(args.only_train).write_text(json.dumps(bench_train(repeats)))
@@ -797,21 +824,21 @@ def main(argv=None) -> int:
             print((out / "BENCHMARKS.md").read_text())
             return 0
     started = time.perf_counter()
-    print("1. training step ...", flush=True)
+    print(f"1. training step ... ({time.perf_counter() - started:.0f} s)", flush=True)
     train = bench_train(repeats)
     train_jax = bench_train_jax(repeats)
     train_torch = bench_train_jax(repeats, "torch")
-    print("2-3. inference ...", flush=True)
+    print(f"2-3. inference ... ({time.perf_counter() - started:.0f} s)", flush=True)
     inference = bench_inference(args.quick, repeats, threads)
-    print("4. tools ...", flush=True)
+    print(f"4. tools ... ({time.perf_counter() - started:.0f} s)", flush=True)
     tools = bench_tools(args.quick, rounds=1 if args.quick else 3)
-    print("5. start-up ...", flush=True)
+    print(f"5. start-up ... ({time.perf_counter() - started:.0f} s)", flush=True)
     startup = bench_startup(rounds=1 if args.quick else 10)  # quick: CI's smoke run
-    print("6. ONNX Pad guard ...", flush=True)
+    print(f"6. ONNX Pad guard ... ({time.perf_counter() - started:.0f} s)", flush=True)
     pad_guard = bench_pad_guard(args.quick, repeats, threads)
-    print("7. recalibration ...", flush=True)
+    print(f"7. recalibration ... ({time.perf_counter() - started:.0f} s)", flush=True)
     recalibration = bench_recalibration(args.quick)
-    print("8. INT8 ...", flush=True)
+    print(f"8. INT8 ... ({time.perf_counter() - started:.0f} s)", flush=True)
     int8 = bench_int8(args.quick, repeats, threads)
     import onnxruntime
     import tensorflow as tf
@@ -820,6 +847,7 @@ def main(argv=None) -> int:
     result = {
         "date": datetime.date.today().isoformat(),
         "quick": args.quick,
+        "smoke": args.smoke,
         "machine": {"cpu": _cpu_name(), "cores": threads,
                     "threads_note": f"TensorFlow default threads, onnxruntime intra_op_num_threads={threads}"},
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
