@@ -38,7 +38,7 @@ def test_json_report(files, capsys):
     assert o["accuracy_drop_pt"] <= 0.5 and o["top1_agreement"] >= 0.98 and o["sqnr_db"] > 20
     assert r["size_bytes"]["int8"] < r["size_bytes"]["float"]
     # Always timed side by side on the runtime that verifies it; the report says when INT8 does not pay.
-    assert set(r["latency_ms"]) == {"batch", "float", "int8", "ratio", "int8_slower", "device"}
+    assert set(r["latency_ms"]) == {"batch", "float", "int8", "ratio", "int8_slower", "device", "costly_nodes"}
     assert r["latency_ms"]["int8_slower"] == (r["latency_ms"]["int8"] > r["latency_ms"]["float"])
     assert r["bn_folded"] == r["bn_total"] == 4
     assert r["commit"] == "passed"  # the verify-and-commit stage's code

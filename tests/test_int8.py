@@ -132,3 +132,22 @@ def test_preprocess_moves_pads_into_convs(tmp_path, digits):
     assert plain.detail.preprocess.code == "off" and pre.to_dict()["onnx"]["preprocess"]["removed"]["Pad"] == pads
     fl, q = _accuracy(pre)
     assert fl > 0.8 and fl - q <= 0.005 and pre.passed, (fl, q)  # a trained net, within half a point
+
+
+def test_latency_is_measured_and_a_slow_file_names_its_costliest_nodes(tmp_path, digits):
+    # Float and INT8 are timed side by side on every export; where INT8 is slower (the seed's
+    # small sigmoid LeNet is, on onnxruntime's CPU kernels here), the report names the quantized
+    # nodes that cost most, and --latency-first tries keeping them in float.
+    calib, evaluation, labels = digits
+    result = export_int8(int8_fixture("lenet_bn"), tmp_path / "m.onnx", calib, eval_data=evaluation,
+                         labels=labels, latency=True)
+    lat = result.latency
+    assert lat.batch == 8 and lat.float_ms > 0 and lat.int8_ms > 0 and lat.int8_slower == (lat.int8_ms > lat.float_ms)
+    assert result.passed and result.stage.code == "passed"  # what was written is what was measured
+    speed_steps = [s for s in result.fallback if s.action == "keep_in_float_for_latency"]
+    if lat.int8_slower:
+        assert lat.costly_nodes and all({"node", "op", "ms", "qdq_ms"} <= set(n) for n in lat.costly_nodes)
+        assert [n["ms"] for n in lat.costly_nodes] == sorted((n["ms"] for n in lat.costly_nodes), reverse=True)
+    else:
+        assert not lat.costly_nodes and not speed_steps
+    assert set(result.kept_in_float) <= {n for s in speed_steps for n in s.nodes}

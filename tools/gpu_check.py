@@ -143,7 +143,7 @@ def _onnxruntime_cuda(ort, onnx_path: str, x, reference) -> dict:
     feed = {session.get_inputs()[0].name: x}
     entry = {}
     for tf32 in (False, True):
-        outputs, meta = run_onnxruntime(onnx_path, [feed], provider="cuda", tf32=tf32)
+        outputs, meta = run_onnxruntime(onnx_path, [feed], provider="cuda", session={"tf32": tf32})
         placement = parse_placement(meta["log"])
         entry["tf32_on" if tf32 else "tf32_off"] = {
             "provider": meta["provider"],

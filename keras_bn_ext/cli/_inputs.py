@@ -72,7 +72,8 @@ def int8_options(args):
                         min_sqnr_db=args.min_sqnr_db)
     return Int8Options(exclude=tuple(args.exclude), equalize=args.equalize, relu6_to_relu=args.relu6_to_relu,
                        criteria=criteria, calibration_batch_size=args.calibration_batch_size,
-                       fallback_budget=getattr(args, "fallback_budget", q.FALLBACK_BUDGET))
+                       fallback_budget=getattr(args, "fallback_budget", q.FALLBACK_BUDGET),
+                       latency=getattr(args, "latency_first", False))
 
 
 def qdq_options(args):

@@ -33,8 +33,12 @@ def print_int8(r, *, what: str, lines=None) -> None:
     console.print(f"calibrated with {cal.method} on {cal.samples} samples ({cal.batches} batches of {cal.batch_size}); "
                   f"evaluated on {ev.samples} samples ({ev.source}) on {r.runtime} {r.runtime_version}")
     for s in r.fallback:
-        done = {"equalize": "tried equalization", "without_equalization": "tried without equalization"}.get(
-            s.action) or f"kept {'+'.join(s.op_types)} '{s.nodes[0]}' in float (it lost {s.added_db:.1f} dB)"
+        if s.action == "keep_in_float_for_latency":
+            done = f"kept {'+'.join(s.op_types)} '{s.nodes[0]}' in float for speed"
+        elif s.action == "keep_in_float":
+            done = f"kept {'+'.join(s.op_types)} '{s.nodes[0]}' in float (it lost {s.added_db:.1f} dB)"
+        else:
+            done = {"equalize": "tried equalization", "without_equalization": "tried without equalization"}[s.action]
         console.print(f"  fallback: {done}: {'passes' if s.passed else 'still short'}")
     console.print(fidelity_table(r.fidelity))
     size = r.size
@@ -48,6 +52,10 @@ def print_int8(r, *, what: str, lines=None) -> None:
                   if lat.int8_slower else "")
         console.print(f"{r.runtime} on {lat.device}, batch {lat.batch}: float {lat.float_ms:.3f} ms, INT8 "
                       f"{lat.int8_ms:.3f} ms ({lat.ratio:.2f}x){slower}")
+        if lat.costly_nodes:
+            console.print("  costliest quantized nodes (with their Q/DQ): " + ", ".join(
+                f"{n['op']} '{n['node']}' {n['ms']:.3f} ms ({n['qdq_ms']:.3f} in Q/DQ)" for n in lat.costly_nodes)
+                + "; --latency-first keeps them in float while that is faster")
     if not r.passed:
         console.print(f"[red]INT8 criteria missed; {r.path} is kept for inspection[/red]")
 

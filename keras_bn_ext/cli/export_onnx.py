@@ -64,6 +64,10 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
                       "--per-tensor (the better of with and without kept), and tried when per-channel misses a "
                       "criterion (default)")
     add_qdq_arguments(group)
+    group.add_argument("--latency-first", action="store_true",
+                       help="when the INT8 file runs slower than the float one on onnxruntime's CPU provider, keep "
+                            "its costliest quantized nodes (profiled) in float one by one, up to --fallback-budget, "
+                            "while the criteria pass and it gets faster")
 
 
 def _target(args):

@@ -65,6 +65,9 @@ class Int8Options:
         calibration_batch_size: Samples per calibration batch.
         fallback_budget: Nodes (segments) the fallback may keep in float, worst first (0: none;
             the equalization retry of "auto" is not part of it).
+        latency: When the INT8 file runs slower than the float one, keep its costliest
+            quantized nodes in float one by one (at most `fallback_budget`), as long as the
+            criteria still pass, and write the fastest (targets that profile their nodes: ONNX).
     """
 
     exclude: tuple[str, ...] = ()
@@ -73,6 +76,7 @@ class Int8Options:
     criteria: Criteria = Criteria()
     calibration_batch_size: int = q.CALIBRATION_BATCH_SIZE
     fallback_budget: int = q.FALLBACK_BUDGET
+    latency: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -125,6 +129,9 @@ class LatencyRecord:
     float_ms: float
     int8_ms: float
     device: str
+    # Where INT8 is slower and the target can say (ONNX: onnxruntime's profiler): the quantized
+    # nodes that cost most, with their QuantizeLinear/DequantizeLinear; {"node", "op", "ms", "qdq_ms"}.
+    costly_nodes: list[dict] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -137,7 +144,7 @@ class LatencyRecord:
 
     def to_dict(self) -> dict:
         return {"batch": self.batch, "float": self.float_ms, "int8": self.int8_ms, "ratio": self.ratio,
-                "int8_slower": self.int8_slower, "device": self.device}
+                "int8_slower": self.int8_slower, "device": self.device, "costly_nodes": self.costly_nodes}
 
 
 @dataclass
@@ -245,16 +252,23 @@ class _Run:
         return _Attempt(float_file, int8_file, got, fidelity, list(excluded))
 
 
+def _set_aside(run: _Run, attempt: _Attempt, path: Path) -> _Attempt:
+    """The attempt with its INT8 file copied to `path` (a later attempt of the same tag
+    overwrites the file it wrote, and what is committed must be what was measured)."""
+    run.quantizer.copy(attempt.int8_file, path)
+    attempt.int8_file = path
+    return attempt
+
+
 def _fallback(run: _Run, best: _Attempt, candidate, tag: str, budget: int, steps: list, work: Path) -> _Attempt:
     """Keep the worst-ranked nodes in float one by one (best attempt kept), where the target ranks them."""
     ranking = run.quantizer.rank(best.float_file, best.int8_file, tag)
+    best = _set_aside(run, best, work / f"fallback.0{best.int8_file.name}")  # the next attempts write its name
     excluded = list(best.excluded)
     for entry in ranking[:budget]:
         excluded.extend(entry["nodes"])
         tried = run.attempt(candidate, tag, excluded)
-        kept = work / f"best.{len(excluded)}{tried.int8_file.name}"  # each attempt writes the same name
-        run.quantizer.copy(tried.int8_file, kept)
-        tried.int8_file = kept
+        tried = _set_aside(run, tried, work / f"fallback.{len(excluded)}{tried.int8_file.name}")
         steps.append(FallbackStep("keep_in_float", entry["nodes"], entry["op_types"], entry["added_db"],
                                   tried.fidelity.score(), tried.fidelity.passed))
         if tried.fidelity.score() >= best.fidelity.score():
@@ -264,14 +278,38 @@ def _fallback(run: _Run, best: _Attempt, candidate, tag: str, budget: int, steps
     return best
 
 
-def _latency(run: _Run, best: _Attempt) -> LatencyRecord:
+def _latency(run: _Run, attempt: _Attempt) -> LatencyRecord:
     feed = [dict(zip(run.names, [a[:LATENCY_BATCH] for a in run.data.evaluation]))]
     batch = str(len(feed[0][run.names[0]]))
     with phase("time float and INT8"):
         times = {label: run.quantizer.runner.run(file, feed, keras_names=run.keras_names, repeats=LATENCY_REPEATS)
-                 for label, file in (("float", best.float_file), ("int8", best.int8_file))}
-    return LatencyRecord(batch=int(batch), float_ms=times["float"].latency_ms[batch],
-                         int8_ms=times["int8"].latency_ms[batch], device=times["int8"].device)
+                 for label, file in (("float", attempt.float_file), ("int8", attempt.int8_file))}
+    record = LatencyRecord(batch=int(batch), float_ms=times["float"].latency_ms[batch],
+                           int8_ms=times["int8"].latency_ms[batch], device=times["int8"].device)
+    if record.int8_slower and hasattr(run.quantizer, "costly_nodes"):
+        with phase("profile the INT8 file's nodes"):
+            record.costly_nodes = run.quantizer.costly_nodes(attempt.int8_file, feed[0])
+    return record
+
+
+def _for_latency(run: _Run, best: _Attempt, latency: LatencyRecord, candidate, tag: str, steps: list,
+                 work: Path) -> tuple[_Attempt, LatencyRecord]:
+    """Keep the costliest quantized nodes in float while INT8 is slower than float and the
+    criteria pass; the fastest passing attempt wins."""
+    best = _set_aside(run, best, work / f"latency.0{best.int8_file.name}")  # the next attempts write its name
+    for _ in range(run.options.fallback_budget):
+        if not latency.int8_slower or not latency.costly_nodes:
+            break
+        node = latency.costly_nodes[0]
+        tried = run.attempt(candidate, tag, best.excluded + [node["node"]])
+        tried = _set_aside(run, tried, work / f"latency.{len(tried.excluded)}{tried.int8_file.name}")
+        timed = _latency(run, tried)
+        steps.append(FallbackStep("keep_in_float_for_latency", [node["node"]], [node["op"]], None,
+                                  tried.fidelity.score(), tried.fidelity.passed))
+        if not tried.fidelity.passed or timed.int8_ms >= latency.int8_ms:
+            break
+        best, latency = tried, timed
+    return best, latency
 
 
 def export_int8(model: keras.Model, path: str | os.PathLike, calibration, *, target: str | Target = "onnx",
@@ -337,6 +375,8 @@ def export_int8(model: keras.Model, path: str | os.PathLike, calibration, *, tar
         start = time.perf_counter()
         float_err = max_rel_err(data.reference, run.outputs(best.float_file, data.evaluation))
         latency = _latency(run, best)
+        if options.latency and best.fidelity.passed:
+            best, latency = _for_latency(run, best, latency, candidate, tag, steps, work)
         first_batch = [a[:EVAL_BATCH] for a in data.evaluation]
         staged = commit_measured(
             path, lambda tmp: run.quantizer.copy(best.int8_file, Path(tmp)),

@@ -29,6 +29,7 @@ from keras_bn_ext.quantization.calibration import EVAL_BATCH
 
 __all__ = ["OnnxInt8Detail", "OnnxQuantizer", "Preprocess"]
 
+PROFILE_RUNS = 20  # profiled runs for `costly_nodes`
 _RANK_SAMPLES = 256  # evaluation samples the fallback ranks nodes on
 _CHECK_SAMPLES = 64  # evaluation samples the pre-processed graph is checked on
 # onnxruntime's pre-step rewrites float arithmetic (a Pad into a Conv, constants folded): its
@@ -156,6 +157,39 @@ class OnnxQuantizer:
 
         return rank_nodes(float_file, int8_file, self.rank_npz, self.names, batch_size=EVAL_BATCH,
                           workdir=self.work)
+
+    def costly_nodes(self, int8_file: Path, feed: dict, *, top: int = 5) -> list[dict]:
+        """The INT8 file's compute nodes that cost most on onnxruntime's CPU provider, each with
+        the QuantizeLinear/DequantizeLinear nodes around it (onnxruntime's profiler over
+        `PROFILE_RUNS` runs of `feed`): {"node", "op", "ms", "qdq_ms"}, costliest first. The
+        node names are the float graph's, so each can be kept in float (`nodes_to_exclude`)."""
+        import onnx
+
+        from keras_bn_ext.export.onnx.verify import run_onnxruntime
+
+        _, meta = run_onnxruntime(int8_file, [feed], provider="cpu", profile=PROFILE_RUNS)
+        node_ms = meta.get("node_ms") or {}
+        graph = onnx.load(str(int8_file), load_external_data=False).graph
+        producer = {out: n for n in graph.node for out in n.output}
+        consumers: dict[str, list] = {}
+        for n in graph.node:
+            for name in n.input:
+                consumers.setdefault(name, []).append(n)
+        qdq = {"QuantizeLinear", "DequantizeLinear"}
+        rows = []
+        for n in graph.node:
+            if n.op_type in qdq or not n.name:
+                continue
+            around = {p.name for i in n.input if (p := producer.get(i)) is not None and p.op_type in qdq}
+            around |= {q.name for i in n.input if (p := producer.get(i)) is not None and p.op_type == "DequantizeLinear"
+                       for q in [producer.get(p.input[0])] if q is not None and q.op_type == "QuantizeLinear"}
+            around |= {c.name for o in n.output for c in consumers.get(o, []) if c.op_type == "QuantizeLinear"}
+            if not around:
+                continue  # not quantized: nothing to keep in float
+            own = node_ms.get(n.name, {}).get("ms", 0.0)
+            wrap = sum(node_ms.get(a, {}).get("ms", 0.0) for a in around)
+            rows.append({"node": n.name, "op": n.op_type, "ms": round(own + wrap, 4), "qdq_ms": round(wrap, 4)})
+        return sorted(rows, key=lambda r: -r["ms"])[:top]
 
     def copy(self, source: Path, destination: Path) -> None:
         shutil.copyfile(source, destination)

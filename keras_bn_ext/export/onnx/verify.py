@@ -146,18 +146,24 @@ def run_onnxruntime(
     provider: str = "auto",
     repeats: int = 0,
     threads: int | None = None,
-    optimizations: bool = True,
-    disabled_optimizers: Sequence[str] = (),
-    tf32: bool = False,
+    profile: int = 0,
+    session: Mapping | None = None,
 ) -> tuple[list[list[np.ndarray]], dict]:
     """Run the ONNX model on each batch in a child process (see _ort_worker).
-    `optimizations=False` turns onnxruntime's graph optimizations off;
-    `disabled_optimizers` turns named ones off. `tf32=True` lets CUDA use TF32 (only to
-    measure what it costs: verification keeps it off).
+
+    `profile`: also run the first batch this many times under onnxruntime's profiler (the
+    metadata's `node_ms`: mean milliseconds per node). `session`: how the session is made,
+    `{"optimizations": False}` turns onnxruntime's graph optimizations off,
+    `{"disabled_optimizers": [...]}` turns named ones off, `{"tf32": True}` lets CUDA use
+    TF32 (only to measure what it costs: verification keeps it off).
 
     Returns the outputs per batch (in the ONNX graph's output order) and the worker's
     metadata (provider used, available providers, latencies, its log).
     """
+    session = dict(session or {})
+    optimizations = session.get("optimizations", True)
+    disabled_optimizers = session.get("disabled_optimizers", ())
+    tf32 = session.get("tf32", False)
     input_names = list(batches[0])
     meta = {
         "model": str(Path(onnx_path).resolve()),
@@ -168,6 +174,7 @@ def run_onnxruntime(
         "threads": threads,
         "optimizations": optimizations,
         "disabled_optimizers": list(disabled_optimizers),
+        "profile": int(profile),
     }
     arrays = {f"b{i}__{name}": np.ascontiguousarray(b[name]) for i, b in enumerate(batches) for name in input_names}
     with tempfile.TemporaryDirectory(prefix="keras_bn_ext_ort_") as tmp:
@@ -301,7 +308,7 @@ def verify_onnx(
     if not comparison.passed and not exact.passed:
         # Tell a wrong graph from onnxruntime's optimizer rewriting a right one.
         def rerun(**session):
-            out, out_meta = run_onnxruntime(onnx_path, feeds, provider=provider, **session)
+            out, out_meta = run_onnxruntime(onnx_path, feeds, provider=provider, session=session)
             return compare_output_lists(reference, in_keras_order(out, out_meta, keras_names), keras_names,
                                         atol=atol, rtol=rtol)
 
