@@ -606,7 +606,7 @@ def test_a_bn_the_model_holds_but_never_calls_is_counted_as_unused():
 
 def test_every_kept_bn_has_a_stable_code():
     """Reports carry a code beside the prose (tools/zoo.py counts codes, never words)."""
-    from keras_bn_ext.folding.graph import KEPT_CODES
+    from keras_bn_ext.folding.analysis import KEPT_CODES
 
     inputs = keras.Input((8, 8, 3))
     a = keras.layers.Conv2D(4, 3, activation="relu")(inputs)

@@ -184,7 +184,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "`verify_on_target` on ai-edge-litert / OpenVINO's CPU runtime (float32) against the original at batch size 2 (through the dynamic batch; "
         "\"batch 1\": recurrent layers, whose tensor lists the converter lowers only with static shapes, are "
         "converted with the batch fixed to 1 and verified at 1); kept "
-        "BNs are counted by their stable code (`folding.graph.KEPT_CODES`).",
+        "BNs are counted by their stable code (`folding.analysis.KEPT_CODES`).",
         "",
         "| source | model | input | BN total | folded | kept, by code | fold rel err | ONNX rel err | LiteRT rel err "
         "| LiteRT s | OpenVINO rel err | s | status |",

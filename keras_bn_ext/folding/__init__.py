@@ -1,6 +1,6 @@
 """Folding trained BatchNormalization into neighbouring conv/dense layers.
 
-`graph` decides what folds, `rules` holds the per-layer-class maths, `affine` turns a
+`analysis` decides what folds, `rules` holds the per-layer-class maths, `affine` turns a
 BN into its per-channel map, `inline` opens traceable custom layers, `fold` ties them
 together (the new model is written by the package's `rebuild`), `save` writes it verified.
 """

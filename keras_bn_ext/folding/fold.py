@@ -19,7 +19,7 @@ from keras_bn_ext.compare import (
 from keras_bn_ext.errors import FoldError, UnknownLayerError
 from keras_bn_ext.folding import options, rules
 from keras_bn_ext.folding.affine import batchnorm_of, bn_affine, bn_axis, is_batchnorm
-from keras_bn_ext.folding.graph import analyze
+from keras_bn_ext.folding.analysis import analyze
 from keras_bn_ext.folding.inline import InlineReport, inline_traceable_layers
 from keras_bn_ext.rebuild import RebuildPlan, rebuild
 
@@ -36,7 +36,7 @@ class FoldedBN:
 @dataclass
 class KeptBN:
     bn: str
-    code: str  # stable: one of folding.graph.KEPT_CODES
+    code: str  # stable: one of folding.analysis.KEPT_CODES
     reason: str  # the sentence, with layer names
 
 
