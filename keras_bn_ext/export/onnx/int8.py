@@ -138,7 +138,7 @@ class OnnxQuantizer:
         return pre if self.prepared[tag].code == "applied" else exported
 
     def quantize(self, candidate, tag: str, excluded: list[str]) -> Path:
-        from keras_bn_ext.export.onnx.quantize import quantize_onnx
+        from keras_bn_ext.export.onnx.quantize import QuantizeSettings, quantize_onnx
 
         float_path, int8_path = self.float_file(candidate, tag), self.work / f"{tag}.int8.onnx"
         cache = self.work / f"{tag}.cache.json"
@@ -146,10 +146,10 @@ class OnnxQuantizer:
         batches = -(-len(self.data.calibration[0]) // self.options.calibration_batch_size)
         with counted_steps("quantize (calibration cached)" if calibrated else "calibrate and quantize",
                            0 if calibrated else batches) as advance:
-            quantize_onnx(float_path, int8_path, self.calibration_npz, self.names, per_channel=self.int8.per_channel,
-                          reduce_range=self.cpu.reduce_range, method=self.int8.method,
-                          batch_size=self.options.calibration_batch_size, nodes_to_exclude=excluded, cache=cache,
-                          on_batch=advance)
+            settings = QuantizeSettings(per_channel=self.int8.per_channel, reduce_range=self.cpu.reduce_range,
+                                        method=self.int8.method, batch_size=self.options.calibration_batch_size)
+            quantize_onnx(float_path, int8_path, self.calibration_npz, self.names, settings=settings,
+                          nodes_to_exclude=excluded, cache=cache, on_batch=advance)
         return int8_path
 
     def rank(self, float_file: Path, int8_file: Path, tag: str) -> list[dict]:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -64,29 +65,37 @@ def preprocess_onnx(float_path: str | os.PathLike, out_path: str | os.PathLike) 
           "output": str(Path(out_path).resolve())})
 
 
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """How `quantize_static` quantizes: weight scales per channel, 7-bit weights (`reduce_range`),
+    the calibration method and the samples per calibration batch."""
+
+    per_channel: bool
+    reduce_range: bool
+    method: str
+    batch_size: int
+
+
 def quantize_onnx(
     float_path: str | os.PathLike,
     out_path: str | os.PathLike,
     calibration_npz: str | os.PathLike,
     input_names: Sequence[str],
     *,
-    per_channel: bool,
-    reduce_range: bool,
-    method: str,
-    batch_size: int,
+    settings: QuantizeSettings,
     nodes_to_exclude: Sequence[str] = (),
     cache: str | os.PathLike | None = None,
     on_batch: Callable[[], None] | None = None,
 ) -> dict:
     """`onnxruntime.quantization.quantize_static` of `float_path` into `out_path`, calibrated
-    on the arrays of `calibration_npz` (keyed by input name), streamed `batch_size` at a
-    time. `cache`: a calibration-range cache file (written on the first run, read after).
-    `on_batch`: called as each calibration batch is handed to onnxruntime."""
+    on the arrays of `calibration_npz` (keyed by input name), streamed `settings.batch_size`
+    at a time. `cache`: a calibration-range cache file (written on the first run, read
+    after). `on_batch`: called as each calibration batch is handed to onnxruntime."""
     return _run({
         "action": "quantize", "model": str(Path(float_path).resolve()), "output": str(Path(out_path).resolve()),
-        "calibration": str(calibration_npz), "input_names": list(input_names), "batch_size": int(batch_size),
-        "per_channel": bool(per_channel), "reduce_range": bool(reduce_range), "method": method,
-        "nodes_to_exclude": list(nodes_to_exclude), "cache": str(cache) if cache else None,
+        "calibration": str(calibration_npz), "input_names": list(input_names), "batch_size": int(settings.batch_size),
+        "per_channel": bool(settings.per_channel), "reduce_range": bool(settings.reduce_range),
+        "method": settings.method, "nodes_to_exclude": list(nodes_to_exclude), "cache": str(cache) if cache else None,
     }, on_batch)
 
 
