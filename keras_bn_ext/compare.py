@@ -170,6 +170,23 @@ def _quiet_retracing_warning() -> None:
         logger.addFilter(_RetracingFilter())
 
 
+# The graph of a model must compute what the model computes eagerly, to float32 rounding: it is
+# checked once per model on one sample. TensorFlow 2.21's oneDNN graph rewrites (its remapper's
+# fused convolutions, on CPUs with AVX-512) were measured giving a folded KerasHub CSPNet
+# outputs 4.8e-2 off its eager run (3e-7 eagerly, and 3e-7 with TF_ENABLE_ONEDNN_OPTS=0). A
+# model whose graph misses this runs eagerly; `GRAPH_REFUSED` names it, with the error.
+GRAPH_RTOL = 1e-4
+GRAPH_REFUSED: dict[str, float] = {}
+
+
+def _graph_error(graph, model, x) -> float:
+    """max relative difference of the graph against eager execution on the first sample."""
+    one = keras.tree.map_structure(lambda a: np.asarray(a)[:1], x)
+    got = [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(graph(one))]
+    want = [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(model(one, training=False))]
+    return nonfinite.max_rel_err(want, got)
+
+
 def _forward(model):
     eager = lambda x: model(x, training=False)  # noqa: E731
     if keras.backend.backend() != "tensorflow":
@@ -189,8 +206,19 @@ def _forward(model):
         _quiet_retracing_warning()
         graph = tf.function(keras_bn_ext_inference, reduce_retracing=True, autograph=False)
 
+        checked = False
+
         def fn(x):
-            nonlocal graph
+            nonlocal graph, checked
+            if graph is not None and not checked:
+                checked = True
+                try:
+                    err = _graph_error(graph, ref(), x)
+                except Exception:  # noqa: BLE001 - a call() that only runs eagerly (numpy, Python state)
+                    graph, err = None, None
+                if err is not None and not err <= GRAPH_RTOL:
+                    GRAPH_REFUSED[ref().name] = err
+                    graph = None
             if graph is not None:
                 try:
                     return graph(x)

@@ -161,3 +161,25 @@ def test_many_models_verified_in_one_process_raise_no_retracing_warning(caplog):
             for n in (1, 3):
                 keras_outputs(model, [np.zeros((n, 4), "float32")])
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
+def test_a_graph_that_computes_otherwise_than_eager_is_not_the_reference():
+    # TensorFlow's oneDNN graph rewrites gave a folded CSPNet 4.8e-2 off its eager outputs on an
+    # AVX-512 CPU (tests/test_kerashub.py failed its fold there). Fault injection: a layer whose
+    # traced graph adds 1e-3 that eager execution does not. The reference must be the eager one.
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_bn_ext import compare
+
+    class GraphOnlyShift(keras.layers.Layer):
+        def call(self, x):
+            return x + (0.0 if tf.executing_eagerly() else 1e-3)
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, GraphOnlyShift()(keras.layers.Dense(3)(inputs)), name="graph_differs")
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    got = compare.keras_outputs(model, [x])[0]
+    assert np.array_equal(got, keras.ops.convert_to_numpy(model(x, training=False)))
+    assert compare.GRAPH_REFUSED["graph_differs"] > compare.GRAPH_RTOL
