@@ -179,11 +179,22 @@ GRAPH_RTOL = 1e-4
 GRAPH_REFUSED: dict[str, float] = {}
 
 
-def _graph_error(graph, model, x) -> float:
-    """max relative difference of the graph against eager execution on the first sample."""
+_GRAPH_FAILED = object()
+
+
+def _graph_error(graph, model, x):
+    """max relative difference of the graph against eager execution on the first sample;
+    `_GRAPH_FAILED` when the graph cannot run (a call() that only runs eagerly), None when
+    the eager run cannot (the graph is then used unchecked, as before the check existed)."""
     one = keras.tree.map_structure(lambda a: np.asarray(a)[:1], x)
-    got = [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(graph(one))]
-    want = [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(model(one, training=False))]
+    try:
+        got = [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(graph(one))]
+    except Exception:  # noqa: BLE001 - numpy calls, Python state
+        return _GRAPH_FAILED
+    try:
+        want = [keras.ops.convert_to_numpy(o) for o in keras.tree.flatten(model(one, training=False))]
+    except Exception:  # noqa: BLE001
+        return None
     return nonfinite.max_rel_err(want, got)
 
 
@@ -212,9 +223,8 @@ def _forward(model):
             nonlocal graph, checked
             if graph is not None and not checked:
                 checked = True
-                try:
-                    err = _graph_error(graph, ref(), x)
-                except Exception:  # noqa: BLE001 - a call() that only runs eagerly (numpy, Python state)
+                err = _graph_error(graph, ref(), x)
+                if err is _GRAPH_FAILED:
                     graph, err = None, None
                 if err is not None and not err <= GRAPH_RTOL:
                     GRAPH_REFUSED[ref().name] = err

@@ -59,6 +59,9 @@ def npz_data(model: keras.Model, path: str | os.PathLike, *, key: str | None = N
             raise InputDataError(f"{flag} {path} has no array '{key}' (has: {_listing(data)}). "
                                  f"Received: data_key={key!r}")
         keys = [key]
+        paired = {x: y for x, y in SPLIT_KEYS.values()}.get(key)  # --data-key x_test takes y_test beside it
+        if labels_key is None and paired in data:
+            labels_key = paired
     elif all(name in data for name in names):
         keys = names
     elif len(names) == 1 and x_key in data:

@@ -70,10 +70,8 @@ class FileCheck:
 
     @property
     def passed(self) -> bool:
-        checks = [self.comparison is not None and self.comparison.passed if self.comparison is not None else None,
-                  self.statistics_equal, self.reproduced,
-                  self.fidelity.passed if self.fidelity is not None else None]
-        made = [c for c in checks if c is not None]
+        made = [c for c in (self.comparison and self.comparison.passed, self.statistics_equal, self.reproduced,
+                            self.fidelity and self.fidelity.passed) if c is not None]
         return self.reload_error is None and bool(made) and all(made)
 
 

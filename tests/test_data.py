@@ -42,6 +42,13 @@ def test_keras_mnist_layout_picks_the_split_and_its_labels(tmp_path, split, n):
     assert got.keys == [f"x_{split}"] and len(got.arrays[0]) == n and len(got.labels) == n
 
 
+def test_data_key_on_the_mnist_layout_takes_the_labels_beside_it(tmp_path):
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=_x(6), y_train=np.zeros(6, "int64"), x_test=_x(3, 1), y_test=np.ones(3, "int64"))
+    got = npz_data(_model(), path, key="x_test")
+    assert got.keys == ["x_test"] and np.array_equal(got.labels, np.ones(3, "int64"))
+
+
 def test_data_key_picks_an_array(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, a=_x(), b=_x(5, 1))

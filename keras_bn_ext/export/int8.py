@@ -35,8 +35,8 @@ import numpy as np
 
 from keras_bn_ext.nonfinite import max_rel_err
 from keras_bn_ext.compare import input_specs, output_names
-from keras_bn_ext.data import array_batches
 from keras_bn_ext.export.target import Target, get_target
+from keras_bn_ext.export.verify import run_arrays
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.progress import phase
 from keras_bn_ext.quantization import options as q
@@ -237,10 +237,10 @@ class _Run:
         self.runtime_version, self.op_counts = "", {}
 
     def outputs(self, file: Path, arrays) -> list[np.ndarray]:
-        feeds = [dict(zip(self.names, b)) for b in array_batches(arrays, EVAL_BATCH)]
-        ran = self.quantizer.runner.run(file, feeds, keras_names=self.keras_names)
+        got, ran = run_arrays(self.quantizer.runner, file, arrays, input_names=self.names,
+                              keras_names=self.keras_names, batch_size=EVAL_BATCH)
         self.runtime_version, self.op_counts = ran.runtime_version, ran.op_counts
-        return [np.concatenate([b[j] for b in ran.outputs]) for j in range(len(self.keras_names))]
+        return got
 
     def attempt(self, candidate, tag: str, excluded: Sequence[str] = ()) -> _Attempt:
         float_file = self.quantizer.float_file(candidate, tag)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import keras
+import numpy as np
 
 from keras_bn_ext.compare import (
     ComparisonReport,
@@ -22,7 +23,7 @@ from keras_bn_ext.compare import (
     random_inputs,
 )
 
-__all__ = ["Verification", "verify_on_target", "verification_batches"]
+__all__ = ["Verification", "run_arrays", "verify_on_target", "verification_batches"]
 
 BENCHMARK_REPEATS = 30
 
@@ -44,6 +45,16 @@ class Verification:
     @property
     def passed(self) -> bool:
         return self.comparison.passed or (self.exact is not None and self.exact.passed)
+
+
+def run_arrays(target, path, arrays, *, input_names, keras_names, batch_size: int = 256):
+    """Run the file on `target` over `arrays` (samples on axis 0) in batches of `batch_size`;
+    (one array per Keras output, the batches concatenated; the `RunResult` of the run)."""
+    from keras_bn_ext.data import array_batches
+
+    feeds = [dict(zip(input_names, b)) for b in array_batches(arrays, batch_size)]
+    ran = target.run(path, feeds, keras_names=keras_names)
+    return [np.concatenate([b[j] for b in ran.outputs]) for j in range(len(keras_names))], ran
 
 
 def verification_batches(model: keras.Model, options, *, fixed_batch: int | None = None, seed: int = 0) -> list:

@@ -107,12 +107,10 @@ class OnnxQuantizer:
 
     def _outputs(self, file: Path, arrays):
         from keras_bn_ext.compare import output_names
-        from keras_bn_ext.data import array_batches
+        from keras_bn_ext.export.verify import run_arrays
 
-        keras_names = output_names(self.model)
-        feeds = [dict(zip(self.names, b)) for b in array_batches(arrays, EVAL_BATCH)]
-        ran = self.runner.run(file, feeds, keras_names=keras_names)
-        return [np.concatenate([b[j] for b in ran.outputs]) for j in range(len(keras_names))]
+        return run_arrays(self.runner, file, arrays, input_names=self.names, keras_names=output_names(self.model),
+                          batch_size=EVAL_BATCH)[0]
 
     def float_file(self, candidate, tag: str) -> Path:
         """The float graph that is quantized: exported, then onnxruntime's pre-step (checked)."""

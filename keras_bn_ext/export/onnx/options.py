@@ -1,6 +1,14 @@
 """What the ONNX export and its verification accept, shared by the library and
 `bn-export-onnx` (this module imports nothing heavy: the CLI prints these in --help)."""
 
+from dataclasses import dataclass
+
+# The tolerances and sample counts every target shares (re-exported: the ONNX CLI prints them).
+from keras_bn_ext.export.options import BATCH_SIZES, FP16_ATOL, FP16_RTOL, FP32_ATOL, FP32_RTOL, SAMPLES
+
+__all__ = ["BATCH_DIM", "BATCH_SIZES", "CONVERSIONS", "DEFAULT_METHOD", "DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "FP16_ATOL", "FP16_RTOL", "FP32_ATOL",
+           "FP32_RTOL", "METHODS", "OnnxInt8Options", "OnnxOptions", "PROVIDERS", "SAMPLES", "SUPPORTED_OPSETS"]
+
 # tf2onnx 1.17 converts to opsets up to 18 (19+ "not supported yet"); 13 is the oldest
 # with the per-axis quantization and Split semantics its Keras 3 paths emit.
 SUPPORTED_OPSETS = range(13, 19)
@@ -18,9 +26,6 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 # auto = CUDA when onnxruntime can really use it, else the CPU.
 PROVIDERS = ("auto", "cuda", "cpu")
 
-# The tolerances and sample counts every target shares (re-exported: the ONNX CLI prints them).
-from keras_bn_ext.export.options import (  # noqa: E402,F401
-    BATCH_SIZES, FP16_ATOL, FP16_RTOL, FP32_ATOL, FP32_RTOL, SAMPLES)
 
 
 # onnxruntime's calibration methods (CalibrationMethod names). Measured on the trained nets of
@@ -30,8 +35,6 @@ from keras_bn_ext.export.options import (  # noqa: E402,F401
 METHODS = ("Percentile", "MinMax", "Entropy")
 DEFAULT_METHOD = "Percentile"
 
-
-from dataclasses import dataclass  # noqa: E402
 
 
 @dataclass(frozen=True)
