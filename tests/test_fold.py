@@ -571,6 +571,7 @@ class _ConfigDoesNotRoundTrip(layers.Layer):
 def test_a_layer_its_config_cannot_recreate_is_used_as_it_is(tmp_path):
     # Folding and export work; a saved file would not load, and fold_to_file says which layer.
     from keras_bn_ext.export.onnx.convert import export_onnx
+    from keras_bn_ext.export.onnx.options import OnnxOptions
     from keras_bn_ext.export.onnx.verify import verify_onnx
     from keras_bn_ext.folding.save import fold_to_file
 
@@ -587,7 +588,7 @@ def test_a_layer_its_config_cannot_recreate_is_used_as_it_is(tmp_path):
     assert not (tmp_path / "f.keras").exists()
     if keras.backend.backend() == "tensorflow":
         export_onnx(model, tmp_path / "m.onnx")
-        assert verify_onnx(model, tmp_path / "m.onnx", provider="cpu").passed
+        assert verify_onnx(model, tmp_path / "m.onnx", onnx=OnnxOptions(provider="cpu")).passed
 
 
 def test_a_bn_the_model_holds_but_never_calls_is_counted_as_unused():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from keras_bn_ext import export_onnx, fold_batchnorms, verify_onnx
+from keras_bn_ext import OnnxOptions, export_onnx, fold_batchnorms, verify_onnx
 from keras_bn_ext.folding.save import fold_to_file
 from keras_bn_ext.testing import randomize_batchnorms, wrapper_models
 from tests.helpers import assert_close, run_python
@@ -66,7 +66,7 @@ def test_wrapped_models_fold_every_bn_reload_without_the_package_and_export(name
     assert float(out.strip().splitlines()[-1]) <= 1e-5
     export = export_onnx(model, tmp_path / "m.onnx")
     assert export.bn_folded == len(expected) and "BatchNormalization" not in export.op_counts
-    assert verify_onnx(model, tmp_path / "m.onnx", provider="cpu").passed
+    assert verify_onnx(model, tmp_path / "m.onnx", onnx=OnnxOptions(provider="cpu")).passed
 
 
 def test_kept_wrapped_cases_keep_a_reason():

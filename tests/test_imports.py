@@ -95,3 +95,22 @@ def test_lower_modules_import_nothing_above_them():
         text = open(os.path.join(REPO, "keras_bn_ext", f"{name}.py")).read()
         imported = re.findall(r"^\s*(?:from|import)\s+(keras_bn_ext[\w.]*)", text, re.M)
         assert not [m for m in imported if m.startswith(above)], (name, imported)
+
+
+def test_export_functions_take_at_most_eight_parameters():
+    """A target's options travel as records (ExportOptions, OnnxOptions, Int8Options), not as
+    long keyword lists that each target re-spells."""
+    import ast
+
+    too_long = []
+    for root, _, files in os.walk(os.path.join(REPO, "keras_bn_ext", "export")):
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(root, name)
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    a = node.args
+                    params = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+                    params += [p.arg for p in (a.vararg, a.kwarg) if p is not None]
+                    if len(params) > 8:
+                        too_long.append(f"{os.path.relpath(path, REPO)}:{node.lineno} {node.name} ({len(params)})")
+    assert not too_long, too_long

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from keras import layers
 
-from keras_bn_ext import BatchNormalization, export_onnx, verify_onnx
+from keras_bn_ext import BatchNormalization, ExportOptions, OnnxOptions, export_onnx, verify_onnx
 from keras_bn_ext.errors import ExportError
 from keras_bn_ext.testing import randomize_batchnorms
 from tests.helpers import two_input_dict_model
@@ -59,7 +59,7 @@ def test_lenet_export_names_batch_dim_and_no_bn_ops(lenet, tmp_path):
     assert "BatchNormalization" not in report.op_counts and "Mul" not in report.op_counts
     assert _affine_after_conv(graph) == []
     assert report.op_counts["Conv"] == 2
-    result = verify_onnx(lenet, path, provider="cpu")
+    result = verify_onnx(lenet, path, onnx=OnnxOptions(provider="cpu"))
     assert result.passed and result.provider == "CPUExecutionProvider"
     assert result.batch_sizes == [1, 8]
     assert result.comparison.max_rel_err <= 1e-5
@@ -67,12 +67,12 @@ def test_lenet_export_names_batch_dim_and_no_bn_ops(lenet, tmp_path):
 
 def test_no_fold_export_is_correct_with_our_layer(lenet, tmp_path):
     path = tmp_path / "nofold.onnx"
-    report = export_onnx(lenet, path, fold=False)
+    report = export_onnx(lenet, path, options=ExportOptions(fold=False))
     assert report.fold is None and report.bn_folded == 0
     # Unfolded, tf2onnx merges our conv BNs into the Conv itself but leaves the two
     # dense BNs as Mul + Add after their MatMul.
     assert len(_affine_after_conv(_graph(path))) == 2
-    assert verify_onnx(lenet, path, provider="cpu").passed
+    assert verify_onnx(lenet, path, onnx=OnnxOptions(provider="cpu")).passed
 
 
 def test_two_inputs_and_dict_outputs(tmp_path):
@@ -85,23 +85,23 @@ def test_two_inputs_and_dict_outputs(tmp_path):
     assert report.bn_folded == 2
     for value in list(graph.input) + list(graph.output):
         assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
-    result = verify_onnx(model, path, provider="cpu")
+    result = verify_onnx(model, path, onnx=OnnxOptions(provider="cpu"))
     assert result.passed, result.comparison
     assert [o.name for o in result.comparison.outputs] == ["class_logits", "score"]
 
 
 def test_fixed_batch_size(tmp_path, lenet):
     path = tmp_path / "b1.onnx"
-    export_onnx(lenet, path, batch_size=1)
+    export_onnx(lenet, path, options=ExportOptions(batch_size=1))
     assert _graph(path).input[0].type.tensor_type.shape.dim[0].dim_value == 1
-    assert verify_onnx(lenet, path, provider="cpu", batch_sizes=(1,)).passed
+    assert verify_onnx(lenet, path, options=ExportOptions(batch_size=1), onnx=OnnxOptions(provider="cpu")).passed
 
 
 def test_real_inputs(tmp_path, lenet):
     path = tmp_path / "l.onnx"
     export_onnx(lenet, path)
     x = np.random.default_rng(5).uniform(0, 1, (16, 28, 28, 1)).astype("float32")
-    result = verify_onnx(lenet, path, inputs=[x], provider="cpu")
+    result = verify_onnx(lenet, path, options=ExportOptions(inputs=[x]), onnx=OnnxOptions(provider="cpu"))
     assert result.passed and result.batch_sizes == [16]
 
 
@@ -115,7 +115,7 @@ def test_corrupted_weight_fails_verification(lenet, tmp_path):
     array.flat[0] += 0.5  # one weight of the first conv
     init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
     onnx.save(proto, str(path))
-    result = verify_onnx(lenet, path, provider="cpu")
+    result = verify_onnx(lenet, path, onnx=OnnxOptions(provider="cpu"))
     assert not result.passed
     assert result.comparison.max_abs_err > 1e-4
 
@@ -123,7 +123,7 @@ def test_corrupted_weight_fails_verification(lenet, tmp_path):
 def test_auto_provider_reports_what_ran(lenet, tmp_path):
     path = tmp_path / "l.onnx"
     export_onnx(lenet, path)
-    result = verify_onnx(lenet, path, provider="auto")
+    result = verify_onnx(lenet, path, onnx=OnnxOptions(provider="auto"))
     assert result.passed
     if result.provider == "CPUExecutionProvider":
         # Never a silent fallback: one line, onnxruntime's own specific reason (with a
@@ -139,8 +139,8 @@ def test_auto_provider_reports_what_ran(lenet, tmp_path):
 
 @pytest.mark.parametrize("opset", [12, 19])
 def test_opset_out_of_range(lenet, tmp_path, opset):
-    with pytest.raises(ExportError, match="opset"):
-        export_onnx(lenet, tmp_path / "x.onnx", opset=opset)
+    with pytest.raises(ValueError, match=f"Received: opset={opset}"):
+        export_onnx(lenet, tmp_path / "x.onnx", onnx=OnnxOptions(opset=opset))
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -153,13 +153,13 @@ def test_mobilenetv2_randomized_bn(tmp_path):
     report = export_onnx(model, path)
     assert report.bn_folded == 52 and "BatchNormalization" not in report.op_counts
     assert _affine_after_conv(_graph(path)) == []
-    result = verify_onnx(model, path, provider="cpu", samples=1)
+    result = verify_onnx(model, path, options=ExportOptions(samples=1), onnx=OnnxOptions(provider="cpu"))
     assert result.passed, result.comparison
 
 
 def test_fp16_export_keeps_float32_io_and_passes_fp16_tolerance(lenet, tmp_path):
     path = tmp_path / "l16.onnx"
-    report = export_onnx(lenet, path, fp16=True)
+    report = export_onnx(lenet, path, options=ExportOptions(fp16=True))
     assert report.fp16
     proto = onnx.load(str(path))
     f16 = onnx.TensorProto.FLOAT16
@@ -168,10 +168,10 @@ def test_fp16_export_keeps_float32_io_and_passes_fp16_tolerance(lenet, tmp_path)
     assert all(i.data_type == f16 for i in proto.graph.initializer if i.data_type in (f16, onnx.TensorProto.FLOAT))
     # float16 rounding (unit roundoff 4.9e-4) in every layer: measured ~8e-5 relative here;
     # the fp16 tolerance is 1e-2 relative, and float32's 1e-5 must fail.
-    assert verify_onnx(lenet, path, provider="cpu", atol=1e-3, rtol=1e-2).passed
-    assert not verify_onnx(lenet, path, provider="cpu", atol=0.0, rtol=1e-6).passed
+    assert verify_onnx(lenet, path, options=ExportOptions(atol=1e-3, rtol=1e-2), onnx=OnnxOptions(provider="cpu")).passed
+    assert not verify_onnx(lenet, path, options=ExportOptions(atol=0.0, rtol=1e-6), onnx=OnnxOptions(provider="cpu")).passed
     # Called without tolerances, verify_onnx reads the file's precision: float16's defaults.
-    default = verify_onnx(lenet, path, provider="cpu", samples=1)
+    default = verify_onnx(lenet, path, options=ExportOptions(samples=1), onnx=OnnxOptions(provider="cpu"))
     assert default.passed and default.comparison.rtol == 1e-2 and default.comparison.atol == 1e-3
 
 
@@ -192,9 +192,9 @@ def test_grouped_convolutions_export(name, fold, tmp_path):
     inputs = keras.Input(shape)
     model = keras.Model(inputs, layers.ReLU()(layers.BatchNormalization()(make()(inputs))))
     randomize_batchnorms(model)
-    report = export_onnx(model, tmp_path / "g.onnx", fold=fold)
+    report = export_onnx(model, tmp_path / "g.onnx", options=ExportOptions(fold=fold))
     assert report.op_counts.get("Conv", 0) >= 1
-    assert verify_onnx(model, tmp_path / "g.onnx", provider="cpu").passed
+    assert verify_onnx(model, tmp_path / "g.onnx", onnx=OnnxOptions(provider="cpu")).passed
 
 
 def test_a_layer_tf2onnx_cannot_convert_is_named(tmp_path):
@@ -232,7 +232,7 @@ def test_onnxruntime_optimizer_error_is_told_apart_from_a_wrong_graph(tmp_path):
 
     model = _pad_into_maxpool_model()
     onnx.save_model(to_onnx_proto(model), str(tmp_path / "p.onnx"))
-    result = verify_onnx(model, tmp_path / "p.onnx", provider="cpu")
+    result = verify_onnx(model, tmp_path / "p.onnx", onnx=OnnxOptions(provider="cpu"))
     if result.passed:
         pytest.skip("this onnxruntime no longer fuses a zero Pad into MaxPool")
     assert result.unoptimized.passed and result.optimizer_culprit == "Pad_Fusion"
@@ -243,13 +243,13 @@ def test_onnxruntime_optimizer_error_is_told_apart_from_a_wrong_graph(tmp_path):
 @pytest.mark.parametrize("opset,fp16", [(13, False), (17, False), (17, True), (18, False)])
 def test_exported_zero_pad_before_maxpool_survives_onnxruntime_optimizer(tmp_path, opset, fp16):
     model = _pad_into_maxpool_model()
-    report = export_onnx(model, tmp_path / "p.onnx", fold=False, opset=opset, fp16=fp16)
+    report = export_onnx(model, tmp_path / "p.onnx", options=ExportOptions(fold=False, fp16=fp16), onnx=OnnxOptions(opset=opset))
     assert len(report.guards) == 1 and "MaxPool" in report.guards[0]
     (pad,) = [n for n in _graph(tmp_path / "p.onnx").node if n.op_type == "Pad"]
     assert len(pad.input) == (4 if opset >= 18 else 3)  # explicit -0.0, and axes from 18
     # The default session (all graph optimizations on) now agrees with Keras.
-    tolerances = {"atol": 1e-3, "rtol": 1e-2} if fp16 else {}
-    result = verify_onnx(model, tmp_path / "p.onnx", provider="cpu", **tolerances)
+    tolerances = ExportOptions(atol=1e-3, rtol=1e-2) if fp16 else None
+    result = verify_onnx(model, tmp_path / "p.onnx", options=tolerances, onnx=OnnxOptions(provider="cpu"))
     assert result.passed and result.unoptimized is None
 
 
@@ -260,8 +260,8 @@ def test_pad_guard_leaves_pads_it_need_not_touch(tmp_path):
     x = layers.Conv2D(4, 3)(layers.ZeroPadding2D(1)(inputs))
     x = keras.ops.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=-5.0)
     model = keras.Model(inputs, layers.MaxPooling2D(2)(x))
-    assert export_onnx(model, tmp_path / "q.onnx", fold=False).guards == []
-    assert verify_onnx(model, tmp_path / "q.onnx", provider="cpu").passed
+    assert export_onnx(model, tmp_path / "q.onnx", options=ExportOptions(fold=False)).guards == []
+    assert verify_onnx(model, tmp_path / "q.onnx", onnx=OnnxOptions(provider="cpu")).passed
 
 
 def test_renorm_bn_exports_unfolded_and_folded(tmp_path):
@@ -270,5 +270,5 @@ def test_renorm_bn_exports_unfolded_and_folded(tmp_path):
     model = keras.Model(inputs, layers.ReLU()(bn(layers.Conv2D(4, 3)(inputs))))
     randomize_batchnorms(model)
     for fold in (False, True):
-        export_onnx(model, tmp_path / f"r{fold}.onnx", fold=fold)
-        assert verify_onnx(model, tmp_path / f"r{fold}.onnx", provider="cpu").passed
+        export_onnx(model, tmp_path / f"r{fold}.onnx", options=ExportOptions(fold=fold))
+        assert verify_onnx(model, tmp_path / f"r{fold}.onnx", onnx=OnnxOptions(provider="cpu")).passed

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from keras import layers
 
-from keras_bn_ext import BatchNormalization, export_onnx, verify_onnx
+from keras_bn_ext import BatchNormalization, ExportOptions, OnnxOptions, export_onnx, verify_onnx
 from keras_bn_ext.export.onnx import structure
 from keras_bn_ext.export.onnx.convert import to_onnx_proto
 from keras_bn_ext.folding.fold import fold_batchnorms
@@ -107,14 +107,14 @@ def test_a_failing_structure_conversion_falls_back_to_frozen_and_says_why(tmp_pa
     model = lenet(BatchNormalization)
     report = export_onnx(model, tmp_path / "m.onnx")
     assert report.conversion == "frozen" and "stateless_call is not available" in report.conversion_fallback
-    assert verify_onnx(model, tmp_path / "m.onnx", provider="cpu").passed
+    assert verify_onnx(model, tmp_path / "m.onnx", onnx=OnnxOptions(provider="cpu")).passed
 
 
 def test_external_data_writes_both_files_and_verifies(tmp_path):
     model = _normalized_model()
     randomize_batchnorms(model)
     out = tmp_path / "wide.onnx"
-    report = export_onnx(model, out, external_data=True)
+    report = export_onnx(model, out, onnx=OnnxOptions(external_data=True))
     data = tmp_path / "wide.onnx.data"
     assert report.external_data == str(data) and data.exists()
     assert report.external_data_bytes >= 4 * 25 * 1000 * 300 * 0.99  # the wide kernel, at least
@@ -123,7 +123,7 @@ def test_external_data_writes_both_files_and_verifies(tmp_path):
     external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external and all({e.key for e in t.external_data} >= {"location", "offset", "length"} for t in external)
     assert os.path.getsize(out) < 100_000  # the structure only
-    verification = verify_onnx(model, out, provider="cpu")
+    verification = verify_onnx(model, out, onnx=OnnxOptions(provider="cpu"))
     assert verification.passed and verification.comparison.max_rel_err <= 1e-5
 
 
@@ -148,5 +148,5 @@ def test_float16_with_external_data_is_refused(tmp_path):
     from keras_bn_ext.errors import ExportError
 
     with pytest.raises(ExportError, match="external data"):
-        export_onnx(lenet(BatchNormalization), tmp_path / "m.onnx", fp16=True, external_data=True)
+        export_onnx(lenet(BatchNormalization), tmp_path / "m.onnx", options=ExportOptions(fp16=True), onnx=OnnxOptions(external_data=True))
     assert os.listdir(tmp_path) == []

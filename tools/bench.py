@@ -45,7 +45,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_bn_ext  # noqa: E402
-from keras_bn_ext import BatchNormalization, export_onnx, fold_batchnorms, lenet_bn  # noqa: E402
+from keras_bn_ext import BatchNormalization, ExportOptions, export_onnx, fold_batchnorms, lenet_bn  # noqa: E402
 from keras_bn_ext.latency import interleaved_timings, keras_forward  # noqa: E402
 
 from keras_bn_ext.testing import randomize_batchnorms  # noqa: E402
@@ -167,7 +167,7 @@ def bench_inference(quick: bool, repeats: int, threads: int) -> list[dict]:
         twin = no_bn_twin(model, folded)
         with tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "m.onnx"
-            export_onnx(folded, onnx_path, fold=False)  # already folded above
+            export_onnx(folded, onnx_path, options=ExportOptions(fold=False))  # already folded above
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])

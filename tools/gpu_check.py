@@ -45,7 +45,7 @@ def _rel(a, b):
 def prepare(directory: str) -> None:
     import keras
 
-    from keras_bn_ext import export_onnx, fold_batchnorms, lenet_bn
+    from keras_bn_ext import ExportOptions, export_onnx, fold_batchnorms, lenet_bn
     from keras_bn_ext.testing import randomize_batchnorms
 
     os.makedirs(directory, exist_ok=True)
@@ -65,7 +65,7 @@ def prepare(directory: str) -> None:
         folded, report = fold_batchnorms(model)
         model.save(os.path.join(directory, f"{name}.keras"))
         folded.save(os.path.join(directory, f"{name}.folded.keras"))
-        export_onnx(folded, os.path.join(directory, f"{name}.onnx"), fold=False)  # folded above
+        export_onnx(folded, os.path.join(directory, f"{name}.onnx"), options=ExportOptions(fold=False))  # folded above
         x = rng.standard_normal(shape).astype("float32")
         y = keras.ops.convert_to_numpy(model(x, training=False))
         np.savez(os.path.join(directory, f"{name}.data.npz"), x=x, y=y)

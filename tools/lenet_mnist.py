@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{fold_check.max_abs_err:.3g}, max rel err {fold_check.max_rel_err:.3g}: "
           f"{'passed' if fold_check.passed else 'FAILED'}")
 
-    export = export_onnx(folded, paths[".onnx"], fold=False)  # folded above; verified vs the original
-    onnx_check = verify_onnx(model, paths[".onnx"], inputs=real)
+    export = export_onnx(folded, paths[".onnx"], options=ExportOptions(fold=False))  # folded above; verified vs the original
+    onnx_check = verify_onnx(model, paths[".onnx"], options=ExportOptions(inputs=real))
     print(f"\n== bn-export-onnx ({paths['.onnx']}, opset {export.opset}) ==")
     print(f"  ops: {export.op_counts}")
     print(f"  onnxruntime {onnx_check.onnxruntime_version} ran on {onnx_check.provider}"

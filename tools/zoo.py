@@ -35,6 +35,7 @@ from keras_bn_ext.export.onnx.convert import export_onnx  # noqa: E402
 from keras_bn_ext.export.options import ExportOptions  # noqa: E402
 from keras_bn_ext.export.target import get_target  # noqa: E402
 from keras_bn_ext.export.verify import verify_on_target  # noqa: E402
+from keras_bn_ext.export.onnx.options import OnnxOptions  # noqa: E402
 from keras_bn_ext.export.onnx.verify import verify_onnx  # noqa: E402
 from keras_bn_ext.folding.save import fold_to_file  # noqa: E402
 from keras_bn_ext.testing import (  # noqa: E402
@@ -115,8 +116,8 @@ def sweep_one(source: str, name: str, build, *, litert: bool = True) -> dict:
                 row["status"] = "not written: " + (result.reload_error or "fold verification failed")
                 return row
             folded = keras.saving.load_model(result.output, compile=False)
-            export = export_onnx(folded, Path(tmp) / "m.onnx", fold=False)
-            verification = verify_onnx(model, Path(tmp) / "m.onnx", provider="cpu", samples=1, batch_sizes=(2,))
+            export = export_onnx(folded, Path(tmp) / "m.onnx", options=ExportOptions(fold=False))
+            verification = verify_onnx(model, Path(tmp) / "m.onnx", options=ExportOptions(samples=1, batch_size=2), onnx=OnnxOptions(provider="cpu"))
             row["onnx_max_rel_err"] = verification.comparison.max_rel_err
             row["onnx_float64"] = verification.exact.to_dict() if verification.exact else None
             row["onnx_unoptimized_max_rel_err"] = (

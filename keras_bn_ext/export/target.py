@@ -70,6 +70,17 @@ class Target:
     runtime: str = ""  # the runtime that verifies the file, as pip names it
     capabilities: Capabilities = Capabilities()
 
+    def __init_subclass__(cls, *, name: str, suffix: str, runtime: str, capabilities: Capabilities, **kwargs):
+        """A target declares what it is in its class line:
+        `class OnnxTarget(Target, name="onnx", suffix=".onnx", runtime="onnxruntime", capabilities=...)`;
+        its INT8 files are named `.int8` + suffix."""
+        super().__init_subclass__(**kwargs)
+        if not name or not suffix.startswith("."):
+            raise ValueError(f"a target needs a name and a suffix starting with '.'. Received: name={name!r}, "
+                             f"suffix={suffix!r}")
+        cls.name, cls.suffix, cls.int8_suffix, cls.runtime = name, suffix, ".int8" + suffix, runtime
+        cls.capabilities = capabilities
+
     def convert(self, model, path, options) -> Conversion:
         """Write the model (folded per `options.fold`) to `path`, a temporary name (or, for a
         target with external data, a temporary folder under the final name)."""

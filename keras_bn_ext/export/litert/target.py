@@ -8,12 +8,9 @@ from keras_bn_ext.export.target import Capabilities, RunResult, Target
 __all__ = ["LITERT", "LiteRTTarget"]
 
 
-class LiteRTTarget(Target):
-    name = "litert"
-    suffix = ".tflite"
-    int8_suffix = ".int8.tflite"
-    runtime = "ai-edge-litert"
-    capabilities = Capabilities(fp16=True, int8=True, external_data=False, dynamic_batch=True)
+class LiteRTTarget(Target, name="litert", suffix=".tflite", runtime="ai-edge-litert",
+                   capabilities=Capabilities(fp16=True, int8=True, external_data=False, dynamic_batch=True)):
+    """.tflite files; INT8 from TensorFlow's converter with a representative dataset."""
 
     def convert(self, model, path, options):
         from keras_bn_ext.export.litert.convert import convert_litert_file

@@ -6,7 +6,7 @@ import collections
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import keras
 import numpy as np
@@ -21,7 +21,9 @@ from keras_bn_ext.export.onnx.options import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
     SUPPORTED_OPSETS,
+    OnnxOptions,
 )
+from keras_bn_ext.export.options import ExportOptions
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.progress import phase
 from keras_bn_ext.stage import atomic_bundle
@@ -244,13 +246,8 @@ def export_onnx(
     model: keras.Model,
     path: str | Path,
     *,
-    fold: bool = True,
-    exclude: Sequence[str] = (),
-    opset: int = DEFAULT_OPSET,
-    batch_size: int | None = None,
-    fp16: bool = False,
-    external_data: bool | None = None,
-    conversion: str = "structure",
+    options: ExportOptions | None = None,
+    onnx: OnnxOptions | None = None,
     atomic: bool = True,
 ) -> ExportReport:
     """Export `model` to ONNX at `path` (written atomically), folding BN first.
@@ -258,16 +255,17 @@ def export_onnx(
     Args:
         model: A Keras model (TensorFlow backend). Never changed.
         path: Output .onnx file.
-        fold: Fold BatchNormalization layers first (`fold_batchnorms`).
-        exclude: Names of BN layers the fold keeps.
-        opset: ONNX opset, 13-18.
-        batch_size: Fix the batch dimension; None keeps it symbolic, named 'batch'.
-        fp16: Convert weights and arithmetic to float16 (onnxconverter-common),
-            keeping float32 inputs and outputs. Verify it with float16 tolerances.
-        external_data: Write the weights to `<path>.data` beside the model (ONNX external
-            data, streamed as they are attached); None: when they exceed
-            `options.EXTERNAL_DATA_THRESHOLD` (a protobuf cannot exceed 2 GiB).
-        conversion: "structure" or "frozen" (see `to_onnx_proto`).
+        options: What every target's export reads (`ExportOptions`): `fold` (fold
+            BatchNormalization first, `fold_batchnorms`), `exclude` (BN layers the fold
+            keeps), `batch_size` (fix the batch dimension; None keeps it symbolic, named
+            'batch'), `fp16` (float16 weights and arithmetic via onnxconverter-common,
+            float32 inputs and outputs; verify with float16 tolerances). Its
+            verification fields are unused here.
+        onnx: The ONNX target's options (`OnnxOptions`): `opset` (13-18),
+            `conversion` ("structure" or "frozen", see `to_onnx_proto`),
+            `external_data` (weights in `<path>.data` beside the model, streamed as
+            they are attached; None: when they exceed `options.EXTERNAL_DATA_THRESHOLD`,
+            a protobuf cannot exceed 2 GiB).
         atomic: Write through temporary files and renames (model and data file
             together); False writes `path` (and its data file) directly, for a caller
             that already holds a temporary place: `stage.verify_and_commit`.
@@ -282,6 +280,10 @@ def export_onnx(
     A zero Pad feeding a MaxPool is written in a form onnxruntime's `Pad_Fusion` rewrite
     leaves alone (see `guards`); the report lists each.
     """
+    options = options if options is not None else ExportOptions()
+    onnx_options = onnx if onnx is not None else OnnxOptions()
+    fold, exclude, batch_size, fp16 = options.fold, options.exclude, options.batch_size, options.fp16
+    opset, external_data, conversion = onnx_options.opset, onnx_options.external_data, onnx_options.conversion
     fold_report = None
     if fold:
         with phase("fold"):

@@ -22,6 +22,7 @@ import numpy as np
 from keras_bn_ext.compare import input_specs
 from keras_bn_ext.export.onnx.cpu import CpuTarget, cpu_target, detect_cpu
 from keras_bn_ext.export.onnx.options import OnnxInt8Options, OnnxOptions
+from keras_bn_ext.export.options import ExportOptions
 from keras_bn_ext.nonfinite import max_rel_err
 from keras_bn_ext.progress import phase
 from keras_bn_ext.progress import steps as counted_steps
@@ -120,8 +121,8 @@ class OnnxQuantizer:
         exported, pre = self.work / f"{tag}.float.onnx", self.work / f"{tag}.pre.onnx"
         if tag not in self.prepared:
             with phase("convert (tf2onnx)"):
-                report = export_onnx(candidate, exported, fold=False, opset=self.onnx.opset,
-                                     batch_size=self.batch_size)
+                report = export_onnx(candidate, exported, options=ExportOptions(fold=False, batch_size=self.batch_size),
+                                     onnx=OnnxOptions(opset=self.onnx.opset))
             if not self.int8.preprocess:
                 self.prepared[tag] = Preprocess("off", {}, {})
             elif (self.work / f"{exported.name}.data").exists():  # onnxruntime's step writes one protobuf

@@ -5,19 +5,19 @@ graph) is wrong; the driver and the stage are the shared ones."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from keras_bn_ext.export.onnx.options import OnnxInt8Options, OnnxOptions
 from keras_bn_ext.export.target import Capabilities, Conversion, RunResult, Target
 
 __all__ = ["ONNX", "OnnxTarget"]
 
 
-class OnnxTarget(Target):
-    name = "onnx"
-    suffix = ".onnx"
-    int8_suffix = ".int8.onnx"
-    runtime = "onnxruntime"
-    # external_data: the model is always staged as a bundle (it may write OUT.onnx.data).
-    capabilities = Capabilities(fp16=True, int8=True, external_data=True, dynamic_batch=True)
+# external_data: the model is always staged as a bundle (it may write OUT.onnx.data).
+class OnnxTarget(Target, name="onnx", suffix=".onnx", runtime="onnxruntime",
+                 capabilities=Capabilities(fp16=True, int8=True, external_data=True, dynamic_batch=True)):
+    """ONNX files from tf2onnx, verified on onnxruntime (`OnnxOptions`); INT8 through
+    onnxruntime's static quantization (`OnnxInt8Options`)."""
 
     def __init__(self, options: OnnxOptions = OnnxOptions(), int8: OnnxInt8Options = OnnxInt8Options()):
         self.options, self.int8 = options, int8
@@ -36,10 +36,7 @@ class OnnxTarget(Target):
     def convert(self, model, path, options) -> Conversion:
         from keras_bn_ext.export.onnx.convert import export_onnx
 
-        o = self.options
-        report = export_onnx(model, path, fold=options.fold, exclude=options.exclude, opset=o.opset,
-                             batch_size=options.batch_size, fp16=options.fp16, external_data=o.external_data,
-                             conversion=o.conversion, atomic=False)
+        report = export_onnx(model, path, options=options, onnx=self.options, atomic=False)
         return Conversion(path=str(path), inputs=report.inputs, output_names=report.outputs, fold=report.fold,
                           precision="float16 weights, float32 inputs/outputs" if options.fp16 else "float32",
                           batch_size=options.batch_size, op_counts=report.op_counts,
@@ -58,10 +55,7 @@ class OnnxTarget(Target):
         from keras_bn_ext.export.verify import Verification
 
         atol, rtol = options.tolerances
-        o = self.options
-        report = verify_onnx(model, path, inputs=options.inputs, samples=options.samples,
-                             batch_sizes=options.batch_sizes, provider=o.provider, require_gpu=o.require_gpu,
-                             require_all_gpu=o.require_all_gpu, atol=atol, rtol=rtol, benchmark=options.benchmark)
+        report = verify_onnx(model, path, options=dataclasses.replace(options, atol=atol, rtol=rtol), onnx=self.options)
         latency = {str(bs): row["onnxruntime"] for bs, row in report.latency_ms.items()}
         return Verification(comparison=report.comparison, runtime="onnxruntime",
                             runtime_version=report.onnxruntime_version, device=report.provider,

@@ -29,8 +29,8 @@ from keras_bn_ext.compare import (
     random_inputs,
 )
 from keras_bn_ext.errors import GPUUnavailableError, VerificationError
-from keras_bn_ext.export.onnx import options
-from keras_bn_ext.export.onnx.options import PROVIDERS
+from keras_bn_ext.export.onnx.options import FP16_ATOL, FP16_RTOL, FP32_ATOL, FP32_RTOL, PROVIDERS, OnnxOptions
+from keras_bn_ext.export.options import ExportOptions
 from keras_bn_ext.export.onnx.placement import Placement, parse_placement
 from keras_bn_ext.latency import interleaved_timings, keras_forward
 
@@ -241,16 +241,9 @@ def verify_onnx(
     model: keras.Model,
     onnx_path: str | os.PathLike,
     *,
-    inputs: Sequence[np.ndarray] | None = None,
-    samples: int = options.SAMPLES,
-    batch_sizes: Sequence[int] = options.BATCH_SIZES,
-    provider: str = "auto",
-    require_gpu: bool = False,
-    require_all_gpu: bool = False,
-    atol: float | None = None,
-    rtol: float | None = None,
+    options: ExportOptions | None = None,
+    onnx: OnnxOptions | None = None,
     seed: int = 0,
-    benchmark: bool = False,
     benchmark_repeats: int = 30,
 ) -> VerificationReport:
     """Compare the ONNX model's outputs on onnxruntime with the Keras model's.
@@ -263,22 +256,30 @@ def verify_onnx(
     Args:
         model: The Keras model the file was exported from (folded or not).
         onnx_path: The .onnx file.
-        inputs: One array per model input (real data), or None for `samples` seeded
-            random batches of each size in `batch_sizes`.
-        provider: "auto", "cuda" or "cpu".
-        require_gpu: Raise GPUUnavailableError when the CPU ran instead of CUDA.
-        require_all_gpu: Also raise it when onnxruntime placed any compute node on the
-            CPU inside the CUDA session (shape computations it keeps there on purpose
-            excepted).
-        atol, rtol: An output passes when max|a-b| <= atol + rtol * max|reference|. None:
-            the float32 defaults, or the float16 ones when the file holds float16 weights
-            (an `--fp16` export), read from the file itself.
-        benchmark: Also time Keras (`tf.function`) and onnxruntime at each batch size.
+        options: What every target's verification reads (`ExportOptions`): `inputs`
+            (one array per model input, real data) or `samples` seeded random batches
+            of each size in `batch_sizes`; `atol`, `rtol` (an output passes when
+            max|a-b| <= atol + rtol * max|reference|; None: the float32 defaults, or
+            the float16 ones when the file holds float16 weights, read from the file
+            itself); `benchmark` (also time Keras's `tf.function` and onnxruntime at
+            each batch size). Its fold/exclude/fp16 are the export's, unused here.
+        onnx: The ONNX target's options (`OnnxOptions`): `provider` ("auto", "cuda"
+            or "cpu"); `require_gpu` (raise GPUUnavailableError when the CPU ran
+            instead of CUDA); `require_all_gpu` (also when onnxruntime placed any
+            compute node on the CPU inside the CUDA session, shape computations it
+            keeps there on purpose excepted).
+        seed: Seed of the random batches.
+        benchmark_repeats: Timed runs per batch size with `options.benchmark`.
     """
+    options = options if options is not None else ExportOptions()
+    onnx = onnx if onnx is not None else OnnxOptions()
+    inputs, samples, batch_sizes, benchmark = options.inputs, options.samples, options.batch_sizes, options.benchmark
+    atol, rtol = options.atol, options.rtol
+    provider, require_gpu, require_all_gpu = onnx.provider, onnx.require_gpu, onnx.require_all_gpu
     if atol is None or rtol is None:
         half = holds_float16(onnx_path)
-        atol = atol if atol is not None else (options.FP16_ATOL if half else options.FP32_ATOL)
-        rtol = rtol if rtol is not None else (options.FP16_RTOL if half else options.FP32_RTOL)
+        atol = atol if atol is not None else (FP16_ATOL if half else FP32_ATOL)
+        rtol = rtol if rtol is not None else (FP16_RTOL if half else FP32_RTOL)
     if inputs is not None:
         check_inputs(model, inputs)
         batches = [list(inputs)]

@@ -11,6 +11,7 @@ import keras
 
 from keras_bn_ext.compare import input_specs, output_names
 from keras_bn_ext.errors import ExportError, require_tensorflow_backend
+from keras_bn_ext.export.options import ExportOptions
 from keras_bn_ext.export.target import Conversion
 from keras_bn_ext.folding.fold import fold_batchnorms
 
@@ -31,7 +32,7 @@ def to_openvino_model(model: keras.Model):
 
     with tempfile.TemporaryDirectory(prefix="keras_bn_ext_openvino_") as work:
         onnx_path = Path(work) / "model.onnx"
-        export_onnx(model, onnx_path, fold=False, atomic=False)
+        export_onnx(model, onnx_path, options=ExportOptions(fold=False), atomic=False)
         try:
             converted = ov.convert_model(str(onnx_path))
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own OpConversionFailure and others

@@ -8,15 +8,10 @@ from keras_bn_ext.export.target import Capabilities, RunResult, Target
 __all__ = ["OPENVINO", "OpenVINOTarget"]
 
 
-class OpenVINOTarget(Target):
+# external_data: the weights are the .bin beside the .xml, committed with it.
+class OpenVINOTarget(Target, name="openvino", suffix=".xml", runtime="openvino",
+                     capabilities=Capabilities(fp16=True, int8=True, external_data=True, dynamic_batch=True)):
     """OpenVINO IR; `int8`: the options of the QDQ graph its INT8 files are compiled from."""
-
-    name = "openvino"
-    suffix = ".xml"
-    int8_suffix = ".int8.xml"
-    runtime = "openvino"
-    # external_data: the weights are the .bin beside the .xml, committed with it.
-    capabilities = Capabilities(fp16=True, int8=True, external_data=True, dynamic_batch=True)
 
     def convert(self, model, path, options):
         from keras_bn_ext.export.openvino.convert import convert_openvino
