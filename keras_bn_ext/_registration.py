@@ -16,11 +16,14 @@ import sys
 import warnings
 
 _LAYER_MODULE = "keras_bn_ext.layers.batch_normalization"
+# The quantization-aware training layers (a saved QAT model holds them).
+_QAT_MODULES = ("keras_bn_ext.qat.activation", "keras_bn_ext.qat.conv")
 
 
 def _register() -> None:
     try:
-        importlib.import_module(_LAYER_MODULE)
+        for module in (_LAYER_MODULE, *_QAT_MODULES):
+            importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - never break the user's `import keras`
         warnings.warn(f"keras_bn_ext could not register its layer with Keras: {exc!r}", stacklevel=2)
 

@@ -53,6 +53,9 @@ class RebuildPlan:
     # id(layer) -> the config it is rebuilt from (a fold's target with a bias, ReLU6 -> ReLU)
     configs: dict[int, dict] = field(default_factory=dict)
     dtype: str | None = None  # every float layer, input and weight in this dtype (a float64 twin)
+    # id(op) -> factory(op) of what runs in its place: a layer, or a callable on its inputs
+    # that calls layers (quantization-aware training swaps conv + BN for one fused layer)
+    replace: dict[int, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,14 +99,16 @@ class _Rebuilder:
         self.copies: dict[int, object] = {}  # id(original op) -> new op (shared stays shared)
         self.pending: list[tuple[keras.layers.Layer, list]] = []
         self.shared: list[str] = []  # layers used as they are: their config does not recreate them
-        self.changed: set[int] = set(plan.drop) | set(plan.new_weights) | set(plan.configs)
+        self.changed: set[int] = set(plan.drop) | set(plan.new_weights) | set(plan.configs) | set(plan.replace)
         self.node_by_node: set[int] = set()  # nested models rebuilt node by node (not copied whole)
 
     def copy_layer(self, layer):
         key = id(layer)
         if key in self.copies:
             return self.copies[key]
-        if key in self.plan.drop:
+        if key in self.plan.replace:
+            new = self.plan.replace[key](layer)
+        elif key in self.plan.drop:
             new = _named_identity(layer.name) if key in self.plan.named_identity else _identity
         elif is_rebuildable_model(layer):
             new = self._copy_untouched_model(layer)
@@ -187,7 +192,7 @@ class _Rebuilder:
         plan changes it, for a dtype twin, or when its config does not recreate it."""
         if self.plan.dtype:
             return None
-        changed = self.plan.drop | set(self.plan.new_weights) | set(self.plan.configs)
+        changed = self.plan.drop | set(self.plan.new_weights) | set(self.plan.configs) | set(self.plan.replace)
         if any(id(inner) in changed for inner in internals.all_sublayers(model)):
             return None
         try:

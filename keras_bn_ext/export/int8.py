@@ -39,6 +39,7 @@ from keras_bn_ext.export.target import Target, get_target
 from keras_bn_ext.export.verify import run_arrays
 from keras_bn_ext.folding.fold import FoldReport, fold_batchnorms
 from keras_bn_ext.progress import phase
+from keras_bn_ext.qat.model import is_qat_model
 from keras_bn_ext.quantization import options as q
 from keras_bn_ext.quantization.calibration import EVAL_BATCH, CalibrationSet, prepare
 from keras_bn_ext.quantization.equalize import EqualizationReport, equalize_verified
@@ -337,17 +338,26 @@ def export_int8(model: keras.Model, path: str | os.PathLike, calibration, *, tar
         raise ValueError(f"the {unit.name} target has no INT8 export. Received: target={unit.name!r}")
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    # A quantization-aware model brings its own ranges and its BNs are fused already: no
+    # calibration, fold, equalization or fallback; the reference is the model itself (its
+    # simulation of the file).
+    learned = is_qat_model(model)
+    if learned and calibration is None:
+        calibration = eval_data
     with phase("check data, float reference"):
         data = prepare(model, calibration, eval_data=eval_data, labels=labels)
-    with phase("fold"):
-        folded, fold_report = fold_batchnorms(model, exclude=options.exclude)
+    if learned:
+        folded, fold_report = model, FoldReport()
+    else:
+        with phase("fold"):
+            folded, fold_report = fold_batchnorms(model, exclude=options.exclude)
     timings["reference_and_fold"] = round(time.perf_counter() - start, 4)
     first = [a[:min(EQUALIZE_SAMPLES, len(a))] for a in data.evaluation]
     with tempfile.TemporaryDirectory(prefix=f"keras_bn_ext_{unit.name}_int8_") as work:
         work = Path(work)
         run = _Run(unit, model, data, options, work)
         start = time.perf_counter()
-        equalize = options.equalize
+        equalize = "off" if learned else options.equalize
         by_default = equalize == "on" or (equalize == "auto" and run.quantizer.equalize_by_default)
         eq_report, eq_err, candidate, tag = None, None, folded, "plain"
         if by_default:
@@ -375,7 +385,7 @@ def export_int8(model: keras.Model, path: str | os.PathLike, calibration, *, tar
         start = time.perf_counter()
         float_err = max_rel_err(data.reference, run.outputs(best.float_file, data.evaluation))
         latency = _latency(run, best)
-        if options.latency and best.fidelity.passed:
+        if options.latency and best.fidelity.passed and not learned:
             best, latency = _for_latency(run, best, latency, candidate, tag, steps, work)
         first_batch = [a[:EVAL_BATCH] for a in data.evaluation]
         staged = commit_measured(

@@ -336,6 +336,12 @@ class BatchNormalization(keras.layers.Layer):
         weights = ops.broadcast_to(ops.expand_dims(mask, -1), ops.shape(x))
         return ops.cast(ops.cast(weights, "bool"), x.dtype)
 
+    def batch_moments(self, x):
+        """(mean, variance) of `x` per channel over this layer's reduction axes, summed
+        across replicas when `synchronized` (what a training call normalizes with).
+        Quantization-aware training's fused conv + BN layer reads them (`qat.conv`)."""
+        return self._moments(x, None)
+
     def _moments(self, x, weights):
         axes = self._reduction_axes
         channels = self._broadcast_shape[self.axis % len(self._broadcast_shape)]

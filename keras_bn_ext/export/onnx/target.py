@@ -24,6 +24,12 @@ class OnnxTarget(Target, name="onnx", suffix=".onnx", runtime="onnxruntime",
 
     def int8_quantizer(self, model, data, options, work):
         from keras_bn_ext.export.onnx.int8 import OnnxQuantizer
+        from keras_bn_ext.qat.model import is_qat_model
+
+        if is_qat_model(model):  # its ranges are learned: they are written, not calibrated
+            from keras_bn_ext.export.onnx.qat import QatOnnxQuantizer
+
+            return QatOnnxQuantizer(self.options, model, data, options, work)
 
         return OnnxQuantizer(self.options, self.int8, model, data, options, work)
 
