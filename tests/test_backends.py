@@ -14,7 +14,7 @@ from tests.helpers import REPO
 
 LAYER_TESTS = ["tests/test_batch_normalization.py", "tests/test_serialization.py",
                "tests/test_ghost_batch_normalization.py", "tests/test_recalibration.py",
-               "tests/test_keras_batch_normalization_port.py"]
+               "tests/test_keras_batch_normalization_port.py", "tests/test_qat.py"]
 # CI time: recalibration and serialization are Keras-level code above the layer; JAX
 # reruns them, PyTorch reruns the layer's own suites.
 BACKEND_TESTS = {"jax": LAYER_TESTS,

@@ -46,7 +46,7 @@ class ActivationQuantizer(keras.layers.Layer):
             values = ops.convert_to_numpy(inputs)
             self.observed.append((float(np.min(values)), float(np.max(values))))
             return inputs
-        minimum = ops.zeros_like(self.min_value) if self.unsigned else self.min_value
+        minimum = 0.0 if self.unsigned else self.min_value
         return fake_quant_activation(inputs, minimum, self.max_value)
 
     def compute_output_shape(self, input_shape):

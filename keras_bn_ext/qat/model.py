@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from keras_bn_ext import _keras_internals as internals
+from keras_bn_ext.data import model_arrays
 from keras_bn_ext.folding.analysis import analyze
 from keras_bn_ext.graph import GraphIndex, graph_of
 from keras_bn_ext.qat.activation import ActivationQuantizer
@@ -173,9 +174,9 @@ def quantize_model(model: keras.Model, *, calibration, weight_bits: int = 8, per
 
     Args:
         model: A trained Functional or Sequential model.
-        calibration: Real inputs (one array per model input, or one array) the activation
-            ranges start from (their min/max), so that the untrained twin computes what
-            post-training quantization computes.
+        calibration: Real inputs the activation ranges start from (their min/max), so that
+            the untrained twin computes what post-training quantization computes: an array,
+            a list in input order or a dict by input name (checked: shapes, dtypes, NaN).
         weight_bits: 8 or 4 (symmetric, narrow range: [-127, 127] or [-7, 7]).
         per_channel: One weight scale per output channel.
         activation_bits: 8 (uint8, asymmetric).
@@ -187,6 +188,11 @@ def quantize_model(model: keras.Model, *, calibration, weight_bits: int = 8, per
 
     Returns:
         A Functional model that trains with `model.fit` and saves to `.keras`.
+
+    Raises:
+        InputDataError: calibration data that does not fit the model.
+        UnsupportedModelError: nothing to quantize.
+        ValueError: an argument out of its range.
     """
     if weight_bits not in WEIGHT_BITS:
         raise ValueError(f"weight_bits must be one of {WEIGHT_BITS}. Received: weight_bits={weight_bits!r}")
@@ -210,7 +216,7 @@ def quantize_model(model: keras.Model, *, calibration, weight_bits: int = 8, per
         from keras_bn_ext.errors import UnsupportedModelError
 
         raise UnsupportedModelError(f"model '{model.name}' has no Dense/Conv/DepthwiseConv layer to quantize")
-    calibrate(qat, calibration, batch_size=batch_size)
+    calibrate(qat, model_arrays(model, calibration, source="calibration data"), batch_size=batch_size)
     return qat
 
 
@@ -221,10 +227,9 @@ def calibrate(qat: keras.Model, calibration, *, batch_size: int = CALIBRATION_BA
     for q in quantizers:
         q.observing, q.observed = True, []
     try:
-        n = len(arrays[0])
-        for start in range(0, n, batch_size):
-            qat([a[start:start + batch_size] for a in arrays] if len(arrays) > 1 else arrays[0][start:start + batch_size],
-                training=False)
+        structure = internals.inputs_struct(graph_of(qat))  # the inputs as the model takes them
+        for start in range(0, len(arrays[0]), batch_size):
+            qat(keras.tree.pack_sequence_as(structure, [a[start:start + batch_size] for a in arrays]), training=False)
     finally:
         for q in quantizers:
             q.observing = False

@@ -1,0 +1,210 @@
+"""Quantization-aware training: the fake-quantization arithmetic against ONNX's
+QuantizeLinear, the fused conv + BN layer against Keras's own layers, and the trained
+fixtures' QAT twins written from their learned ranges and run on onnxruntime's integer
+kernels against their own simulation (real digits only)."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_bn_ext.qat import ActivationQuantizer, QuantizedConv, is_qat_model, quantize_model
+from keras_bn_ext.qat.quantizers import activation_params_np, fake_quant_activation, weight_qmax
+from tests.helpers import REPO, int8_fixture, mnist_digits, run_python
+
+TF = keras.backend.backend() == "tensorflow"
+
+
+def _accuracy(model, x, y) -> float:
+    return float((np.argmax(model.predict(x, verbose=0, batch_size=500), 1) == y).mean())
+
+
+def test_activation_grid_is_onnx_quantize_linear():
+    """x^ = (clip(round_half_even(x / s) + zp, 0, 255) - zp) * s, s and zp as the numpy twin says."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 2, 4096).astype("float32")
+    for lo, hi in ((-1.3, 4.1), (0.0, 6.0), (-3.0, -1.0), (0.5, 2.0)):
+        scale, zp = activation_params_np(lo, hi)
+        expected = (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale  # np.round: half to even
+        got = keras.ops.convert_to_numpy(fake_quant_activation(keras.ops.convert_to_tensor(x), lo, hi))
+        np.testing.assert_array_equal(got, expected.astype("float32"))
+        assert 0 <= zp <= 255 and scale > 0
+        # 0 is on the grid (onnxruntime requires it): the range always holds it.
+        assert (0 - zp) * scale <= 0 <= (255 - zp) * scale
+
+
+def test_weight_grids():
+    assert weight_qmax(8) == 127 and weight_qmax(4) == 7 and weight_qmax(8, reduce_range=True) == 63
+
+
+def test_quantizers_validate_their_arguments():
+    with pytest.raises(ValueError, match="Received: weight_bits=3"):
+        QuantizedConv(keras.saving.serialize_keras_object(keras.layers.Dense(2)), weight_bits=3)
+    with pytest.raises(ValueError, match="Received: unsigned=1"):
+        ActivationQuantizer(unsigned=1)
+    with pytest.raises(ValueError, match="Received: layer=Flatten"):
+        QuantizedConv(keras.saving.serialize_keras_object(keras.layers.Flatten()))
+    model = int8_fixture("dwsep")
+    with pytest.raises(ValueError, match="Received: target='tflite'"):
+        quantize_model(model, calibration=np.zeros((2, 28, 28, 1), "float32"), target="tflite")
+
+
+def _conv_bn(seed=0):
+    keras.utils.set_random_seed(seed)
+    conv = keras.layers.Conv2D(6, 3, padding="same", use_bias=True)
+    bn = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3)
+    x = keras.Input((8, 8, 3))
+    model = keras.Model(x, keras.layers.ReLU()(bn(conv(x))))
+    rng = np.random.default_rng(seed)
+    bn.set_weights([rng.uniform(0.5, 1.5, 6), rng.normal(0, 0.2, 6), rng.normal(0, 0.2, 6), rng.uniform(0.5, 1.5, 6)])
+    return model, conv, bn
+
+
+def test_fused_layer_trains_as_conv_then_bn_and_infers_as_the_folded_layer():
+    model, conv, bn = _conv_bn()
+    x = np.random.default_rng(1).normal(0, 1, (16, 8, 8, 3)).astype("float32")
+    qat = quantize_model(model, calibration=x)
+    fused = next(layer for layer in qat.layers if isinstance(layer, QuantizedConv))
+    # Inference: conv(x, q(w * gamma / sigma)) + folded bias, i.e. Keras's conv -> BN up to the
+    # 8-bit weight grid: per-channel steps of max|w_f| / 127, ~0.4% of the largest weight, so
+    # the outputs agree to ~1% of their magnitude (a wrong fold errs by O(1)).
+    q_in = next(layer for layer in qat.layers if isinstance(layer, ActivationQuantizer))
+    reference = keras.ops.convert_to_numpy(bn(conv(q_in(x)), training=False))
+    got = keras.ops.convert_to_numpy(fused(q_in(x), training=False))
+    assert np.max(np.abs(got - reference)) <= 1e-2 * np.max(np.abs(reference))
+    # Training: batch statistics (the correction), and the moving statistics move exactly as
+    # the BN layer moves them from the float conv's output (momentum 0.9).
+    before = [np.array(v) for v in (bn.moving_mean, bn.moving_variance)]
+    y = conv(q_in(x))
+    y_np = keras.ops.convert_to_numpy(y)
+    mean, var = np.mean(y_np, axis=(0, 1, 2)), np.var(y_np, axis=(0, 1, 2))
+    got = keras.ops.convert_to_numpy(fused(q_in(x), training=True))
+    expected = keras.ops.convert_to_numpy(bn(y, training=True))
+    assert np.max(np.abs(got - expected)) <= 1e-2 * np.max(np.abs(expected))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fused.batchnorm.moving_mean),
+                               0.9 * before[0] + 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fused.batchnorm.moving_variance),
+                               0.9 * before[1] + 0.1 * var, rtol=1e-4, atol=1e-6)
+
+
+def test_bn_freeze_stops_the_statistics_and_trains_the_inference_form():
+    model, _, _ = _conv_bn()
+    x = np.random.default_rng(1).normal(0, 1, (16, 8, 8, 3)).astype("float32")
+    qat = quantize_model(model, calibration=x, bn_freeze_after=0)
+    fused = next(layer for layer in qat.layers if isinstance(layer, QuantizedConv))
+    q_in = qat.layers[1]
+    before = keras.ops.convert_to_numpy(fused.batchnorm.moving_mean).copy()
+    trained = keras.ops.convert_to_numpy(fused(q_in(x), training=True))
+    inferred = keras.ops.convert_to_numpy(fused(q_in(x), training=False))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(fused.batchnorm.moving_mean), before)
+    np.testing.assert_allclose(trained, inferred, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return mnist_digits()
+
+
+def test_the_twin_of_a_trained_net_fuses_every_pair_and_starts_where_ptq_is(digits):
+    (x_train, _), (x_test, y_test) = digits
+    model = int8_fixture("dwsep")
+    qat = quantize_model(model, calibration=x_train[:512])
+    assert is_qat_model(qat) and not is_qat_model(model)
+    fused = [layer for layer in qat.layers if isinstance(layer, QuantizedConv)]
+    n_bn = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    assert sum(f.batchnorm is not None for f in fused) == n_bn == 9
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in qat.layers)
+    # Untrained, the twin computes what post-training quantization computes: within 0.5 pt
+    # of float on the 2,000 test digits (its PTQ export: 94.30 -> 94.40).
+    assert abs(_accuracy(qat, x_test, y_test) - _accuracy(model, x_test, y_test)) <= 0.005
+
+
+@pytest.mark.skipif(not TF, reason="the export converts with tf2onnx")
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_trained_twin_file_matches_its_simulation(digits, tmp_path, per_channel):
+    """A few hundred QAT steps, then the INT8 file from the learned ranges, on onnxruntime's
+    integer kernels: top-1 agreement with the QAT model >= 99.5%, accuracy within 0.3 pt."""
+    import onnx
+    import onnxruntime as ort
+
+    from keras_bn_ext.export.int8 import export_int8
+
+    (x_train, y_train), (x_test, y_test) = digits
+    qat = quantize_model(int8_fixture("dwsep"), calibration=x_train[:512], per_channel=per_channel)
+    qat.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
+    qat.fit(x_train[:3200], y_train[:3200], batch_size=64, epochs=1, verbose=0)
+    path = tmp_path / "dwsep.qat.onnx"
+    result = export_int8(qat, path, None, eval_data=[x_test], labels=y_test)
+    out = result.fidelity.outputs[0]
+    assert result.passed and result.calibration.method.startswith("learned")
+    assert out.top1_agreement >= 0.995, out
+    assert abs(out.accuracy_quantized - out.accuracy_float) <= 0.003, out
+    assert out.accuracy_float == pytest.approx(_accuracy(qat, x_test, y_test), abs=1e-9)  # the reference is the twin
+    # onnxruntime runs the convolutions on its integer kernels.
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 9 and "Conv" not in ops
+
+
+@pytest.mark.skipif(not TF, reason="the export converts with tf2onnx")
+def test_a_float_graph_is_not_taken_for_a_qat_one(tmp_path):
+    """write_qdq refuses weights that are not on their grid (a float model's export)."""
+    from keras_bn_ext.errors import ExportError
+    from keras_bn_ext.export.onnx.convert import export_onnx
+    from keras_bn_ext.export.onnx.qat import write_qdq
+
+    export_onnx(int8_fixture("dwsep"), tmp_path / "float.onnx")
+    with pytest.raises(ExportError, match="not on a 127-level grid"):
+        write_qdq(tmp_path / "float.onnx", tmp_path / "out.onnx", grids=[], qmax=127, per_channel=True)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_saved_twin_reloads_in_a_fresh_process(digits, tmp_path):
+    (x_train, _), (x_test, _) = digits
+    qat = quantize_model(int8_fixture("lenet_bn"), calibration=x_train[:256])
+    qat.save(tmp_path / "lenet.qat.keras")
+    np.save(tmp_path / "x.npy", x_test[:64])
+    np.save(tmp_path / "expected.npy", keras.ops.convert_to_numpy(qat(x_test[:64], training=False)))
+    out = run_python(
+        "import numpy as np, keras, keras_bn_ext\n"
+        f"m = keras.saving.load_model({str(tmp_path / 'lenet.qat.keras')!r})\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r}); e = np.load({str(tmp_path / 'expected.npy')!r})\n"
+        "from keras_bn_ext.qat import is_qat_model\n"
+        "print(is_qat_model(m), float(np.max(np.abs(keras.ops.convert_to_numpy(m(x, training=False)) - e))))\n",
+        env=dict(os.environ, PYTHONPATH=REPO))
+    flag, diff = out.strip().splitlines()[-1].split()
+    assert flag == "True" and float(diff) == 0.0
+
+
+def test_the_twin_trains_with_plain_fit(digits):
+    """model.fit with any optimizer and loss, on whichever backend runs the tests
+    (tests/test_backends.py reruns this file under JAX and PyTorch)."""
+    (x_train, y_train), (x_test, y_test) = digits
+    qat = quantize_model(int8_fixture("lenet_bn"), calibration=x_train[:256], bn_freeze_after=20)
+    fused = [layer for layer in qat.layers if isinstance(layer, QuantizedConv) and layer.batchnorm is not None]
+    moving = [np.array(keras.ops.convert_to_numpy(f.batchnorm.moving_mean)) for f in fused]
+    maxima = [float(keras.ops.convert_to_numpy(q.max_value)) for q in qat.layers if isinstance(q, ActivationQuantizer)]
+    qat.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="sparse_categorical_crossentropy")
+    history = qat.fit(x_train[:1280], y_train[:1280], batch_size=64, epochs=2, verbose=0)
+    assert all(np.isfinite(history.history["loss"]))
+    for f, before in zip(fused, moving):  # the statistics moved, then froze after 20 of 40 steps
+        assert not np.allclose(keras.ops.convert_to_numpy(f.batchnorm.moving_mean), before)
+        assert float(keras.ops.convert_to_numpy(f.steps)) == 40
+    after = [float(keras.ops.convert_to_numpy(q.max_value)) for q in qat.layers if isinstance(q, ActivationQuantizer)]
+    assert after != maxima  # the ranges are trained too
+    assert _accuracy(qat, x_test, y_test) >= 0.9
+
+
+def test_bad_calibration_data_is_refused():
+    from keras_bn_ext.errors import InputDataError
+
+    model = int8_fixture("dwsep")
+    bad = np.zeros((4, 28, 28, 1), "float32")
+    bad[1, 3, 3, 0] = np.nan
+    with pytest.raises(InputDataError, match="NaN"):
+        quantize_model(model, calibration=bad)
+    with pytest.raises(InputDataError):
+        quantize_model(model, calibration=np.zeros((4, 14, 14, 1), "float32"))
