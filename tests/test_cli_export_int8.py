@@ -125,8 +125,10 @@ def test_int8_refuses_float_only_flags(files, capsys, flags):
     assert exc.value.code == 2 and "--int8 cannot be combined" in capsys.readouterr().err
 
 
-def test_eval_without_int8_is_a_usage_error(files, capsys):
+def test_eval_without_int8_is_refused_for_a_float_model(files, capsys):
+    """--eval alone is a QAT model's export; a float model needs --int8 (one line, exit 2, nothing written)."""
     tmp, model = files
-    with pytest.raises(SystemExit):
-        cli.main([model, "--eval", str(tmp / "eval.npz")])
-    assert "--eval needs --int8" in capsys.readouterr().err
+    code = cli.main([model, "--eval", str(tmp / "eval.npz"), "-o", str(tmp / "nothing.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "give --int8 CALIB.npz" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp / "nothing.onnx").exists()

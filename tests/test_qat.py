@@ -208,3 +208,35 @@ def test_bad_calibration_data_is_refused():
         quantize_model(model, calibration=bad)
     with pytest.raises(InputDataError):
         quantize_model(model, calibration=np.zeros((4, 14, 14, 1), "float32"))
+
+
+@pytest.mark.skipif(not TF, reason="the CLI exports with tf2onnx")
+def test_bn_export_onnx_writes_a_qat_model_from_its_ranges(digits, tmp_path, capsys):
+    """`bn-export-onnx QAT.keras --eval EVAL.npz`: no calibration, judged against the model's own
+    simulation; --int8 CALIB with a QAT model, no --eval, and LiteRT are refused in one line."""
+    import json
+
+    from keras_bn_ext.cli import export_litert, export_onnx
+
+    (x_train, _), (x_test, y_test) = digits
+    qat = quantize_model(int8_fixture("dwsep"), calibration=x_train[:256])
+    qat.save(tmp_path / "dwsep.qat.keras")
+    np.savez(tmp_path / "eval.npz", image=x_test[:500], labels=y_test[:500])
+    model, eval_npz = str(tmp_path / "dwsep.qat.keras"), str(tmp_path / "eval.npz")
+    code = export_onnx.main([model, "--eval", eval_npz, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    r = report["int8"]
+    assert code == 0 and report["passed"] and report["calibration_file"] is None
+    assert r["calibration"]["samples"] == 0 and r["calibration"]["method"].startswith("learned")
+    assert r["fidelity"]["outputs"][0]["top1_agreement"] >= 0.99 and r["commit"] == "passed"
+    assert (tmp_path / "dwsep.qat.int8.onnx").exists()
+    np.savez(tmp_path / "calib.npz", image=x_train[:64])
+    for tool, argv, says in (
+            (export_onnx, [model, "--int8", str(tmp_path / "calib.npz"), "--eval", eval_npz, "-o", "x.onnx"],
+             "brings its own ranges"),
+            (export_onnx, [model, "-o", str(tmp_path / "f.onnx")], "give --eval EVAL.npz"),
+            (export_litert, [model, "--eval", eval_npz, "-o", str(tmp_path / "q.tflite")], "cannot write an INT8")):
+        assert tool.main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "q.tflite").exists() and not (tmp_path / "f.onnx").exists()

@@ -26,9 +26,11 @@ def run_export_cli(prog: str, parser, argv, work: Callable, usage_error: Callabl
 
 
 def int8_usage_error(args, *, float_only: tuple[str, ...] = ()) -> str | None:
-    """The combinations the INT8 export refuses: --eval without --int8, and the float-only flags."""
-    if not args.int8:
-        return "--eval needs --int8" if args.eval_data else None
+    """The combinations the INT8 export refuses: the float-only flags with --int8 or --eval
+    (--eval alone is a QAT model's INT8 export; a float model then needs --int8, said after
+    it is loaded)."""
+    if not args.int8 and not args.eval_data:
+        return None
     for flag in ("--no-fold", "--fp16", "--inputs", *float_only):
         if getattr(args, flag.lstrip("-").replace("-", "_")):
             return f"--int8 cannot be combined with {flag}"
@@ -44,10 +46,15 @@ def export_float(args, *, target: Callable[[], object], suffix: str, what: str,
     from keras_bn_ext.errors import InputDataError
     from keras_bn_ext.export.driver import export_verified
     from keras_bn_ext.export.options import ExportOptions
+    from keras_bn_ext.qat.model import is_qat_model
 
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
         model = load_input_model(args, output, data_files=[args.inputs])
+    if is_qat_model(model):
+        raise InputDataError(f"{args.model} is a quantization-aware model: its INT8 file is written from its "
+                             "learned ranges and judged against its own simulation on real data; give "
+                             "--eval EVAL.npz (labels beside the inputs give accuracy)")
     inputs = verification_inputs(model, args)
     if inputs is not None and batch_size and inputs[0].shape[0] != batch_size:
         raise InputDataError(f"--batch-size {batch_size} but {args.inputs} holds batches of {inputs[0].shape[0]}")
@@ -67,14 +74,24 @@ def export_float(args, *, target: Callable[[], object], suffix: str, what: str,
 
 def export_int8_file(args, *, target: Callable[[], object], suffix: str, what: str,
                      lines: Callable | None = None) -> int:
-    """bn-export-* --int8: the shared INT8 driver (`export.int8.export_int8`) on the target."""
+    """bn-export-* --int8 CALIB (or a QAT model with --eval alone): the shared INT8 driver
+    (`export.int8.export_int8`) on the target."""
     output = Path(args.output) if args.output else Path(args.model).with_suffix(suffix)
     preflight(args, output, data_files=[args.int8, args.eval_data])  # before TensorFlow is imported
+    from keras_bn_ext.errors import InputDataError
     from keras_bn_ext.export.int8 import export_int8
+    from keras_bn_ext.qat.model import is_qat_model
 
     seconds: dict[str, float] = {}
     with timed(seconds, "load"):
         model = load_input_model(args, output, data_files=[args.int8, args.eval_data])
+    learned = is_qat_model(model)
+    if learned and args.int8:
+        raise InputDataError(f"{args.model} is a quantization-aware model: it brings its own ranges, so --int8 "
+                             f"{args.int8} would calibrate nothing; give --eval EVAL.npz alone")
+    if not learned and not args.int8:
+        raise InputDataError(f"--eval without --int8 is a quantization-aware model's export; {args.model} is a "
+                             "float model: give --int8 CALIB.npz")
     data = int8_data(model, args)
     result = export_int8(model, output, data.calibration, target=target(), eval_data=data.evaluation,
                          labels=data.labels, options=int8_options(args))

@@ -55,10 +55,12 @@ class Int8Data:
 
 
 def int8_data(model, args) -> Int8Data:
-    calibration = npz_arrays(model, args.int8, args, flag="--int8", split="train")
+    """--int8's calibration and --eval's evaluation data (a QAT model: --eval alone, no calibration)."""
+    calibration = npz_arrays(model, args.int8, args, flag="--int8", split="train") if args.int8 else None
     evaluation = npz_arrays(model, args.eval_data, args, flag="--eval", split="test") if args.eval_data else None
     labels = (evaluation if evaluation is not None else calibration).labels
-    return Int8Data(calibration.arrays, evaluation.arrays if evaluation is not None else None, labels)
+    return Int8Data(calibration.arrays if calibration is not None else None,
+                    evaluation.arrays if evaluation is not None else None, labels)
 
 
 def int8_options(args):

@@ -30,8 +30,9 @@ def print_int8(r, *, what: str, lines=None) -> None:
     if lines is not None:
         lines(console, r)
     cal, ev = r.calibration, r.evaluation
-    console.print(f"calibrated with {cal.method} on {cal.samples} samples ({cal.batches} batches of {cal.batch_size}); "
-                  f"evaluated on {ev.samples} samples ({ev.source}) on {r.runtime} {r.runtime_version}")
+    calibrated = (f"ranges {cal.method}, no calibration" if not cal.samples else
+                  f"calibrated with {cal.method} on {cal.samples} samples ({cal.batches} batches of {cal.batch_size})")
+    console.print(f"{calibrated}; evaluated on {ev.samples} samples ({ev.source}) on {r.runtime} {r.runtime_version}")
     for s in r.fallback:
         if s.action == "keep_in_float_for_latency":
             done = f"kept {'+'.join(s.op_types)} '{s.nodes[0]}' in float for speed"

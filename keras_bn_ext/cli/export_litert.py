@@ -40,7 +40,7 @@ def _target():
 
 
 def _work(args) -> int:
-    if args.int8:
+    if args.int8 or args.eval_data:  # --eval alone: a QAT model (refused where the target cannot)
         return export_int8_file(args, target=_target, suffix=".int8.tflite", what="LiteRT")
     return export_float(args, target=_target, suffix=".tflite", what="LiteRT")
 

@@ -81,7 +81,7 @@ def _target(args):
 
 
 def _work(args) -> int:
-    if args.int8:
+    if args.int8 or args.eval_data:  # --eval alone: a QAT model's INT8 file from its learned ranges
         return export_int8_file(args, target=lambda: _target(args), suffix=".int8.onnx", what="ONNX",
                                 lines=lambda console, r: qdq_lines(console, r.detail))
     return export_float(args, target=lambda: _target(args), suffix=".onnx", what="ONNX",

@@ -38,7 +38,7 @@ def build_parser() -> Parser:
 def _work(args) -> int:
     from keras_bn_ext.export.openvino.target import OPENVINO, OpenVINOTarget
 
-    if args.int8:
+    if args.int8 or args.eval_data:  # --eval alone: a QAT model (refused where the target cannot)
         from keras_bn_ext.cli.export_onnx import qdq_lines
 
         return export_int8_file(args, target=lambda: OpenVINOTarget(int8=qdq_options(args)), suffix=".int8.xml",

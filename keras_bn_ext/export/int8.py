@@ -33,6 +33,7 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from keras_bn_ext.errors import UnsupportedModelError
 from keras_bn_ext.nonfinite import max_rel_err
 from keras_bn_ext.compare import input_specs, output_names
 from keras_bn_ext.export.target import Target, get_target
@@ -342,6 +343,9 @@ def export_int8(model: keras.Model, path: str | os.PathLike, calibration, *, tar
     # calibration, fold, equalization or fallback; the reference is the model itself (its
     # simulation of the file).
     learned = is_qat_model(model)
+    if learned and not unit.capabilities.learned_int8:
+        raise UnsupportedModelError(f"'{model.name}' is a quantization-aware model, and the {unit.name} target "
+                                    "cannot write an INT8 file from learned ranges yet (the onnx target can)")
     if learned and calibration is None:
         calibration = eval_data
     with phase("check data, float reference"):
@@ -398,9 +402,10 @@ def export_int8(model: keras.Model, path: str | os.PathLike, calibration, *, tar
         op_counts = run.quantizer.op_counts(Path(path)) or run.op_counts  # the written file's, as last run
     return Int8Result(
         target=unit.name, path=str(path),
-        calibration=CalibrationRecord(samples=int(len(data.calibration[0])),
+        calibration=CalibrationRecord(samples=0 if learned else int(len(data.calibration[0])),
                                       batch_size=options.calibration_batch_size,
-                                      batches=-(-len(data.calibration[0]) // options.calibration_batch_size),
+                                      batches=0 if learned else -(-len(data.calibration[0])
+                                                                   // options.calibration_batch_size),
                                       method=run.quantizer.method),
         evaluation=EvaluationRecord(samples=int(len(data.evaluation[0])), source=data.source,
                                     labels=data.labels is not None),

@@ -28,6 +28,7 @@ class Capabilities:
     int8: bool = False  # INT8 through the shared INT8 driver
     external_data: bool = False  # weights in a companion file (written as a bundle)
     dynamic_batch: bool = True  # the batch dimension stays symbolic
+    learned_int8: bool = False  # INT8 of a quantization-aware model from its learned ranges (`keras_bn_ext.qat`)
 
 
 @dataclass

@@ -15,7 +15,8 @@ __all__ = ["ONNX", "OnnxTarget"]
 
 # external_data: the model is always staged as a bundle (it may write OUT.onnx.data).
 class OnnxTarget(Target, name="onnx", suffix=".onnx", runtime="onnxruntime",
-                 capabilities=Capabilities(fp16=True, int8=True, external_data=True, dynamic_batch=True)):
+                 capabilities=Capabilities(fp16=True, int8=True, external_data=True, dynamic_batch=True,
+                                           learned_int8=True)):
     """ONNX files from tf2onnx, verified on onnxruntime (`OnnxOptions`); INT8 through
     onnxruntime's static quantization (`OnnxInt8Options`)."""
 
