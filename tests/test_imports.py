@@ -26,7 +26,8 @@ def test_the_layer_imports_keras_but_no_export_stack():
 
 def test_cli_help_imports_nothing_heavy():
     code = (
-        "from keras_bn_ext.cli import fold, export_onnx, recalibrate\n"
+        "from keras_bn_ext.cli import fold, export_onnx, recalibrate, qat\n"
+        "qat.build_parser().format_help()\n"
         "fold.build_parser().format_help(); export_onnx.build_parser().format_help()\n"
         "recalibrate.build_parser().format_help()"
     )

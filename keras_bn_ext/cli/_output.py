@@ -25,12 +25,14 @@ def print_int8(r, *, what: str, lines=None) -> None:
     from rich.console import Console
 
     console = Console()
-    console.print(f"folded {r.fold.bn_folded} of {r.fold.bn_total} BatchNormalization layers")
+    learned = r.calibration.learned
+    console.print("a quantization-aware model: its BNs were fused in training, its ranges learned" if learned else
+                  f"folded {r.fold.bn_folded} of {r.fold.bn_total} BatchNormalization layers")
     print_equalization(console, r.equalization, r.equalization_max_rel_err)
     if lines is not None:
         lines(console, r)
     cal, ev = r.calibration, r.evaluation
-    calibrated = (f"ranges {cal.method}, no calibration" if not cal.samples else
+    calibrated = (f"ranges {cal.method}, no calibration" if cal.learned else
                   f"calibrated with {cal.method} on {cal.samples} samples ({cal.batches} batches of {cal.batch_size})")
     console.print(f"{calibrated}; evaluated on {ev.samples} samples ({ev.source}) on {r.runtime} {r.runtime_version}")
     for s in r.fallback:
@@ -41,10 +43,12 @@ def print_int8(r, *, what: str, lines=None) -> None:
         else:
             done = {"equalize": "tried equalization", "without_equalization": "tried without equalization"}[s.action]
         console.print(f"  fallback: {done}: {'passes' if s.passed else 'still short'}")
-    console.print(fidelity_table(r.fidelity))
+    console.print(fidelity_table(r.fidelity, reference="the QAT Keras model (its simulation)" if learned else
+                                 "the float Keras model"))
     size = r.size
     console.print(f"wrote {r.path}: {size.int8_bytes:,} bytes ({size.ratio:.2f}x the float {size.float_bytes:,}); "
-                  f"the float {what} file vs Keras on the same data {fmt(r.float_max_rel_err)} relative")
+                  + (f"the float twin (no activation quantization) vs the QAT model {fmt(r.float_max_rel_err)} relative"
+                     if learned else f"the float {what} file vs Keras on the same data {fmt(r.float_max_rel_err)} relative"))
     if r.kept_in_float:
         console.print(f"kept in float: {', '.join(r.kept_in_float)}")
     lat = r.latency
@@ -117,12 +121,12 @@ def exact_line(exact, *, original: str, candidate: str, what: str) -> str:
             f"{what} adds no error beyond float32 rounding: {verdict(exact.passed)}")
 
 
-def fidelity_table(fidelity):
-    """A rich table of an INT8 file's `FidelityReport` against the float Keras model, the same
-    for every target."""
+def fidelity_table(fidelity, *, reference: str = "the float Keras model"):
+    """A rich table of an INT8 file's `FidelityReport` against its reference (the float Keras
+    model; a QAT model's simulation), the same for every target."""
     from rich.table import Table
 
-    table = Table(title=f"INT8 vs the float Keras model ({fidelity.samples} samples)")
+    table = Table(title=f"INT8 vs {reference} ({fidelity.samples} samples)")
     for column in ("output", "SQNR dB", "max rel err", "mean rel err", "top-1 agreement", "accuracy float -> INT8",
                    "result"):
         table.add_column(column)

@@ -95,6 +95,7 @@ class CalibrationRecord:
     batch_size: int
     batches: int
     method: str  # how the target chose the activation ranges
+    learned: bool = False  # a quantization-aware model's ranges: no calibration (samples, batches 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -406,7 +407,7 @@ def export_int8(model: keras.Model, path: str | os.PathLike, calibration, *, tar
                                       batch_size=options.calibration_batch_size,
                                       batches=0 if learned else -(-len(data.calibration[0])
                                                                    // options.calibration_batch_size),
-                                      method=run.quantizer.method),
+                                      method=run.quantizer.method, learned=learned),
         evaluation=EvaluationRecord(samples=int(len(data.evaluation[0])), source=data.source,
                                     labels=data.labels is not None),
         fold=fold_report, equalization=eq_report, equalization_max_rel_err=eq_err, equalize_requested=equalize,

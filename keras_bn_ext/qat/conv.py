@@ -23,6 +23,7 @@ import numpy as np
 from keras import ops
 
 from keras_bn_ext.layers.batch_normalization import BatchNormalization
+from keras_bn_ext.qat.options import WEIGHT_BITS
 from keras_bn_ext.qat.quantizers import fake_quant_weight, weight_qmax, weight_scale
 
 __all__ = ["QuantizedConv", "SUPPORTED"]
@@ -37,7 +38,6 @@ SUPPORTED = {
     keras.layers.DepthwiseConv1D: 2,
     keras.layers.DepthwiseConv2D: 2,
 }
-WEIGHT_BITS = (8, 4)
 
 
 @keras.saving.register_keras_serializable(package="keras_bn_ext")

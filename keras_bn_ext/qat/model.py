@@ -25,12 +25,12 @@ from keras_bn_ext.data import model_arrays
 from keras_bn_ext.folding.analysis import analyze
 from keras_bn_ext.graph import GraphIndex, graph_of
 from keras_bn_ext.qat.activation import ActivationQuantizer
-from keras_bn_ext.qat.conv import SUPPORTED, WEIGHT_BITS, QuantizedConv
+from keras_bn_ext.qat.conv import SUPPORTED, QuantizedConv
+from keras_bn_ext.qat.options import TARGETS, WEIGHT_BITS
 from keras_bn_ext.rebuild import RebuildPlan, rebuild
 
 __all__ = ["quantize_model", "quantizers_of", "is_qat_model", "TARGETS"]
 
-TARGETS = ("onnx",)
 CALIBRATION_BATCH = 256
 
 
