@@ -28,7 +28,7 @@ def _demo(tmp_path, *args):
 def test_one_epoch_end_to_end_offline(tmp_path):
     out, report = _demo(tmp_path, "--epochs", "1", "--no-download")
     for name in ("lenet_bn.keras", "lenet_bn.folded.keras", "lenet_bn.onnx", "lenet_bn.int8.onnx", "lenet_bn.tflite",
-                 "lenet_bn.int8.tflite", "history.png", "report.json"):
+                 "lenet_bn.int8.tflite", "lenet_bn.qat.keras", "lenet_bn.qat.int8.onnx", "history.png", "report.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "shipped MNIST sample" in report["data"]["source"]
     assert report["data"]["train_images"] == 8000 and report["data"]["test_images"] == 2000
@@ -45,6 +45,9 @@ def test_one_epoch_end_to_end_offline(tmp_path):
     int8 = report["int8"]["fidelity"]["outputs"][0]  # one epoch: the criterion still holds
     assert report["int8"]["passed"] and f"{int8['accuracy_quantized']:.4f}" in out
     assert report["litert"]["passed"] and report["litert"]["int8"]["passed"]
+    qat = report["qat"]  # one QAT epoch, its INT8 file from the learned ranges against its own simulation
+    assert qat["passed"] and qat["int8"]["passed"] and qat["int8"]["calibration"]["learned"]
+    assert f"{qat['int8']['fidelity']['outputs'][0]['accuracy_quantized']:.4f}" in out
     assert set(report["latency_ms"]) == {"1", "8"}
     assert set(report["latency_ms"]["8"]) == {"keras_original", "keras_folded", "onnxruntime_cpu"}
 

@@ -12,8 +12,10 @@
 4. Saves lenet_bn.keras (custom BN), folds it (lenet_bn.folded.keras), exports and
    verifies lenet_bn.onnx, quantizes it to lenet_bn.int8.onnx (calibrated on 512 training
    digits, accuracy on the test digits), exports lenet_bn.tflite (LiteRT, verified) and
-   lenet_bn.int8.tflite (full-integer INT8, accuracy on the test digits), all through the
-   library API, and compares latencies.
+   lenet_bn.int8.tflite (full-integer INT8, accuracy on the test digits), trains one epoch of
+   quantization-aware training (lenet_bn.qat.keras, what bn-qat runs) and writes its INT8 file
+   from the learned ranges (lenet_bn.qat.int8.onnx; float vs PTQ vs QAT printed side by side),
+   all through the library API, and compares latencies.
 5. Writes history.png and report.json in --out (default runs/lenet_mnist/).
 """
 
@@ -47,6 +49,8 @@ from keras_bn_ext.recalibration import recalibrate_batchnorms  # noqa: E402
 from keras_bn_ext.export.driver import export_verified  # noqa: E402
 from keras_bn_ext.export.int8 import export_int8  # noqa: E402
 from keras_bn_ext.export.options import ExportOptions  # noqa: E402
+from keras_bn_ext.qat.options import QatOptions  # noqa: E402
+from keras_bn_ext.qat.train import train_qat_to_file  # noqa: E402
 from keras_bn_ext.export.onnx.verify import run_onnxruntime  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = models["keras_bn_ext"]
     paths = {k: out / f"lenet_bn{k}" for k in (".keras", ".folded.keras", ".onnx", ".int8.onnx", ".tflite",
-                                                ".int8.tflite", ".xml", ".int8.xml")}
+                                                ".int8.tflite", ".xml", ".int8.xml", ".qat.keras", ".qat.int8.onnx")}
     save_model_atomic(model, paths[".keras"])
     # What bn-fold runs: fold, verify, save, reload, verify the file, rename. The demo then
     # uses the file as a user would, and checks it on real digits.
@@ -234,6 +238,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  QDQ u8/s8 per-channel, {int8.calibration.method} calibration on 512 training digits; "
           f"target CPU {int8.detail.target_cpu.name}: reduce_range={int8.detail.reduce_range}")
     print_int8_lines(int8)
+
+    # Quantization-aware training, as bn-qat runs it (one epoch, ranges from 512 training
+    # digits), then its INT8 file from the learned ranges (bn-export-onnx QAT.keras --eval),
+    # judged against the QAT model's own simulation: float vs PTQ vs QAT side by side.
+    qat = train_qat_to_file(model, (x_train, y_train), paths[".qat.keras"], options=QatOptions(epochs=1),
+                            eval_data=(x_test, y_test))
+    qat_model = keras.saving.load_model(paths[".qat.keras"])
+    qat8 = export_int8(qat_model, paths[".qat.int8.onnx"], None, eval_data=[x_test], labels=y_test)
+    q = qat8.fidelity.outputs[0]
+    print(f"\n== bn-qat ({paths['.qat.keras']}) + bn-export-onnx --eval ({paths['.qat.int8.onnx']}) ==")
+    print(f"  one QAT epoch ({qat.training.steps} steps, {qat.training.seconds:.1f} s, {qat.training.loss}); "
+          f"the saved file reloaded: {'passed' if qat.passed else 'FAILED'}")
+    print(f"  test accuracy: float {int8.fidelity.outputs[0].accuracy_float:.4f}, PTQ INT8 "
+          f"{int8.fidelity.outputs[0].accuracy_quantized:.4f}, QAT simulated {q.accuracy_float:.4f}, "
+          f"QAT INT8 file {q.accuracy_quantized:.4f}")
+    print(f"  the QAT file vs its simulation: top-1 agreement {q.top1_agreement:.4f}, SQNR {q.sqnr_db:.1f} dB: "
+          f"{'passed' if qat8.passed else 'FAILED'}")
 
     # The second target: LiteRT, float32 verified against the Keras model on real digits, and
     # full-integer INT8 judged as the ONNX INT8 file is.
@@ -280,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnx": {**export.to_dict(), "exported_from": str(paths[".folded.keras"]),
                  "verification": onnx_check.to_dict()},
         "int8": int8.to_dict(),
+        "qat": {**qat.to_dict(), "int8": qat8.to_dict()},
         "litert": {**litert.to_dict(), "int8": lite8.to_dict()},
         "openvino": {**openvino.to_dict(), "int8": openvino8.to_dict()} if openvino is not None else None,
         "latency_ms": lat,
@@ -289,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out / 'history.png'} and {out / 'report.json'}")
-    ok = fold_check.passed and onnx_check.passed and int8.passed and litert.passed and lite8.passed
+    ok = (fold_check.passed and onnx_check.passed and int8.passed and qat.passed and qat8.passed and litert.passed
+          and lite8.passed)
     return 0 if ok and (openvino is None or (openvino.passed and openvino8.passed)) else 1
 
 
