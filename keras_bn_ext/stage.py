@@ -36,7 +36,8 @@ from typing import Callable, Generic, Iterator, Protocol, TypeVar
 from keras_bn_ext.model_io import atomic_output
 from keras_bn_ext.progress import phase
 
-__all__ = ["COMMIT_CODES", "Check", "FileCheck", "StageRecord", "Staged", "atomic_bundle", "verify_and_commit"]
+__all__ = ["COMMIT_CODES", "Check", "FileCheck", "StageRecord", "Staged", "atomic_bundle", "reloaded_keras_check",
+           "verify_and_commit"]
 
 # What the stage did with the candidate; `StageRecord.code`.
 COMMIT_CODES = {
@@ -74,6 +75,31 @@ class FileCheck:
                             self.fidelity and self.fidelity.passed) if c is not None]
         return self.reload_error is None and bool(made) and all(made)
 
+
+
+# A reloaded .keras file holds the same float32 graph and weights as the model it was saved
+# from: only a kernel's choice of summation order could differ, so it must match to 1e-6.
+RELOAD_RTOL = 1e-6
+
+
+def reloaded_keras_check(tmp, expected: list, batches: list, names: list[str], *, safe_mode: bool,
+                         what: str = "the model", also: Callable | None = None) -> FileCheck:
+    """The `check` of every .keras file the project writes: load `tmp` back as a user would
+    and compare its outputs on `batches` with `expected` (the verified model's, to
+    `RELOAD_RTOL`); `also(reloaded)` adds checks of its own as FileCheck fields (a dict).
+    A file that does not load is a `reload_error` line naming `what`."""
+    import keras
+
+    from keras_bn_ext.compare import compare_output_lists, keras_outputs
+
+    try:
+        reloaded = keras.saving.load_model(tmp, compile=False, safe_mode=safe_mode)
+    except Exception as exc:  # noqa: BLE001 - any load failure means the file is unusable
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return FileCheck(reload_error=f"{what} was saved but does not load back: {type(exc).__name__}: {first}")
+    comparison = compare_output_lists(expected, [keras_outputs(reloaded, b) for b in batches], names, atol=0.0,
+                                      rtol=RELOAD_RTOL)
+    return FileCheck(comparison=comparison, **(also(reloaded) if also is not None else {}))
 
 P = TypeVar("P")
 C = TypeVar("C", bound=Check)

@@ -17,8 +17,6 @@ from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.compare import (
     ComparisonReport,
     ExactArithmeticCheck,
-    compare_output_lists,
-    keras_outputs,
     output_names,
     random_inputs,
 )
@@ -26,7 +24,7 @@ from keras_bn_ext.folding import options
 from keras_bn_ext.progress import phase
 from keras_bn_ext.folding.fold import FoldReport, check_fold, fold_batchnorms
 from keras_bn_ext.model_io import loadable_build_configs
-from keras_bn_ext.stage import FileCheck, verify_and_commit
+from keras_bn_ext.stage import reloaded_keras_check, verify_and_commit
 
 __all__ = ["FoldResult", "fold_to_file"]
 
@@ -168,14 +166,10 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
     result.build_configs_dropped = loadable_build_configs(folded, leave=model)
 
     def check(tmp, _):
-        try:
-            reloaded = keras.saving.load_model(tmp, compile=False, safe_mode=safe_mode)
-        except Exception as exc:  # noqa: BLE001 - any load failure means the file is unusable
-            return FileCheck(reload_error=_reload_error(exc, report))
-        # The same float32 graph and weights: only a kernel's choice of summation
-        # order could differ, so the file must match the verified model to 1e-6.
-        reloaded_out = [keras_outputs(reloaded, b) for b in batches]
-        return FileCheck(comparison=compare_output_lists(folded_out, reloaded_out, names, atol=0.0, rtol=1e-6))
+        checked = reloaded_keras_check(tmp, folded_out, batches, names, safe_mode=safe_mode, what="the folded model")
+        if checked.reload_error is not None:
+            checked.reload_error += _not_recreated_hint(report)
+        return checked
 
     staged = verify_and_commit(path, folded.save, check, produce_name="save", check_name="verify_file",
                                check_phase="reload and verify the file")
@@ -185,12 +179,10 @@ def _fold_to_file(model, path, *, exclude, samples, atol, rtol, safe_mode, inlin
     return result
 
 
-def _reload_error(exc: Exception, report: FoldReport) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    why = f"the folded model was saved but does not load back: {type(exc).__name__}: {first}"
-    if report.not_recreated:
-        names = ", ".join(report.not_recreated[:3])
-        more = f" and {len(report.not_recreated) - 3} more" if len(report.not_recreated) > 3 else ""
-        why += (f" (layers whose config does not recreate them, which only their "
-                f"parent's constructor can make: {names}{more})")
-    return why
+def _not_recreated_hint(report: FoldReport) -> str:
+    """Why a folded model may not load back: layers only their parent's constructor can make."""
+    if not report.not_recreated:
+        return ""
+    names = ", ".join(report.not_recreated[:3])
+    more = f" and {len(report.not_recreated) - 3} more" if len(report.not_recreated) > 3 else ""
+    return f" (layers whose config does not recreate them, which only their parent's constructor can make: {names}{more})"

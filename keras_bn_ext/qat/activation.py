@@ -54,6 +54,9 @@ class ActivationQuantizer(keras.layers.Layer):
 
     def set_range(self, minimum: float, maximum: float) -> None:
         """Start from this range (calibration)."""
+        if not (np.isfinite(minimum) and np.isfinite(maximum)):  # min()/max() below would keep a NaN
+            raise ValueError(f"'{self.name}' observed a non-finite range. Received: minimum={minimum}, "
+                             f"maximum={maximum}")
         self.min_value.assign(0.0 if self.unsigned else min(float(minimum), 0.0))
         self.max_value.assign(max(float(maximum), 0.0))
 

@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass, field
 import keras
 import numpy as np
 
-from keras_bn_ext.compare import compare_output_lists, keras_outputs, output_names
+from keras_bn_ext.compare import keras_outputs, output_names
 from keras_bn_ext.progress import phase, steps
 from keras_bn_ext.qat.model import quantize_model
 from keras_bn_ext.qat.options import QatOptions
-from keras_bn_ext.stage import FileCheck, verify_and_commit
+from keras_bn_ext.stage import reloaded_keras_check, verify_and_commit
 
 __all__ = ["QatOptions", "QatResult", "QatTraining", "train_qat_to_file", "classifier_loss"]
 
@@ -143,13 +143,7 @@ def train_qat_to_file(model: keras.Model, data: tuple, path: str | os.PathLike, 
     expected = [keras_outputs(qat, [sample])]
 
     def check(tmp, _):
-        try:
-            reloaded = keras.saving.load_model(tmp, compile=False, safe_mode=safe_mode)
-        except Exception as exc:  # noqa: BLE001 - any load failure means the file is unusable
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            return FileCheck(reload_error=f"the model was saved but does not load back: {type(exc).__name__}: {first}")
-        return FileCheck(comparison=compare_output_lists(expected, [keras_outputs(reloaded, [sample])],
-                                                         output_names(qat), atol=0.0, rtol=1e-6))
+        return reloaded_keras_check(tmp, expected, [[sample]], output_names(qat), safe_mode=safe_mode)
 
     staged = verify_and_commit(path, qat.save, check, produce_name="save", check_name="verify_file",
                                check_phase="reload and verify the file")

@@ -13,9 +13,9 @@ import keras
 import numpy as np
 
 from keras_bn_ext.progress import phase
-from keras_bn_ext.compare import ComparisonReport, compare_output_lists, keras_outputs, output_names
+from keras_bn_ext.compare import ComparisonReport, keras_outputs, output_names
 from keras_bn_ext.recalibration.options import BATCH_SIZE
-from keras_bn_ext.stage import FileCheck, verify_and_commit
+from keras_bn_ext.stage import reloaded_keras_check, verify_and_commit
 from keras_bn_ext.recalibration.statistics import (
     Batches,
     RecalibrationReport,
@@ -89,13 +89,8 @@ def recalibrate_to_file(
     expected = [keras_outputs(model, b) for b in batches]
 
     def check(tmp, _):
-        try:
-            reloaded = keras.saving.load_model(tmp, compile=False, safe_mode=safe_mode)
-        except Exception as exc:  # noqa: BLE001 - any load failure means the file is unusable
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            return FileCheck(reload_error=f"the model was saved but does not load back: {type(exc).__name__}: {first}")
-        return FileCheck(statistics_equal=_same_statistics(model, reloaded), comparison=compare_output_lists(
-            expected, [keras_outputs(reloaded, b) for b in batches], output_names(model), atol=0.0, rtol=1e-6))
+        return reloaded_keras_check(tmp, expected, batches, output_names(model), safe_mode=safe_mode,
+                                    also=lambda reloaded: {"statistics_equal": _same_statistics(model, reloaded)})
 
     staged = verify_and_commit(path, model.save, check, produce_name="save", check_name="verify_file",
                                check_phase="reload and verify the file")

@@ -85,7 +85,22 @@ class OnnxInt8Detail:
                 "opset": self.opset, "preprocess": self.preprocess.to_dict() if self.preprocess else None}
 
 
-class OnnxQuantizer:
+class OnnxFiles:
+    """What the INT8 driver asks of an ONNX file, the same for every ONNX quantizer."""
+
+    def copy(self, source: Path, destination: Path) -> None:
+        shutil.copyfile(source, destination)
+
+    def size(self, path: Path) -> int:
+        return os.path.getsize(path)
+
+    def op_counts(self, path: Path) -> dict:
+        from keras_bn_ext.export.onnx.convert import file_op_counts
+
+        return file_op_counts(path)
+
+
+class OnnxQuantizer(OnnxFiles):
     """onnxruntime's static quantization of the exported graph, one candidate per tag."""
 
     can_rank = True
@@ -189,17 +204,6 @@ class OnnxQuantizer:
             wrap = sum(node_ms.get(a, {}).get("ms", 0.0) for a in around)
             rows.append({"node": n.name, "op": n.op_type, "ms": round(own + wrap, 4), "qdq_ms": round(wrap, 4)})
         return sorted(rows, key=lambda r: -r["ms"])[:top]
-
-    def copy(self, source: Path, destination: Path) -> None:
-        shutil.copyfile(source, destination)
-
-    def size(self, path: Path) -> int:
-        return os.path.getsize(path)
-
-    def op_counts(self, path: Path) -> dict:
-        from keras_bn_ext.export.onnx.convert import file_op_counts
-
-        return file_op_counts(path)
 
     def detail(self, tag: str) -> OnnxInt8Detail:
         return OnnxInt8Detail(per_channel=self.int8.per_channel, reduce_range=self.cpu.reduce_range,

@@ -18,14 +18,13 @@ onnxruntime then fuses DequantizeLinear -> Conv -> QuantizeLinear into its integ
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from keras_bn_ext.errors import ExportError
+from keras_bn_ext.export.onnx.int8 import OnnxFiles
 from keras_bn_ext.export.onnx.options import OnnxOptions
 from keras_bn_ext.export.options import ExportOptions
 from keras_bn_ext.progress import phase
@@ -153,6 +152,8 @@ def write_qdq(float_path: Path, out_path: Path, *, grids: list[tuple[np.float32,
             continue
         w_name = node.input[1]
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+        if not np.all(np.isfinite(w)):
+            raise ExportError(f"the weights of {node.op_type} '{node.name}' hold NaN or infinity")
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
             axis = 0
         reduce = tuple(i for i in range(w.ndim) if i != axis)
@@ -202,7 +203,7 @@ def write_qdq(float_path: Path, out_path: Path, *, grids: list[tuple[np.float32,
     return counts
 
 
-class QatOnnxQuantizer:
+class QatOnnxQuantizer(OnnxFiles):
     """The shared INT8 driver's quantizer for a QAT model: ranges from the model."""
 
     can_rank = False
@@ -242,17 +243,6 @@ class QatOnnxQuantizer:
         with phase("integer weights and exact grids"):
             self.counts = write_qdq(marked, out, grids=self.grids, qmax=self.qmax, per_channel=self.per_channel)
         return out
-
-    def copy(self, source: Path, destination: Path) -> None:
-        shutil.copyfile(source, destination)
-
-    def size(self, path: Path) -> int:
-        return os.path.getsize(path)
-
-    def op_counts(self, path: Path) -> dict:
-        from keras_bn_ext.export.onnx.convert import file_op_counts
-
-        return file_op_counts(path)
 
     def detail(self, tag: str):
         from keras_bn_ext.export.onnx.cpu import detect_cpu
