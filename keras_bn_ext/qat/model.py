@@ -22,11 +22,12 @@ import numpy as np
 
 from keras_bn_ext import _keras_internals as internals
 from keras_bn_ext.data import model_arrays
-from keras_bn_ext.folding.analysis import analyze
 from keras_bn_ext.graph import GraphIndex, graph_of
 from keras_bn_ext.qat.activation import ActivationQuantizer
 from keras_bn_ext.qat.conv import SUPPORTED, QuantizedConv
-from keras_bn_ext.qat.options import TARGETS, WEIGHT_BITS
+from keras_bn_ext.qat.equalize import equalize_unfolded
+from keras_bn_ext.qat.options import EQUALIZE, TARGETS, WEIGHT_BITS
+from keras_bn_ext.qat.pairs import fused_pairs
 from keras_bn_ext.rebuild import RebuildPlan, rebuild
 
 __all__ = ["quantize_model", "quantizers_of", "is_qat_model", "TARGETS"]
@@ -59,12 +60,7 @@ class _Builder:
         self.g = GraphIndex(graph)
         self.quantized: set[int] = set()  # id() of symbolic tensors a quantizer produced
         self.count = 0
-        pairs = {}
-        for d in analyze(model):
-            if d.folded and d.direction == "backward" and not d.slices and "/" not in d.path \
-                    and type(d.into) in SUPPORTED and not d.keeps_name:
-                pairs[id(d.into)] = d.bn
-        self.pairs = pairs
+        self.pairs = pairs = fused_pairs(model)
         self.fused_bn = {id(bn) for bn in pairs.values()}
         # Where each quantized layer's output ends: the BN (fused), then a ReLU after it.
         self.after: dict[int, object] = {}  # id(layer) -> the ReLU layer whose output is quantized
@@ -169,7 +165,8 @@ def is_qat_model(model: keras.Model) -> bool:
 
 def quantize_model(model: keras.Model, *, calibration, weight_bits: int = 8, per_channel: bool = True,
                    activation_bits: int = 8, target: str = "onnx", target_cpu: str = "auto",
-                   bn_freeze_after: int | None = None, batch_size: int = CALIBRATION_BATCH) -> keras.Model:
+                   bn_freeze_after: int | None = None, equalize: str = "auto",
+                   batch_size: int = CALIBRATION_BATCH) -> keras.Model:
     """The quantization-aware twin of `model` (which is never changed).
 
     Args:
@@ -184,6 +181,9 @@ def quantize_model(model: keras.Model, *, calibration, weight_bits: int = 8, per
         target_cpu: The CPU the file is for ("auto": this one; `export.onnx.cpu`): 8-bit
             weights are trained on 7 bits where its integer kernels need it (no VNNI).
         bn_freeze_after: Training steps after which the fused BN statistics freeze.
+        equalize: "auto" (on with one weight scale per tensor, as for post-training
+            quantization), "on" or "off": cross-layer equalization applied to the model with
+            its BNs in place (`qat.equalize`), checked exact on the calibration data.
         batch_size: Calibration batch size.
 
     Returns:
@@ -200,8 +200,13 @@ def quantize_model(model: keras.Model, *, calibration, weight_bits: int = 8, per
         raise ValueError(f"activation_bits must be 8. Received: activation_bits={activation_bits!r}")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}. Received: target={target!r}")
+    if equalize not in EQUALIZE:
+        raise ValueError(f"equalize must be one of {EQUALIZE}. Received: equalize={equalize!r}")
     if isinstance(model, keras.Sequential):
         model = keras.Model(model.inputs, model.outputs, name=model.name)
+    arrays = model_arrays(model, calibration, source="calibration data")
+    if equalize == "on" or (equalize == "auto" and not per_channel):
+        model, _ = equalize_unfolded(model, fused_pairs(model), [a[:batch_size] for a in arrays])
     from keras_bn_ext.export.onnx.cpu import cpu_target
 
     reduce_range = weight_bits == 8 and cpu_target(target_cpu).reduce_range
@@ -216,7 +221,7 @@ def quantize_model(model: keras.Model, *, calibration, weight_bits: int = 8, per
         from keras_bn_ext.errors import UnsupportedModelError
 
         raise UnsupportedModelError(f"model '{model.name}' has no Dense/Conv/DepthwiseConv layer to quantize")
-    calibrate(qat, model_arrays(model, calibration, source="calibration data"), batch_size=batch_size)
+    calibrate(qat, arrays, batch_size=batch_size)
     return qat
 
 

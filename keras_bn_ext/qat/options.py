@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["QatOptions", "TARGETS", "WEIGHT_BITS"]
+__all__ = ["EQUALIZE", "QatOptions", "TARGETS", "WEIGHT_BITS"]
 
 WEIGHT_BITS = (8, 4)  # symmetric, narrow range: [-127, 127] (or [-63, 63]) and [-7, 7]
 TARGETS = ("onnx",)  # the runtimes whose INT8 graph a QAT model simulates
+EQUALIZE = ("auto", "on", "off")  # cross-layer equalization before QAT ("auto": with per-tensor weights)
 
 
 @dataclass(frozen=True)

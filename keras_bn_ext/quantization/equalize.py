@@ -60,6 +60,15 @@ class EqualizedPair:
     through: list[str]
     max_scale: float  # max over channels of the total s_c applied (and 1/min): how far ranges were apart
     bias_absorbed: bool = False
+    # The total s_c per channel of `first`'s output, and per input feature of `second` (laid out
+    # in a Flatten's order when one is on the path): what moved, for a caller that applies the
+    # same equalization to another form of the model (`qat.equalize`, before BN folding). Not
+    # in the JSON report.
+    scales: np.ndarray | None = field(default=None, repr=False, compare=False)
+    input_scales: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k not in ("scales", "input_scales")}
 
 
 @dataclass
@@ -78,7 +87,7 @@ class EqualizationReport:
 
     def to_dict(self) -> dict:
         return {
-            "pairs": [vars(p) for p in self.pairs],
+            "pairs": [p.to_dict() for p in self.pairs],
             "skipped": [vars(s) for s in self.skipped],
             "relu6_replaced": self.relu6_replaced,
             "sweeps": self.sweeps,
@@ -319,7 +328,8 @@ def equalize_model(model: keras.Model, *, relu6_to_relu: bool = False, absorb_bi
                 absorbed = True
         report.pairs.append(EqualizedPair(
             first=p.first.name, second=p.second.name, through=[t.name for t in p.through],
-            max_scale=float(max(np.max(s), 1.0 / np.min(s))), bias_absorbed=absorbed))
+            max_scale=float(max(np.max(s), 1.0 / np.min(s))), bias_absorbed=absorbed,
+            scales=s, input_scales=_input_scale(p, s)))
     plan = RebuildPlan()
     for key, weights in state.weights.items():
         plan.new_weights[key] = weights  # folded weights always carry a bias
