@@ -29,12 +29,18 @@ from keras_bn_ext.export.onnx.options import OnnxOptions
 from keras_bn_ext.export.options import ExportOptions
 from keras_bn_ext.progress import phase
 
-__all__ = ["QatOnnxQuantizer", "export_model", "write_qdq"]
+__all__ = ["INT4_OPSET", "QatOnnxQuantizer", "export_model", "write_qdq"]
 
 # A weight that lies on its grid is q * s up to float32 rounding of that product.
 _GRID_RTOL = 1e-5
 # tf2onnx's float64 scale against the model's float32 one: within a few ulp.
 _SCALE_RTOL = 1e-5
+# 4-bit weights ([-7, 7]) are written as int4, DequantizeLinear's type from opset 21.
+INT4_QMAX, INT4_OPSET = 7, 21
+
+
+def _default_opset(proto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _qat_layers():
@@ -107,11 +113,22 @@ def _per_channel(qat: keras.Model) -> bool:
 
 def write_qdq(float_path: Path, out_path: Path, *, grids: list[tuple[np.float32, int]], qmax: int,
               per_channel: bool) -> dict:
-    """Finish tf2onnx's graph at `float_path` as described above; returns counts."""
+    """Finish tf2onnx's graph at `float_path` as described above; returns counts. 4-bit
+    weights (qmax 7) are stored as int4, which DequantizeLinear takes from opset 21: the graph
+    is first moved to opset 21 by onnx's version converter (tf2onnx writes at most 18)."""
     import onnx
     from onnx import helper, numpy_helper
 
     proto = onnx.load(str(float_path))
+    storage = np.int8
+    if qmax <= INT4_QMAX:
+        import ml_dtypes
+
+        storage = ml_dtypes.int4
+        if _default_opset(proto) < INT4_OPSET:
+            from onnx import version_converter
+
+            proto = version_converter.convert_version(proto, INT4_OPSET)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -169,9 +186,9 @@ def write_qdq(float_path: Path, out_path: Path, *, grids: list[tuple[np.float32,
                               f"(off by {off:.3g}): not a QAT layer's kernel")
         q_name, s_name, z_name = f"{w_name}_quantized", f"{w_name}_scale", f"{w_name}_zero_point"
         graph.initializer.extend([
-            numpy_helper.from_array(q.astype(np.int8), q_name),
+            numpy_helper.from_array(q.astype(storage), q_name),
             numpy_helper.from_array(scale if per_channel else scale[:1].reshape(()), s_name),
-            numpy_helper.from_array(np.zeros(scale.shape if per_channel else (), np.int8), z_name)])
+            numpy_helper.from_array(np.zeros(scale.shape if per_channel else (), storage), z_name)])
         attrs = {"axis": axis} if per_channel else {}
         new_nodes.append((node, helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [f"{w_name}_dq"],
                                                   name=f"{w_name}_DequantizeLinear", **attrs)))
@@ -249,4 +266,4 @@ class QatOnnxQuantizer(OnnxFiles):
         from keras_bn_ext.export.onnx.int8 import OnnxInt8Detail
 
         return OnnxInt8Detail(per_channel=self.per_channel, reduce_range=self.qmax == 63, target_cpu=detect_cpu(),
-                              opset=self.onnx.opset, preprocess=None)
+                              opset=INT4_OPSET if self.qmax <= INT4_QMAX else self.onnx.opset, preprocess=None)
