@@ -23,6 +23,7 @@ def test_bench_quick_runs_and_writes_reports(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["quick"] and report["smoke"] and report["train"]["ratio"] > 0
+    assert report["train"]["qat_ratio"] > 0
     assert {r["model"] for r in report["inference"]} == {"LeNet-BN", "MobileNetV2"}
     for row in report["inference"]:
         # The twin is the folded model rebuilt independently: same numbers.

@@ -53,6 +53,7 @@ from keras_bn_ext.testing import randomize_batchnorms  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {
     "train_custom_over_builtin": 1.05,
+    "qat_over_float": 2.0,
     "folded_over_twin": 1.03,
     "ort_over_keras_folded": 1.0,
     "bn_fold_seconds": 5.0,
@@ -79,11 +80,20 @@ def bench_train(repeats: int) -> dict:
         model = lenet_bn(factory)
         model.compile(keras.optimizers.RMSprop(), "sparse_categorical_crossentropy")
         steps[label] = (lambda m=model: m.train_on_batch(x, y))
+    # The quantization-aware twin of the same LeNet (issue 28: its step <= 2x the float step
+    # of this package's BN), 8-bit per-channel, every BN fused, ranges trainable.
+    from keras_bn_ext.qat import quantize_model
+
+    keras.utils.set_random_seed(0)
+    qat = quantize_model(lenet_bn(BatchNormalization), calibration=x, target_cpu="vnni")
+    qat.compile(keras.optimizers.RMSprop(), "sparse_categorical_crossentropy")
+    steps["qat"] = lambda: qat.train_on_batch(x, y)
     t = interleaved_timings(steps, repeats=repeats, warmup=5)
     return {
         "backend": keras.backend.backend(),
         "timings": {k: v.to_dict() for k, v in t.items()},
         "ratio": t["keras_bn_ext"].median_ms / t["keras.layers"].median_ms,
+        "qat_ratio": t["qat"].median_ms / t["keras_bn_ext"].median_ms,
     }
 
 
@@ -572,15 +582,19 @@ def write_markdown(result: dict, path: Path) -> None:
         "## 1. Training step, LeNet-BN, batch 64"
         + (f" (measured {result['train_date']})" if result.get("train_date") else ""),
         "",
-        "| backend | keras_bn_ext BN | keras.layers BN | ratio (target ≤ 1.05) |",
-        "|---|---|---|---|",
+        "| backend | keras_bn_ext BN | keras.layers BN | ratio (target ≤ 1.05) | QAT twin (8-bit) | "
+        "QAT / keras_bn_ext (target ≤ 2) |",
+        "|---|---|---|---|---|---|",
     ]
     others = [result.get("train_jax"), result.get("train_torch")]
     for t in [result["train"]] + [t for t in others if t]:
         a, b = t["timings"]["keras_bn_ext"], t["timings"]["keras.layers"]
+        q = t["timings"].get("qat")  # (bench.json files from before the QAT column have none)
+        qat = (f"{q['median_ms']:.2f} ({q['min_ms']:.2f}–{q['max_ms']:.2f}) | {t['qat_ratio']:.2f} "
+               f"({_mark(t['qat_ratio'] <= TARGETS['qat_over_float'])})") if q else "– | –"
         lines.append(f"| {t['backend']} | {a['median_ms']:.2f} ({a['min_ms']:.2f}–{a['max_ms']:.2f}) | "
                      f"{b['median_ms']:.2f} ({b['min_ms']:.2f}–{b['max_ms']:.2f}) | {t['ratio']:.3f} "
-                     f"({_mark(t['ratio'] <= TARGETS['train_custom_over_builtin'])}) |")
+                     f"({_mark(t['ratio'] <= TARGETS['train_custom_over_builtin'])}) | {qat} |")
     lines += [
         "",
         "## 2–3. Inference latency (Keras `tf.function`; onnxruntime CPU on the folded export)",
