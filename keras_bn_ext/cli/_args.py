@@ -182,6 +182,9 @@ def add_qdq_arguments(group) -> None:
 
     group.add_argument("--per-tensor", action="store_true",
                        help="one weight scale per tensor (default: per output channel)")
+    group.add_argument("--weight-bits", type=int, choices=(8, 4), default=8,
+                       help="4: int4 weights (opset 21), each clipped to the range that minimizes its rounding "
+                            "error first; onnxruntime runs them as float convolutions (default: 8)")
     group.add_argument("--calibration-method", choices=onnx_options.METHODS, default=onnx_options.DEFAULT_METHOD,
                        help=f"how activation ranges are chosen (default: {onnx_options.DEFAULT_METHOD})")
     group.add_argument("--target-cpu", choices=cpu.TARGETS, default="auto",

@@ -84,7 +84,7 @@ def qdq_options(args):
 
     return OnnxInt8Options(per_channel=not args.per_tensor, method=args.calibration_method,
                            target_cpu=args.target_cpu, preprocess=not args.no_preprocess,
-                           batch_size=getattr(args, "batch_size", None))
+                           batch_size=getattr(args, "batch_size", None), weight_bits=args.weight_bits)
 
 
 def recalibration_data(model, args, *, flag: str = "--data") -> list:

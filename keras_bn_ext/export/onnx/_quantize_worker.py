@@ -76,6 +76,9 @@ def quantize(req: dict) -> dict:
         "nodes_to_exclude": list(req.get("nodes_to_exclude") or []),
         "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True},
     }
+    if int(req.get("weight_bits", 8)) == 4:  # int4 weights, per-channel on the axes the clipping used
+        options.update(weight_type=QuantType.QInt4, reduce_range=False)
+        options["extra_options"]["QDQOpTypePerChannelSupportToAxis"] = {"Conv": 0, "MatMul": 1}
     reader = _reader(req["calibration"], req["input_names"], int(req["batch_size"]), req.get("progress_fd"))
     if req.get("cache") and "calibration_cache_path" in inspect.signature(quantize_static).parameters:
         # The float tensors' ranges do not depend on which nodes are kept in float: the

@@ -21,7 +21,7 @@ import numpy as np
 
 from keras_bn_ext.compare import input_specs
 from keras_bn_ext.export.onnx.cpu import CpuTarget, cpu_target, detect_cpu
-from keras_bn_ext.export.onnx.options import OnnxInt8Options, OnnxOptions
+from keras_bn_ext.export.onnx.options import INT4_OPSET, OnnxInt8Options, OnnxOptions
 from keras_bn_ext.export.options import ExportOptions
 from keras_bn_ext.nonfinite import max_rel_err
 from keras_bn_ext.progress import phase
@@ -67,10 +67,15 @@ class OnnxInt8Detail:
     target_cpu: CpuTarget
     opset: int
     preprocess: Preprocess | None
+    weight_bits: int = 8
+    clipping: dict | None = None  # 4-bit PTQ: the MSE-optimal clipping (`export.onnx.clip`)
 
     format = "QDQ"
     activation_type = "uint8"
-    weight_type = "int8"
+
+    @property
+    def weight_type(self) -> str:
+        return "int4" if self.weight_bits == 4 else "int8"
 
     @property
     def measured_on_cpu(self) -> str:
@@ -82,7 +87,8 @@ class OnnxInt8Detail:
         return {"format": self.format, "activation_type": self.activation_type, "weight_type": self.weight_type,
                 "per_channel": self.per_channel, "reduce_range": self.reduce_range,
                 "target_cpu": self.target_cpu.to_dict(), "measured_on_cpu": self.measured_on_cpu,
-                "opset": self.opset, "preprocess": self.preprocess.to_dict() if self.preprocess else None}
+                "opset": self.opset, "preprocess": self.preprocess.to_dict() if self.preprocess else None,
+                "clipping": self.clipping}
 
 
 class OnnxFiles:
@@ -117,6 +123,7 @@ class OnnxQuantizer(OnnxFiles):
         self.method = int8.method
         self.equalize_by_default = not int8.per_channel  # one weight range must serve every channel
         self.prepared: dict[str, Preprocess] = {}
+        self.clipping: dict[str, dict] = {}
         self.calibration_npz, self.rank_npz = work / "calibration.npz", work / "rank.npz"
         np.savez(self.calibration_npz, **dict(zip(self.names, data.calibration)))
         np.savez(self.rank_npz, **{n: a[:_RANK_SAMPLES] for n, a in zip(self.names, data.evaluation)})
@@ -156,15 +163,30 @@ class OnnxQuantizer(OnnxFiles):
 
         float_path, int8_path = self.float_file(candidate, tag), self.work / f"{tag}.int8.onnx"
         cache = self.work / f"{tag}.cache.json"
+        if self.int8.weight_bits == 4:  # the quantizer's copy: weights clipped, opset 21 for int4
+            float_path = self._clipped(float_path, tag)
         calibrated = cache.exists()  # the ranges of an earlier attempt are reused
         batches = -(-len(self.data.calibration[0]) // self.options.calibration_batch_size)
         with counted_steps("quantize (calibration cached)" if calibrated else "calibrate and quantize",
                            0 if calibrated else batches) as advance:
             settings = QuantizeSettings(per_channel=self.int8.per_channel, reduce_range=self.cpu.reduce_range,
-                                        method=self.int8.method, batch_size=self.options.calibration_batch_size)
+                                        method=self.int8.method, batch_size=self.options.calibration_batch_size,
+                                        weight_bits=self.int8.weight_bits)
             quantize_onnx(float_path, int8_path, self.calibration_npz, self.names, settings=settings,
                           nodes_to_exclude=excluded, cache=cache, on_batch=advance)
         return int8_path
+
+    def _clipped(self, float_path: Path, tag: str) -> Path:
+        import onnx
+        from onnx import version_converter
+
+        from keras_bn_ext.export.onnx.clip import clip_weights_mse
+        out = self.work / f"{tag}.w4clip.onnx"
+        if not out.exists():
+            with phase("MSE-optimal 4-bit weight ranges"):
+                self.clipping[tag] = clip_weights_mse(float_path, out, per_channel=self.int8.per_channel)
+                onnx.save_model(version_converter.convert_version(onnx.load(str(out)), INT4_OPSET), str(out))
+        return out
 
     def rank(self, float_file: Path, int8_file: Path, tag: str) -> list[dict]:
         from keras_bn_ext.export.onnx.quantize import rank_nodes
@@ -206,5 +228,8 @@ class OnnxQuantizer(OnnxFiles):
         return sorted(rows, key=lambda r: -r["ms"])[:top]
 
     def detail(self, tag: str) -> OnnxInt8Detail:
-        return OnnxInt8Detail(per_channel=self.int8.per_channel, reduce_range=self.cpu.reduce_range,
-                              target_cpu=self.cpu, opset=self.onnx.opset, preprocess=self.prepared.get(tag))
+        w4 = self.int8.weight_bits == 4
+        return OnnxInt8Detail(per_channel=self.int8.per_channel, reduce_range=self.cpu.reduce_range and not w4,
+                              target_cpu=self.cpu, opset=INT4_OPSET if w4 else self.onnx.opset,
+                              preprocess=self.prepared.get(tag), weight_bits=self.int8.weight_bits,
+                              clipping=self.clipping.get(tag))

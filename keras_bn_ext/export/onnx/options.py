@@ -6,7 +6,7 @@ from dataclasses import dataclass
 # The tolerances and sample counts every target shares (re-exported: the ONNX CLI prints them).
 from keras_bn_ext.export.options import BATCH_SIZES, FP16_ATOL, FP16_RTOL, FP32_ATOL, FP32_RTOL, SAMPLES
 
-__all__ = ["BATCH_DIM", "BATCH_SIZES", "CONVERSIONS", "DEFAULT_METHOD", "DEFAULT_OPSET", "EXTERNAL_DATA_THRESHOLD", "FP16_ATOL", "FP16_RTOL", "FP32_ATOL",
+__all__ = ["BATCH_DIM", "BATCH_SIZES", "CONVERSIONS", "DEFAULT_METHOD", "DEFAULT_OPSET", "INT4_OPSET", "EXTERNAL_DATA_THRESHOLD", "FP16_ATOL", "FP16_RTOL", "FP32_ATOL",
            "FP32_RTOL", "METHODS", "OnnxInt8Options", "OnnxOptions", "PROVIDERS", "SAMPLES", "SUPPORTED_OPSETS"]
 
 # tf2onnx 1.17 converts to opsets up to 18 (19+ "not supported yet"); 13 is the oldest
@@ -67,6 +67,9 @@ class OnnxOptions:
             raise ValueError(f"provider must be one of {PROVIDERS}. Received: provider={self.provider!r}")
 
 
+INT4_OPSET = 21  # DequantizeLinear takes int4 from this opset on (tf2onnx writes at most 18)
+
+
 @dataclass(frozen=True)
 class OnnxInt8Options:
     """What only the ONNX target's INT8 has (the driver's `Int8Options` holds the rest).
@@ -78,6 +81,8 @@ class OnnxInt8Options:
         target_cpu: The CPU the file is for ("auto": this one; see `export.onnx.cpu`).
         preprocess: Pass the float graph through onnxruntime's `quant_pre_process` first.
         batch_size: Fix the batch dimension (None: symbolic).
+        weight_bits: 8, or 4 (int4 weights at opset 21, each clipped to its MSE-optimal
+            range first: `export.onnx.clip`).
     """
 
     per_channel: bool = True
@@ -85,8 +90,11 @@ class OnnxInt8Options:
     target_cpu: str = "auto"
     preprocess: bool = True
     batch_size: int | None = None  # fix the batch dimension of the graph that is quantized
+    weight_bits: int = 8
 
     def __post_init__(self):
+        if self.weight_bits not in (8, 4):
+            raise ValueError(f"weight_bits must be 8 or 4. Received: weight_bits={self.weight_bits!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}. Received: method={self.method!r}")
         from keras_bn_ext.export.onnx.cpu import TARGETS

@@ -25,18 +25,18 @@ import numpy as np
 
 from keras_bn_ext.errors import ExportError
 from keras_bn_ext.export.onnx.int8 import OnnxFiles
-from keras_bn_ext.export.onnx.options import OnnxOptions
+from keras_bn_ext.export.onnx.options import INT4_OPSET, OnnxOptions
 from keras_bn_ext.export.options import ExportOptions
 from keras_bn_ext.progress import phase
 
-__all__ = ["INT4_OPSET", "QatOnnxQuantizer", "export_model", "write_qdq"]
+__all__ = ["QatOnnxQuantizer", "export_model", "write_qdq"]
 
 # A weight that lies on its grid is q * s up to float32 rounding of that product.
 _GRID_RTOL = 1e-5
 # tf2onnx's float64 scale against the model's float32 one: within a few ulp.
 _SCALE_RTOL = 1e-5
 # 4-bit weights ([-7, 7]) are written as int4, DequantizeLinear's type from opset 21.
-INT4_QMAX, INT4_OPSET = 7, 21
+INT4_QMAX = 7
 
 
 def _default_opset(proto) -> int:

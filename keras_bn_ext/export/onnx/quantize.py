@@ -74,6 +74,7 @@ class QuantizeSettings:
     reduce_range: bool
     method: str
     batch_size: int
+    weight_bits: int = 8  # 4: int4 weights (the graph at opset 21); the per-channel axes of `export.onnx.clip`
 
 
 def quantize_onnx(
@@ -96,6 +97,7 @@ def quantize_onnx(
         "calibration": str(calibration_npz), "input_names": list(input_names), "batch_size": int(settings.batch_size),
         "per_channel": bool(settings.per_channel), "reduce_range": bool(settings.reduce_range),
         "method": settings.method, "nodes_to_exclude": list(nodes_to_exclude), "cache": str(cache) if cache else None,
+        "weight_bits": int(settings.weight_bits),
     }, on_batch)
 
 
