@@ -38,15 +38,21 @@ def _save_ir(onnx_path: Path, xml_path: Path) -> Path:
 
 
 class OpenVINOQuantizer:
-    can_rank = True
+    """The ONNX target's QDQ graph compiled to IR: calibrated (`OnnxQuantizer`), or, for a
+    quantization-aware model, written from its learned ranges (`QatOnnxQuantizer`)."""
 
     def __init__(self, int8: OnnxInt8Options, model, data, options, work: Path):
         from keras_bn_ext.export.onnx.int8 import OnnxQuantizer
+        from keras_bn_ext.export.onnx.qat import QatOnnxQuantizer
         from keras_bn_ext.export.openvino.target import OPENVINO
+        from keras_bn_ext.qat.model import is_qat_model
 
-        self.qdq = OnnxQuantizer(OnnxOptions(), int8, model, data, options, work)
+        if is_qat_model(model):
+            self.qdq = QatOnnxQuantizer(OnnxOptions(), model, data, options, work)
+        else:
+            self.qdq = OnnxQuantizer(OnnxOptions(), int8, model, data, options, work)
         self.runner, self.work = OPENVINO, work
-        self.method = self.qdq.method
+        self.method, self.can_rank = self.qdq.method, self.qdq.can_rank
         self.equalize_by_default = self.qdq.equalize_by_default
         self.onnx_files: dict[Path, Path] = {}  # each IR's ONNX graph (the ranking reads those)
 

@@ -10,7 +10,8 @@ __all__ = ["OPENVINO", "OpenVINOTarget"]
 
 # external_data: the weights are the .bin beside the .xml, committed with it.
 class OpenVINOTarget(Target, name="openvino", suffix=".xml", runtime="openvino",
-                     capabilities=Capabilities(fp16=True, int8=True, external_data=True, dynamic_batch=True)):
+                     capabilities=Capabilities(fp16=True, int8=True, external_data=True, dynamic_batch=True,
+                                               learned_int8=True)):
     """OpenVINO IR; `int8`: the options of the QDQ graph its INT8 files are compiled from."""
 
     def convert(self, model, path, options):
