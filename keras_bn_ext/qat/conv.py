@@ -8,7 +8,12 @@ training the output is corrected to the batch's statistics,
     y = conv(x, q(w_f)) * sigma / sigma_B + beta - gamma * (mu_B - b) / sigma_B,
 
 which is BN(conv(x, w) + b) with batch statistics when q is the identity, while the moving
-statistics are updated as the BN layer would. After `bn_freeze_after` training steps the
+statistics are updated as the BN layer would. The batch statistics mu_B, sigma_B are those
+of conv(x, q(w_f)) * sigma / gamma + b, the quantized layer's output brought back to the
+float layer's units (PyTorch's ConvBn QAT does the same): the layer runs one convolution,
+not a second float one, which would nearly double a training step (the float layer's
+statistics differ only by the weights' rounding). A channel with gamma = 0 outputs beta
+whatever its statistics: they are left as they are. After `bn_freeze_after` training steps the
 statistics freeze and training computes what inference computes,
 
     y = conv(x, q(w_f)) + beta + gamma * (b - mu) / sigma,
@@ -26,7 +31,7 @@ from keras_bn_ext.layers.batch_normalization import BatchNormalization
 from keras_bn_ext.qat.options import WEIGHT_BITS
 from keras_bn_ext.qat.quantizers import fake_quant_weight, weight_qmax, weight_scale
 
-__all__ = ["QuantizedConv", "SUPPORTED"]
+__all__ = ["QuantizedConv", "SUPPORTED", "apply_kernel"]
 
 # The layer classes a QuantizedConv wraps, and the kernel axes that hold its output channels
 # (-1: the last; -2: depthwise kernels (..., C, M), whose output channel is c * M + m).
@@ -38,6 +43,17 @@ SUPPORTED = {
     keras.layers.DepthwiseConv1D: 2,
     keras.layers.DepthwiseConv2D: 2,
 }
+
+
+def apply_kernel(layer, x, kernel):
+    """What `layer` (a SUPPORTED kind) computes on `x` with `kernel` in place of its own,
+    before its bias and activation."""
+    if isinstance(layer, keras.layers.Dense):
+        return ops.matmul(x, kernel)
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        return ops.depthwise_conv(x, kernel, strides=layer.strides, padding=layer.padding,
+                                  data_format=layer.data_format, dilation_rate=layer.dilation_rate)
+    return layer.convolution_op(x, kernel)
 
 
 @keras.saving.register_keras_serializable(package="keras_bn_ext")
@@ -99,13 +115,7 @@ class QuantizedConv(keras.layers.Layer):
     # -- the arithmetic -------------------------------------------------------------------
 
     def _apply(self, x, kernel):
-        layer = self.inner
-        if isinstance(layer, keras.layers.Dense):
-            return ops.matmul(x, kernel)
-        if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
-            return ops.depthwise_conv(x, kernel, strides=layer.strides, padding=layer.padding,
-                                      data_format=layer.data_format, dilation_rate=layer.dilation_rate)
-        return layer.convolution_op(x, kernel)
+        return apply_kernel(self.inner, x, kernel)
 
     def _per_channel(self, values, kernel):
         """`values` (one per output channel) shaped to multiply `kernel`."""
@@ -138,17 +148,19 @@ class QuantizedConv(keras.layers.Layer):
         bn = self.batchnorm
         sigma, gamma, beta = self._folding()
         b = bias if bias is not None else ops.zeros_like(sigma)
-        folded = self._quantized(kernel * self._per_channel(gamma / sigma, kernel))
+        factor = gamma / sigma
+        folded = self._quantized(kernel * self._per_channel(factor, kernel))
         y = self._apply(x, folded)
         inference = y + (beta + gamma * (b - ops.cast(bn.moving_mean, "float32")) / sigma)
         if not (training and bn.trainable):
             return inference
-        # Batch statistics of the float layer's output (synchronized across replicas when
-        # the BN is), the moving statistics updated until the freeze.
-        mean, variance = bn.batch_moments(self._apply(x, kernel) + b)
+        # Batch statistics of the layer's output in the float layer's units (synchronized
+        # across replicas when the BN is), the moving statistics updated until the freeze.
+        live = ops.cast(ops.not_equal(factor, 0.0), "float32")  # gamma = 0: nothing to measure
+        mean, variance = bn.batch_moments(y / (factor + (1.0 - live)) + b)
         self.steps.assign_add(1.0)
         frozen = 0.0 if self.bn_freeze_after is None else ops.cast(self.steps > self.bn_freeze_after, "float32")
-        decay = frozen + (1.0 - frozen) * bn.momentum
+        decay = 1.0 - (1.0 - frozen) * (1.0 - bn.momentum) * live
         bn.moving_mean.assign(ops.cast(bn.moving_mean, "float32") * decay + mean * (1.0 - decay))
         bn.moving_variance.assign(ops.cast(bn.moving_variance, "float32") * decay + variance * (1.0 - decay))
         sigma_batch = ops.sqrt(variance + bn.epsilon)
