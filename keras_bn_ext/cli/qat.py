@@ -11,6 +11,7 @@ from keras_bn_ext.cli._args import EXIT_CODES_HELP, Parser, add_data_key_argumen
 from keras_bn_ext.cli._inputs import load_input_model, npz_arrays, preflight
 from keras_bn_ext.cli._output import fmt, verdict
 from keras_bn_ext.cli._run import EXIT_OK, EXIT_VERIFY_FAILED, run, timed
+from keras_bn_ext.qat.options import TARGETS
 
 PROG = "bn-qat"
 
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         "BatchNormalization after it fused, trained with folded fake-quantized weights; activations "
         "fake-quantized where the INT8 file quantizes them; ranges calibrated on the first training "
         "samples), train it with model.fit, save it, load the saved file back and check it. Then "
-        "`bn-export-onnx OUT.qat.keras --eval EVAL.npz` writes its INT8 file from the learned ranges.",
+        "`bn-export-onnx OUT.qat.keras --eval EVAL.npz` (or bn-export-litert, bn-export-openvino) writes its "
+        "INT8 file from the learned ranges.",
         epilog=EXIT_CODES_HELP,
     )
     add_model_arguments(parser)
@@ -38,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="Adam's learning rate (default: 1e-4)")
     parser.add_argument("--weight-bits", type=int, choices=(8, 4), default=8, help="weight bits (default: 8)")
     parser.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per channel)")
-    parser.add_argument("--target", choices=("onnx",), default="onnx",
-                        help="the runtime whose INT8 graph is simulated (default: onnx)")
+    parser.add_argument("--target", choices=TARGETS, default="onnx",
+                        help="the runtime whose INT8 graph is simulated: onnx (also compiled by bn-export-openvino) "
+                             "or litert (8-bit weights only) (default: onnx)")
     parser.add_argument("--calibration-samples", type=positive_int, default=512,
                         help="training samples the activation ranges start from (default: 512)")
     parser.add_argument("--bn-freeze-after", type=int, metavar="STEPS",

@@ -346,7 +346,7 @@ def export_int8(model: keras.Model, path: str | os.PathLike, calibration, *, tar
     learned = is_qat_model(model)
     if learned and not unit.capabilities.learned_int8:
         raise UnsupportedModelError(f"'{model.name}' is a quantization-aware model, and the {unit.name} target "
-                                    "cannot write an INT8 file from learned ranges yet (the onnx and openvino targets can)")
+                                    "cannot write an INT8 file from learned ranges")
     if learned and calibration is None:
         calibration = eval_data
     with phase("check data, float reference"):

@@ -26,7 +26,7 @@ from keras_bn_ext.graph import GraphIndex, graph_of
 from keras_bn_ext.qat.activation import ActivationQuantizer
 from keras_bn_ext.qat.conv import SUPPORTED, QuantizedConv
 from keras_bn_ext.qat.equalize import equalize_unfolded
-from keras_bn_ext.qat.options import EQUALIZE, TARGETS, WEIGHT_BITS
+from keras_bn_ext.qat.options import EQUALIZE, TARGETS, WEIGHT_BITS, check_target_bits
 from keras_bn_ext.qat.pairs import fused_pairs
 from keras_bn_ext.rebuild import RebuildPlan, rebuild
 
@@ -177,8 +177,10 @@ def quantize_model(model: keras.Model, *, calibration, weight_bits: int = 8, per
         weight_bits: 8 or 4 (symmetric, narrow range: [-127, 127] or [-7, 7]).
         per_channel: One weight scale per output channel.
         activation_bits: 8 (uint8, asymmetric).
-        target: The runtime whose INT8 graph it simulates: "onnx".
-        target_cpu: The CPU the file is for ("auto": this one; `export.onnx.cpu`): 8-bit
+        target: The runtime whose INT8 graph it simulates: "onnx" (onnxruntime's QDQ graph,
+            which the openvino target compiles too) or "litert" (TensorFlow's LiteRT
+            converter; 8-bit weights only).
+        target_cpu: The CPU the ONNX file is for ("auto": this one; `export.onnx.cpu`): 8-bit
             weights are trained on 7 bits where its integer kernels need it (no VNNI).
         bn_freeze_after: Training steps after which the fused BN statistics freeze.
         equalize: "auto" (on with one weight scale per tensor, as for post-training
@@ -198,8 +200,7 @@ def quantize_model(model: keras.Model, *, calibration, weight_bits: int = 8, per
         raise ValueError(f"weight_bits must be one of {WEIGHT_BITS}. Received: weight_bits={weight_bits!r}")
     if activation_bits != 8:
         raise ValueError(f"activation_bits must be 8. Received: activation_bits={activation_bits!r}")
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}. Received: target={target!r}")
+    check_target_bits(target, weight_bits)
     if equalize not in EQUALIZE:
         raise ValueError(f"equalize must be one of {EQUALIZE}. Received: equalize={equalize!r}")
     if isinstance(model, keras.Sequential):
@@ -209,7 +210,9 @@ def quantize_model(model: keras.Model, *, calibration, weight_bits: int = 8, per
         model, _ = equalize_unfolded(model, fused_pairs(model), [a[:batch_size] for a in arrays])
     from keras_bn_ext.export.onnx.cpu import cpu_target
 
-    reduce_range = weight_bits == 8 and cpu_target(target_cpu).reduce_range
+    # 7-bit weights where onnxruntime's integer kernels need them (no VNNI); LiteRT's
+    # kernels take the full int8 range.
+    reduce_range = target == "onnx" and weight_bits == 8 and cpu_target(target_cpu).reduce_range
     builder = _Builder(model, weight_bits=weight_bits, per_channel=per_channel, reduce_range=reduce_range,
                        bn_freeze_after=bn_freeze_after)
     plan = RebuildPlan()

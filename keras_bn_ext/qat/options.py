@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EQUALIZE", "QatOptions", "TARGETS", "WEIGHT_BITS"]
+__all__ = ["EQUALIZE", "QatOptions", "TARGETS", "TARGET_WEIGHT_BITS", "WEIGHT_BITS", "check_target_bits"]
 
 WEIGHT_BITS = (8, 4)  # symmetric, narrow range: [-127, 127] (or [-63, 63]) and [-7, 7]
-TARGETS = ("onnx",)  # the runtimes whose INT8 graph a QAT model simulates
+TARGETS = ("onnx", "litert")  # the runtimes whose INT8 graph a QAT model simulates
+# LiteRT's converter writes int8 weights on [-127, 127] only (no int4 builtin kernels).
+TARGET_WEIGHT_BITS = {"onnx": (8, 4), "litert": (8,)}
 EQUALIZE = ("auto", "on", "off")  # cross-layer equalization before QAT ("auto": with per-tensor weights)
 
 
@@ -48,5 +50,13 @@ class QatOptions:
                                                  or isinstance(self.bn_freeze_after, bool) or self.bn_freeze_after < 0):
             raise ValueError("bn_freeze_after must be a non-negative integer or None. "
                              f"Received: bn_freeze_after={self.bn_freeze_after!r}")
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}. Received: target={self.target!r}")
+        check_target_bits(self.target, self.weight_bits)
+
+
+def check_target_bits(target: str, weight_bits: int) -> None:
+    """Refuse a target the QAT model cannot simulate, or weight bits its runtime cannot hold."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}. Received: target={target!r}")
+    if weight_bits not in TARGET_WEIGHT_BITS[target]:
+        raise ValueError(f"the {target} target holds weights of {' or '.join(map(str, TARGET_WEIGHT_BITS[target]))} "
+                         f"bits. Received: weight_bits={weight_bits!r}, target={target!r}")

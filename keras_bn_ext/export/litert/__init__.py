@@ -9,6 +9,7 @@ _EXPORTS = {
     "LITERT": "keras_bn_ext.export.litert.target",
     "convert_litert_file": "keras_bn_ext.export.litert.convert",
     "LiteRTQuantizer": "keras_bn_ext.export.litert.int8",
+    "QatLiteRTQuantizer": "keras_bn_ext.export.litert.qat",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

@@ -20,10 +20,11 @@ __all__ = ["LiteRTInt8Detail", "LiteRTQuantizer"]
 
 @dataclass
 class LiteRTInt8Detail:
+    per_channel: bool = True  # one weight scale per output channel (the converter's default)
     format = "full-integer INT8 (float32 inputs and outputs)"
 
     def to_dict(self) -> dict:
-        return {"format": self.format}
+        return {"format": self.format, "per_channel": self.per_channel}
 
 
 class LiteRTQuantizer:

@@ -9,8 +9,10 @@ __all__ = ["LITERT", "LiteRTTarget"]
 
 
 class LiteRTTarget(Target, name="litert", suffix=".tflite", runtime="ai-edge-litert",
-                   capabilities=Capabilities(fp16=True, int8=True, external_data=False, dynamic_batch=True)):
-    """.tflite files; INT8 from TensorFlow's converter with a representative dataset."""
+                   capabilities=Capabilities(fp16=True, int8=True, external_data=False, dynamic_batch=True,
+                                             learned_int8=True)):
+    """.tflite files; INT8 from TensorFlow's converter with a representative dataset, or, for
+    a quantization-aware model, from its learned ranges (`export.litert.qat`)."""
 
     def convert(self, model, path, options):
         from keras_bn_ext.export.litert.convert import convert_litert_file
@@ -29,7 +31,12 @@ class LiteRTTarget(Target, name="litert", suffix=".tflite", runtime="ai-edge-lit
 
     def int8_quantizer(self, model, data, options, work):
         from keras_bn_ext.export.litert.int8 import LiteRTQuantizer
+        from keras_bn_ext.qat.model import is_qat_model
 
+        if is_qat_model(model):  # its ranges are learned: the converter takes them from its markers
+            from keras_bn_ext.export.litert.qat import QatLiteRTQuantizer
+
+            return QatLiteRTQuantizer(model, data, options, work)
         return LiteRTQuantizer(data, options, work)
 
     def report_detail(self, conversion, verification) -> dict:

@@ -1,10 +1,8 @@
 """The ONNX INT8 file of a quantization-aware model, from its learned ranges (no calibration).
 
-The QAT model (`keras_bn_ext.qat`) is rebuilt as a plain Keras model: each `QuantizedConv`
-becomes its wrapped layer holding the folded kernel *on its quantization grid* and the
-folded bias; each `ActivationQuantizer` becomes TensorFlow's FakeQuantWithMinMaxArgs with
-the range of its grid, which tf2onnx writes as a QuantizeLinear/DequantizeLinear pair.
-The ONNX graph is then finished here:
+tf2onnx converts the QAT model's plain twin (`export.qat.export_model`), whose activation
+markers it writes as QuantizeLinear/DequantizeLinear pairs. The ONNX graph is then finished
+here:
 
 - every activation pair gets the exact float32 scale and zero point the model computes
   (`ActivationQuantizer.quantization`; tf2onnx recomputes them in float64);
@@ -20,16 +18,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from keras_bn_ext.errors import ExportError
 from keras_bn_ext.export.onnx.int8 import OnnxFiles
 from keras_bn_ext.export.onnx.options import INT4_OPSET, OnnxOptions
 from keras_bn_ext.export.options import ExportOptions
+from keras_bn_ext.export.qat import export_model, per_channel_of, weight_qmax_of
 from keras_bn_ext.progress import phase
 
-__all__ = ["QatOnnxQuantizer", "export_model", "write_qdq"]
+__all__ = ["QatOnnxQuantizer", "write_qdq"]
 
 # A weight that lies on its grid is q * s up to float32 rounding of that product.
 _GRID_RTOL = 1e-5
@@ -41,74 +39,6 @@ INT4_QMAX = 7
 
 def _default_opset(proto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _qat_layers():
-    from keras_bn_ext.qat.activation import ActivationQuantizer
-    from keras_bn_ext.qat.conv import QuantizedConv
-
-    return ActivationQuantizer, QuantizedConv
-
-
-class _FakeQuantMarker(keras.layers.Layer):
-    """TensorFlow's FakeQuantWithMinMaxArgs on the grid (scale, zero point): for tf2onnx
-    only (never saved)."""
-
-    def __init__(self, scale: float, zero_point: int, **kwargs):
-        super().__init__(**kwargs)
-        self.scale, self.zero_point = float(scale), int(zero_point)
-
-    def call(self, inputs):
-        import tensorflow as tf
-
-        return tf.quantization.fake_quant_with_min_max_args(
-            inputs, min=-self.zero_point * self.scale, max=(255 - self.zero_point) * self.scale, num_bits=8)
-
-
-def export_model(qat: keras.Model, *, markers: bool = True) -> keras.Model:
-    """The plain Keras model the file is converted from (`markers=False`: without the
-    activation quantization, the float twin the latency is compared with)."""
-    from keras_bn_ext.rebuild import RebuildPlan, rebuild
-
-    ActivationQuantizer, QuantizedConv = _qat_layers()
-
-    def replacement(op):
-        if isinstance(op, ActivationQuantizer):
-            if not markers:
-                return lambda x, *a, **k: x
-            scale, zero_point = op.quantization()
-            return _FakeQuantMarker(scale, zero_point, name=op.name)
-        plain = type(op.inner).from_config({**op.plain_layer_config(), "name": op.name})
-        weights = op.folded_weights()
-
-        def call(x, *args, **kwargs):
-            first = not plain.built
-            y = plain(x)
-            if first:
-                plain.set_weights(weights)
-            return y
-
-        return call
-
-    plan = RebuildPlan()
-    for layer in qat.layers:
-        if isinstance(layer, (ActivationQuantizer, QuantizedConv)):
-            plan.replace[id(layer)] = replacement
-    return rebuild(qat, plan)
-
-
-def _weight_qmax(qat: keras.Model) -> int:
-    _, QuantizedConv = _qat_layers()
-    found = {layer.qmax for layer in qat.layers if isinstance(layer, QuantizedConv)}
-    if len(found) != 1:
-        raise ExportError(f"the QAT model's layers use different weight grids ({sorted(found)}); "
-                          "quantize_model gives every layer the same")
-    return found.pop()
-
-
-def _per_channel(qat: keras.Model) -> bool:
-    _, QuantizedConv = _qat_layers()
-    return all(layer.per_channel for layer in qat.layers if isinstance(layer, QuantizedConv))
 
 
 def write_qdq(float_path: Path, out_path: Path, *, grids: list[tuple[np.float32, int]], qmax: int,
@@ -234,7 +164,7 @@ class QatOnnxQuantizer(OnnxFiles):
 
         self.onnx, self.model, self.data, self.options, self.work = onnx, model, data, options, work
         self.runner = OnnxTarget(OnnxOptions(provider="cpu"))  # INT8 kernels are the CPU provider's
-        self.qmax, self.per_channel = _weight_qmax(model), _per_channel(model)
+        self.qmax, self.per_channel = weight_qmax_of(model), per_channel_of(model)
         self.grids = [q.quantization() for q in quantizers_of(model)]
         self.counts: dict = {}
 
