@@ -1,5 +1,7 @@
-"""synchronized=True under tf.distribute.MirroredStrategy on two logical CPU devices."""
+"""synchronized=True under tf.distribute.MirroredStrategy on two logical CPU devices, and a QAT
+twin under keras.distribution.DataParallel on two JAX host devices."""
 
+import importlib.util
 import keras
 import pytest
 
@@ -97,3 +99,48 @@ def test_qat_twin_under_mirrored_strategy_has_the_statistics_of_one_replica():
     statistics after a step equal one replica's on the whole batch (the layer's synchronized
     moments), to float32 round-off of E[x^2] - E[x]^2 on values ~3: 1e-6 relative."""
     assert "OK" in run_python(QAT_SCRIPT)
+
+
+DATA_PARALLEL_SCRIPT = """
+import numpy as np, jax, keras
+from keras_bn_ext import BatchNormalization
+from keras_bn_ext.qat import QuantizedConv, quantize_model
+
+assert keras.backend.backend() == "jax" and len(jax.devices("cpu")) == 2, jax.devices()
+rng = np.random.default_rng(0)
+x = np.concatenate([rng.normal(0, 1, (8, 6, 6, 3)), rng.normal(2, 3, (8, 6, 6, 3))]).astype("float32")
+y = np.array([0, 1] * 8)
+
+def model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3))
+    h = BatchNormalization(momentum=0.9)(keras.layers.Conv2D(4, 3, padding="same")(inputs))
+    h = keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.ReLU()(h)))
+    return keras.Model(inputs, h)
+
+def trained():
+    qat = quantize_model(model(), calibration=x)
+    qat.compile(optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    qat.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    fused = next(l for l in qat.layers if isinstance(l, QuantizedConv) and l.batchnorm is not None)
+    return [keras.ops.convert_to_numpy(v) for v in (fused.batchnorm.moving_mean, fused.batchnorm.moving_variance)], fused
+
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu")))
+parallel, fused = trained()
+assert "'batch': 2" in str(fused.batchnorm.moving_mean.value.sharding.mesh)
+keras.distribution.set_distribution(None)
+single, _ = trained()
+for a, b in zip(parallel, single):
+    assert np.max(np.abs(a - b)) <= 1e-6 * max(1.0, float(np.max(np.abs(b)))), (a, b)
+print("OK", float(np.max(np.abs(parallel[1] - single[1]))), float(np.max(np.abs(single[1]))))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+def test_qat_twin_under_jax_data_parallel_has_the_statistics_of_one_device():
+    """keras.distribution.DataParallel on two host devices (JAX): `fit` shards each batch
+    over the 'batch' mesh axis and XLA reduces the moments over the global batch, so the
+    fused BN's moving statistics after a step equal one device's on the whole batch (halves
+    drawn from different distributions: per-device statistics would differ), 1e-6 relative."""
+    env = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert "OK" in run_python(DATA_PARALLEL_SCRIPT, env=env)
