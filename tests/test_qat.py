@@ -34,6 +34,54 @@ def test_activation_grid_is_onnx_quantize_linear():
         assert (0 - zp) * scale <= 0 <= (255 - zp) * scale
 
 
+def _gradients(fn, x, lo, hi, upstream):
+    """d sum(fn(x, lo, hi) * upstream) / d(x, lo, hi), on whichever backend runs."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        variables = [tf.Variable(x), tf.Variable(np.float32(lo)), tf.Variable(np.float32(hi))]
+        with tf.GradientTape() as tape:
+            total = tf.reduce_sum(fn(*variables) * upstream)
+        grads = tape.gradient(total, variables)
+    elif backend == "jax":
+        import jax
+
+        grads = jax.grad(lambda *a: (fn(*a) * upstream).sum(), argnums=(0, 1, 2))(x, np.float32(lo), np.float32(hi))
+    else:
+        import torch
+
+        tensors = [torch.tensor(v, requires_grad=True) for v in (x, np.float32(lo), np.float32(hi))]
+        (fn(*tensors) * torch.tensor(upstream)).sum().backward()
+        grads = [t.grad for t in tensors]
+    return [keras.ops.convert_to_numpy(g) for g in grads]
+
+
+def test_activation_gradient_is_fake_quant_with_min_max_vars():
+    """Straight-through inside the range, the range ends learning from what they clip:
+    TensorFlow's FakeQuantWithMinMaxVarsGradient, written here in numpy (and, on TensorFlow,
+    checked against that op too; the ranges are on the grid, where TF's nudging is a no-op).
+    Sums of ~100 float32 terms: rtol 1e-5."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 2, (8, 5, 5, 3)).astype("float32")
+    upstream = rng.normal(0, 1, x.shape).astype("float32")
+    for lo, hi in ((-1.3, 4.1), (0.5, 2.0), (-3.0, -1.0)):
+        d_x, d_lo, d_hi = _gradients(fake_quant_activation, x, lo, hi, upstream)
+        low, high = min(lo, 0.0), max(hi, 0.0)
+        np.testing.assert_array_equal(d_x, upstream * ((x >= low) & (x <= high)))
+        np.testing.assert_allclose(d_lo, np.sum(upstream * (x < low)) if lo <= 0 else 0.0, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(d_hi, np.sum(upstream * (x > high)) if hi >= 0 else 0.0, rtol=1e-5, atol=1e-6)
+        if TF:
+            import tensorflow as tf
+
+            scale, zp = activation_params_np(lo, hi)
+            grid_lo, grid_hi = float(-zp * scale), float((255 - zp) * scale)
+            tf_grads = tf.quantization.fake_quant_with_min_max_vars_gradient(upstream, x, grid_lo, grid_hi)
+            ours = _gradients(fake_quant_activation, x, grid_lo, grid_hi, upstream)
+            for a, b in zip(ours, tf_grads):
+                np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_weight_grids():
     assert weight_qmax(8) == 127 and weight_qmax(4) == 7 and weight_qmax(8, reduce_range=True) == 63
 

@@ -10,9 +10,10 @@ training the output is corrected to the batch's statistics,
 which is BN(conv(x, w) + b) with batch statistics when q is the identity, while the moving
 statistics are updated as the BN layer would. The batch statistics mu_B, sigma_B are those
 of conv(x, q(w_f)) * sigma / gamma + b, the quantized layer's output brought back to the
-float layer's units (PyTorch's ConvBn QAT does the same): the layer runs one convolution,
-not a second float one, which would nearly double a training step (the float layer's
-statistics differ only by the weights' rounding). A channel with gamma = 0 outputs beta
+float layer's units (PyTorch's ConvBn QAT does the same), computed per channel from the
+moments of conv(x, q(w_f)): the layer runs one convolution, not a second float one, which
+would nearly double a training step (the float layer's statistics differ only by the
+weights' rounding). A channel with gamma = 0 outputs beta
 whatever its statistics: they are left as they are. After `bn_freeze_after` training steps the
 statistics freeze and training computes what inference computes,
 
@@ -151,21 +152,28 @@ class QuantizedConv(keras.layers.Layer):
         factor = gamma / sigma
         folded = self._quantized(kernel * self._per_channel(factor, kernel))
         y = self._apply(x, folded)
-        inference = y + (beta + gamma * (b - ops.cast(bn.moving_mean, "float32")) / sigma)
+        shift = beta + gamma * (b - ops.cast(bn.moving_mean, "float32")) / sigma
         if not (training and bn.trainable):
-            return inference
-        # Batch statistics of the layer's output in the float layer's units (synchronized
-        # across replicas when the BN is), the moving statistics updated until the freeze.
+            return y + shift
+        # Batch statistics of the layer's output in the float layer's units, y / factor + b,
+        # from y's own (synchronized across replicas when the BN is): per channel, so no pass
+        # over the tensor. The moving statistics are updated until the freeze.
         live = ops.cast(ops.not_equal(factor, 0.0), "float32")  # gamma = 0: nothing to measure
-        mean, variance = bn.batch_moments(y / (factor + (1.0 - live)) + b)
+        inverse = live / (factor + (1.0 - live))
+        mean_y, variance_y = bn.batch_moments(y)
+        mean, variance = mean_y * inverse + b, variance_y * ops.square(inverse)
         self.steps.assign_add(1.0)
         frozen = 0.0 if self.bn_freeze_after is None else ops.cast(self.steps > self.bn_freeze_after, "float32")
         decay = 1.0 - (1.0 - frozen) * (1.0 - bn.momentum) * live
         bn.moving_mean.assign(ops.cast(bn.moving_mean, "float32") * decay + mean * (1.0 - decay))
         bn.moving_variance.assign(ops.cast(bn.moving_variance, "float32") * decay + variance * (1.0 - decay))
         sigma_batch = ops.sqrt(variance + bn.epsilon)
-        corrected = y * (sigma / sigma_batch) + (beta - gamma * (mean - b) / sigma_batch)
-        return frozen * inference + (1.0 - frozen) * corrected
+        # Both forms are affine in y per channel: the output is one multiply-add over it.
+        multiplier, offset = sigma / sigma_batch, beta - gamma * (mean - b) / sigma_batch
+        if self.bn_freeze_after is not None:
+            multiplier = frozen + (1.0 - frozen) * multiplier
+            offset = frozen * shift + (1.0 - frozen) * offset
+        return y * multiplier + offset
 
     def compute_output_shape(self, input_shape):
         return self.inner.compute_output_shape(input_shape)
