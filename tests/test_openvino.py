@@ -116,3 +116,19 @@ def test_qat_model_is_written_from_its_learned_ranges(tmp_path, capsys):
     # requantization in their own way, so a few digits at ties may flip.
     assert o["top1_agreement"] >= 0.99 and abs(o["accuracy_quantized"] - o["accuracy_float"]) <= 0.003, o
     assert (tmp_path / "dwsep.qat.int8.xml").exists() and (tmp_path / "dwsep.qat.int8.bin").exists()
+
+
+def test_four_bit_qat_model_keeps_its_int4_weights(tmp_path, capsys):
+    """A W4 twin's int4 QDQ graph (opset 21) compiles to IR: the weights stay 4-bit (the .bin
+    under a quarter of the float file's; measured 0.18x) and the file reproduces its
+    simulation on real digits (untrained twin, 500 digits: measured 99.6%)."""
+    from keras_bn_ext.qat import quantize_model
+
+    (x_train, _), (x_test, y_test) = mnist_digits()
+    quantize_model(int8_fixture("dwsep"), calibration=x_train[:256], weight_bits=4).save(tmp_path / "w4.qat.keras")
+    np.savez(tmp_path / "eval.npz", image=x_test[:500], labels=y_test[:500])
+    code = cli.main([str(tmp_path / "w4.qat.keras"), "--eval", str(tmp_path / "eval.npz"), "--json"])
+    r = json.loads(capsys.readouterr().out)["int8"]
+    assert code == 0 and r["openvino"]["qdq"]["weight_type"] == "int4" and r["openvino"]["qdq"]["opset"] == 21
+    assert r["fidelity"]["outputs"][0]["top1_agreement"] >= 0.99, r["fidelity"]
+    assert r["size_bytes"]["ratio"] < 0.25, r["size_bytes"]

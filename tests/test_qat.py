@@ -248,6 +248,7 @@ def test_four_bit_twin_is_written_as_int4_at_opset_21(digits, tmp_path):
     assert result.passed and out.top1_agreement >= 0.99, out
     assert abs(out.accuracy_quantized - out.accuracy_float) <= 0.003, out
     proto = onnx.load(str(path))
+    assert result.detail.weight_type == "int4" and result.detail.opset == 21  # the report says what the file holds
     assert next(o.version for o in proto.opset_import if o.domain == "") == 21
     weights = [t for t in proto.graph.initializer if t.name.endswith("_quantized") and t.data_type != TensorProto.INT32]
     assert len(weights) == 10 and all(t.data_type == TensorProto.INT4 for t in weights)

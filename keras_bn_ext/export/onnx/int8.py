@@ -28,7 +28,7 @@ from keras_bn_ext.progress import phase
 from keras_bn_ext.progress import steps as counted_steps
 from keras_bn_ext.quantization.calibration import EVAL_BATCH
 
-__all__ = ["OnnxInt8Detail", "OnnxQuantizer", "Preprocess"]
+__all__ = ["OnnxInt8Detail", "OnnxQuantizer", "Preprocess", "at_int4_opset"]
 
 PROFILE_RUNS = 20  # profiled runs for `costly_nodes`
 _RANK_SAMPLES = 256  # evaluation samples the fallback ranks nodes on
@@ -89,6 +89,16 @@ class OnnxInt8Detail:
                 "target_cpu": self.target_cpu.to_dict(), "measured_on_cpu": self.measured_on_cpu,
                 "opset": self.opset, "preprocess": self.preprocess.to_dict() if self.preprocess else None,
                 "clipping": self.clipping}
+
+
+def at_int4_opset(proto):
+    """`proto` moved to `INT4_OPSET` by onnx's version converter (int4 is DequantizeLinear's
+    type from opset 21; tf2onnx writes at most 18), or itself where it is there already."""
+    if next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0) >= INT4_OPSET:
+        return proto
+    from onnx import version_converter
+
+    return version_converter.convert_version(proto, INT4_OPSET)
 
 
 class OnnxFiles:
@@ -178,14 +188,13 @@ class OnnxQuantizer(OnnxFiles):
 
     def _clipped(self, float_path: Path, tag: str) -> Path:
         import onnx
-        from onnx import version_converter
 
         from keras_bn_ext.export.onnx.clip import clip_weights_mse
         out = self.work / f"{tag}.w4clip.onnx"
         if not out.exists():
             with phase("MSE-optimal 4-bit weight ranges"):
                 self.clipping[tag] = clip_weights_mse(float_path, out, per_channel=self.int8.per_channel)
-                onnx.save_model(version_converter.convert_version(onnx.load(str(out)), INT4_OPSET), str(out))
+                onnx.save_model(at_int4_opset(onnx.load(str(out))), str(out))
         return out
 
     def rank(self, float_file: Path, int8_file: Path, tag: str) -> list[dict]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from keras_bn_ext.errors import ExportError
-from keras_bn_ext.export.onnx.int8 import OnnxFiles
+from keras_bn_ext.export.onnx.int8 import OnnxFiles, at_int4_opset
 from keras_bn_ext.export.onnx.options import INT4_OPSET, OnnxOptions
 from keras_bn_ext.export.options import ExportOptions
 from keras_bn_ext.export.qat import export_model, per_channel_of, weight_qmax_of
@@ -35,10 +35,6 @@ _GRID_RTOL = 1e-5
 _SCALE_RTOL = 1e-5
 # 4-bit weights ([-7, 7]) are written as int4, DequantizeLinear's type from opset 21.
 INT4_QMAX = 7
-
-
-def _default_opset(proto) -> int:
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def write_qdq(float_path: Path, out_path: Path, *, grids: list[tuple[np.float32, int]], qmax: int,
@@ -55,10 +51,7 @@ def write_qdq(float_path: Path, out_path: Path, *, grids: list[tuple[np.float32,
         import ml_dtypes
 
         storage = ml_dtypes.int4
-        if _default_opset(proto) < INT4_OPSET:
-            from onnx import version_converter
-
-            proto = version_converter.convert_version(proto, INT4_OPSET)
+        proto = at_int4_opset(proto)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -195,5 +188,7 @@ class QatOnnxQuantizer(OnnxFiles):
         from keras_bn_ext.export.onnx.cpu import detect_cpu
         from keras_bn_ext.export.onnx.int8 import OnnxInt8Detail
 
+        four = self.qmax <= INT4_QMAX
         return OnnxInt8Detail(per_channel=self.per_channel, reduce_range=self.qmax == 63, target_cpu=detect_cpu(),
-                              opset=INT4_OPSET if self.qmax <= INT4_QMAX else self.onnx.opset, preprocess=None)
+                              opset=INT4_OPSET if four else self.onnx.opset, preprocess=None,
+                              weight_bits=4 if four else 8)
