@@ -156,7 +156,8 @@ def add_int8_arguments(parser: argparse.ArgumentParser, *, title: str, output: s
                        help="held-out real samples to measure the INT8 model on (keyed by input name; an "
                             "optional 'labels' array of integer class ids adds accuracy). Default: the last "
                             f"{q.HOLDOUT_FRACTION:.0%}% of CALIB.npz, held out of the calibration (and its "
-                            "'labels', if any)")
+                            "'labels', if any). Alone, for a quantization-aware model (bn-qat): its INT8 file "
+                            "written from the learned ranges, judged against the model's own simulation")
     group.add_argument("--calibration-batch-size", type=positive_int, default=q.CALIBRATION_BATCH_SIZE,
                        metavar="N", help=f"samples per calibration batch (default: {q.CALIBRATION_BATCH_SIZE})")
     group.add_argument("--equalize", choices=q.EQUALIZE_CHOICES, default="auto", help=equalize_help)
