@@ -93,7 +93,9 @@ def test_usage_errors_are_one_line(files, capsys):
     tmp, model = files
     for argv, says in (([model], "--data"), ([model, "--data", str(tmp / "train.npz"), "--learning-rate", "0"],
                                              "Received: learning_rate=0.0"),
-                       ([model, "--data", str(tmp / "train.npz"), "--weight-bits", "3"], "invalid choice")):
+                       ([model, "--data", str(tmp / "train.npz"), "--weight-bits", "3"], "invalid choice"),
+                       ([model, "--data", str(tmp / "train.npz"), "--weight-bits", "4", "--target", "litert"],
+                        "Received: weight_bits=4, target='litert'")):
         with pytest.raises(SystemExit) as exc:
             qat.main(argv)
         err = capsys.readouterr().err
