@@ -44,7 +44,8 @@ class _FakeQuantMarker(keras.layers.Layer):
 class _TensorGridKernel(keras.layers.Layer):
     """A plain layer whose grid kernel passes through FakeQuantWithMinMaxArgs on its one
     per-tensor grid ([-qmax, qmax] steps of `scale`, narrow range): a converter that would
-    otherwise pick one weight scale per channel takes this one (never saved)."""
+    otherwise pick one weight scale per channel takes this one (never saved). `plain` lends
+    only its arithmetic (strides, padding, activation), never its own weights."""
 
     def __init__(self, plain, weights, qmax: int, **kwargs):
         super().__init__(**kwargs)
@@ -56,8 +57,6 @@ class _TensorGridKernel(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=self.values[1].shape, trainable=False)
         self.kernel.assign(self.values[0])
         self.bias.assign(self.values[1])
-        if not self.plain.built:
-            self.plain.build(input_shape)
 
     def call(self, inputs):
         import tensorflow as tf

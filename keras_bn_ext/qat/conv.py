@@ -13,9 +13,9 @@ of conv(x, q(w_f)) * sigma / gamma + b, the quantized layer's output brought bac
 float layer's units (PyTorch's ConvBn QAT does the same), computed per channel from the
 moments of conv(x, q(w_f)): the layer runs one convolution, not a second float one, which
 would nearly double a training step (the float layer's statistics differ only by the
-weights' rounding). A channel with gamma = 0 outputs beta
-whatever its statistics: they are left as they are. After `bn_freeze_after` training steps the
-statistics freeze and training computes what inference computes,
+weights' rounding). A channel with gamma = 0 outputs beta whatever its statistics: they are
+left as they are. After `bn_freeze_after` training steps the statistics freeze and training
+computes what inference computes,
 
     y = conv(x, q(w_f)) + beta + gamma * (b - mu) / sigma,
 

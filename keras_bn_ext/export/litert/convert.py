@@ -49,12 +49,12 @@ def convert_litert(model: keras.Model, *, fp16: bool = False, representative=Non
 
 
 def to_tflite_bytes(model: keras.Model, *, fp16: bool = False, representative=None,
-                    batch_size: int | None = None, learned: bool = False, per_channel: bool = True) -> bytes:
+                    batch_size: int | None = None, learned: bool = False) -> bytes:
     """Convert `model` (TensorFlow backend) to LiteRT flatbuffer bytes. `representative`: a
     callable yielding lists of input arrays, for full-integer INT8. `batch_size`: fix the
     batch (None: dynamic). `learned`: the model carries FakeQuant markers
-    (`export.qat.export_model`), whose ranges the converter quantizes with, weights on one
-    scale per output channel or, with `per_channel=False`, per tensor."""
+    (`export.qat.export_model`), whose ranges the converter quantizes with (its own weight
+    scales are per channel; per-tensor kernels carry a marker of their own)."""
     require_tensorflow_backend("LiteRT export")
     import tensorflow as tf
 
@@ -76,8 +76,6 @@ def to_tflite_bytes(model: keras.Model, *, fp16: bool = False, representative=No
                 # Inputs and outputs stay float32 (quantized inside), as the ONNX INT8 file.
             if learned:
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]
-                # The converter's only switch for one weight scale per tensor is private.
-                converter._experimental_disable_per_channel = not per_channel
             return converter.convert()
         except Exception as exc:  # noqa: BLE001 - the converter's many error types
             # "TF Select ops: Erf, Tan": TensorFlow ops with no LiteRT builtin kernel (they would

@@ -31,7 +31,6 @@ class QatLiteRTQuantizer(LiteRTQuantizer):
     """The shared INT8 driver's quantizer for a QAT model on LiteRT: ranges from the model."""
 
     method = "learned (quantization-aware training)"
-    learned_ranges = True
 
     def __init__(self, model, data, options, work: Path):
         super().__init__(data, options, work)
@@ -57,8 +56,7 @@ class QatLiteRTQuantizer(LiteRTQuantizer):
             raise ExportError("a QAT model's file is written as it was trained; no node is kept in float")
         path = self.work / f"{tag}.int8.tflite"
         with phase("convert with the learned ranges (LiteRT converter)"):
-            path.write_bytes(to_tflite_bytes(export_model(candidate, weight_markers=True), learned=True,
-                                             per_channel=self.per_channel))
+            path.write_bytes(to_tflite_bytes(export_model(candidate, weight_markers=True), learned=True))
         return path
 
     def detail(self, tag: str) -> LiteRTInt8Detail:

@@ -148,7 +148,6 @@ class QatOnnxQuantizer(OnnxFiles):
 
     can_rank = False
     equalize_by_default = False
-    learned_ranges = True
     method = "learned (quantization-aware training)"
 
     def __init__(self, onnx: OnnxOptions, model, data, options, work: Path):
